@@ -1,0 +1,226 @@
+"""Write vEM stores in the CellMap layout, atomically.
+
+Everything is written under a temporary name beside its destination and renamed into place at the end, so a
+crash or Ctrl-C never leaves a half-written store or crop where a reader would find it. Stores are zarr v2 +
+OME-NGFF 0.4 like the published CellMap data (readable by napari, neuroglancer and the CellMap tools); zarr v3
+is available for tools that want it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+
+from emserve.classes import ABSENT, PRESENT, UNKNOWN, check_class_names
+from emserve.data.ngff import multiscales_attrs, pyramid_levels
+from emserve.data.store import EM_GROUP, GROUNDTRUTH_GROUP, is_remote
+
+EM_NAME = "fibsem-uint8"
+CHUNKS = 64
+
+
+@dataclass
+class CropToWrite:
+    """Labels of one crop: per-class uint8 arrays (0 absent, 1 present, 255 unknown) placed at `offset` voxels
+    of the EM's finest level. `ids` optionally holds atomic class ids for the `all` array."""
+
+    name: str
+    offset: tuple[int, int, int]
+    labels: Mapping[str, np.ndarray]
+    ids: np.ndarray | None = None
+    attrs: Mapping[str, Any] = field(default_factory=dict)
+
+
+def provenance(**fields: Any) -> dict[str, Any]:
+    """Provenance attributes: who wrote the store, when, and how (JSON-safe Python types only)."""
+    from emserve import __version__
+
+    return {"emserve": {"version": __version__, "created": datetime.now(UTC).isoformat(timespec="seconds"),
+                        **_json_safe(fields)}}
+
+
+@contextmanager
+def atomic_directory(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder that becomes `path` only if the block finishes without an exception."""
+    if is_remote(path):
+        raise ValueError(f"output: {path} is remote; emserve writes stores to local paths only")
+    final = Path(path)
+    if final.exists() and not overwrite:
+        raise FileExistsError(f"output: {final} already exists; choose another path or pass --overwrite")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".{final.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        yield tmp
+        if final.exists():
+            trash = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
+            final.rename(trash)
+            tmp.rename(final)
+            shutil.rmtree(trash)
+        else:
+            tmp.rename(final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+
+
+def write_store(
+    path: str | os.PathLike,
+    raw: np.ndarray,
+    voxel_size: Sequence[float],
+    crops: Sequence[CropToWrite] = (),
+    *,
+    translation: Sequence[float] = (0.0, 0.0, 0.0),
+    levels: int = 2,
+    attrs: Mapping[str, Any] | None = None,
+    zarr_format: int = 2,
+    overwrite: bool = False,
+) -> Path:
+    """Write an EM volume (uint8 z-y-x) and its labelled crops as `<path>` in the CellMap layout."""
+    raw = _check_raw(raw)
+    with atomic_directory(path, overwrite) as tmp:
+        root = zarr.open_group(str(tmp), mode="w", zarr_format=zarr_format)
+        root.attrs.update(_json_safe(dict(attrs or {})))
+        em = root.require_group(EM_GROUP).create_group(EM_NAME)
+        em_levels = pyramid_levels(voxel_size, translation, levels)
+        em.attrs.update(multiscales_attrs(EM_NAME, em_levels))
+        for level, data in zip(em_levels, _pyramid(raw, levels, _mean_2x), strict=True):
+            _create(em, level.path, data, zarr_format)
+        for crop in crops:
+            _write_crop(root.require_group(GROUNDTRUTH_GROUP), crop, voxel_size, translation, levels, zarr_format)
+    return Path(path)
+
+
+def add_crop(
+    path: str | os.PathLike,
+    crop: CropToWrite,
+    voxel_size: Sequence[float],
+    translation: Sequence[float] = (0.0, 0.0, 0.0),
+    levels: int = 1,
+) -> None:
+    """Add one crop to an existing local store atomically: staged inside the store, then renamed into place."""
+    root = zarr.open_group(str(path), mode="r+")
+    zarr_format = root.metadata.zarr_format
+    root.require_group(GROUNDTRUTH_GROUP)
+    final = Path(path) / GROUNDTRUTH_GROUP / crop.name
+    if final.exists():
+        raise FileExistsError(f"crop: {final} already exists")
+    staging = Path(path) / ".staging" / uuid.uuid4().hex[:8]
+    try:
+        parent = zarr.open_group(str(staging), mode="w", zarr_format=zarr_format)
+        _write_crop(parent, crop, voxel_size, translation, levels, zarr_format)
+        (staging / crop.name).rename(final)
+    finally:
+        shutil.rmtree(staging.parent, ignore_errors=True)
+
+
+def _write_crop(parent: zarr.Group, crop: CropToWrite, voxel_size: Sequence[float], em_translation: Sequence[float],
+                levels: int, zarr_format: int) -> None:
+    classes = check_class_names(crop.labels)
+    shapes = {k: np.shape(v) for k, v in crop.labels.items()}
+    if len(set(shapes.values())) != 1:
+        raise ValueError(f"crop {crop.name}: class arrays differ in shape: {shapes}")
+    group = parent.create_group(crop.name)
+    group.attrs.update(_json_safe(dict(crop.attrs)))
+    translation = [t + o * v for t, o, v in zip(em_translation, crop.offset, voxel_size, strict=True)]
+    crop_levels = pyramid_levels(voxel_size, translation, levels)
+    for cls in classes:
+        data = np.asarray(crop.labels[cls], dtype=np.uint8)
+        bad = ~np.isin(data, (ABSENT, PRESENT, UNKNOWN))
+        if bad.any():
+            raise ValueError(f"crop {crop.name}/{cls}: label values must be 0 (absent), 1 (present) or "
+                             f"255 (unknown); found {sorted(np.unique(data[bad]).tolist())[:5]}")
+        g = group.create_group(cls)
+        g.attrs.update({**multiscales_attrs(cls, crop_levels), **_annotation_attrs(cls, data)})
+        for level, arr in zip(crop_levels, _pyramid(data, levels, _vote_2x), strict=True):
+            _create(g, level.path, arr, zarr_format)
+    if crop.ids is not None:
+        g = group.create_group("all")
+        g.attrs.update(multiscales_attrs("all", crop_levels[:1]))
+        _create(g, "s0", np.asarray(crop.ids), zarr_format)
+
+
+def _annotation_attrs(name: str, data: np.ndarray) -> dict[str, Any]:
+    """The `cellmap.annotation` attributes the published crops carry (encoding and complement counts)."""
+    return {
+        "cellmap": {
+            "annotation": {
+                "annotation_type": {
+                    "encoding": {"absent": ABSENT, "present": PRESENT, "unknown": UNKNOWN},
+                    "type": "semantic_segmentation",
+                },
+                "class_name": name,
+                "complement_counts": {"absent": int((data == ABSENT).sum()),
+                                      "unknown": int((data == UNKNOWN).sum())},
+            }
+        }
+    }
+
+
+def _create(group: zarr.Group, name: str, data: np.ndarray, zarr_format: int) -> None:
+    chunks = tuple(min(CHUNKS, s) for s in data.shape)
+    arr = group.create_array(name, shape=data.shape, dtype=data.dtype, chunks=chunks, fill_value=0,
+                             **({"dimension_names": ["z", "y", "x"]} if zarr_format == 3 else {}))
+    arr[...] = data
+
+
+def _check_raw(raw: np.ndarray) -> np.ndarray:
+    raw = np.asarray(raw)
+    if raw.ndim != 3:
+        raise ValueError(f"raw: expected a z-y-x volume with 3 dimensions, got shape {raw.shape}")
+    if raw.dtype != np.uint8:
+        raise ValueError(f"raw: expected uint8 EM (fibsem-uint8), got {raw.dtype}")
+    return raw
+
+
+def _pyramid(data: np.ndarray, levels: int, reduce) -> list[np.ndarray]:
+    out = [data]
+    for _ in range(levels - 1):
+        out.append(reduce(out[-1]))
+    return out
+
+
+def _blocks_2x(data: np.ndarray) -> np.ndarray:
+    """[z/2, y/2, x/2, 8] view of 2x2x2 blocks (odd edges dropped); a single z plane stays single."""
+    fz = 2 if data.shape[0] > 1 else 1
+    z, y, x = data.shape[0] // fz, data.shape[1] // 2, data.shape[2] // 2
+    d = data[: z * fz, : y * 2, : x * 2].reshape(z, fz, y, 2, x, 2)
+    return d.transpose(0, 2, 4, 1, 3, 5).reshape(z, y, x, -1)
+
+
+def _mean_2x(data: np.ndarray) -> np.ndarray:
+    return np.round(_blocks_2x(data).mean(-1)).astype(data.dtype)
+
+
+def _vote_2x(data: np.ndarray) -> np.ndarray:
+    """Majority vote among annotated voxels; unknown where most of the block is unknown."""
+    blocks = _blocks_2x(data)
+    known = (blocks != UNKNOWN).sum(-1)
+    present = (blocks == PRESENT).sum(-1)
+    out = np.where(present * 2 > known, PRESENT, ABSENT).astype(np.uint8)
+    out[known * 2 < blocks.shape[-1]] = UNKNOWN
+    return out
+
+
+def _json_safe(value: Any) -> Any:
+    """Attributes must be plain JSON types: numpy scalars break zarr's attribute store."""
+    if isinstance(value, Mapping):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    return value
