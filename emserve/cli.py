@@ -19,6 +19,9 @@ app = typer.Typer(
 )
 data_app = typer.Typer(help="Make, import and inspect vEM stores.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
+train_app = typer.Typer(help="Train diffusion and segmentation models (needs the 'train' extra: torch).",
+                        no_args_is_help=True)
+app.add_typer(train_app, name="train")
 
 console = Console()
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, RuntimeError)
@@ -72,6 +75,83 @@ def data_info(
         console.print("no ground-truth crops (raw only)")
     for crop in em.crops:
         console.print(f"{crop}: {', '.join(em.crop_classes(crop))}")
+
+
+@train_app.command("ddpm")
+def train_ddpm(
+    stores: Annotated[list[str], typer.Argument(help="Training stores (<dataset>.zarr paths or s3:// URLs).")],
+    out: Annotated[Path, typer.Option(help="Run folder: checkpoints, samples/, log.jsonl.")],
+    mode: Annotated[str, typer.Option(help="em | labels | pairs | em-from-labels")] = "pairs",
+    classes: Annotated[str, typer.Option(help="Comma-separated class names (default: every class annotated "
+                                               "in the stores).")] = "",
+    patch_size: Annotated[int, typer.Option(help="Square 2D patch size in voxels.")] = 64,
+    batch_size: Annotated[int, typer.Option()] = 16,
+    steps: Annotated[int, typer.Option(help="Optimizer steps in all (a resumed run stops here too).")] = 2000,
+    lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = 2e-4,
+    width: Annotated[int, typer.Option(help="UNet base channels (the study: 64).")] = 32,
+    multipliers: Annotated[str, typer.Option(help="Channel multipliers per level (the study: 1,2,4,8).")] = "1,2,4",
+    schedule: Annotated[str, typer.Option(help="Noise schedule: linear | cosine | sigmoid.")] = "sigmoid",
+    objective: Annotated[str, typer.Option(help="What the UNet predicts: eps | x0 | v.")] = "v",
+    timesteps: Annotated[int, typer.Option(help="Diffusion steps of the training noise process.")] = 1000,
+    class_condition: Annotated[bool, typer.Option(help="Condition on which classes are present.")] = True,
+    dataset_condition: Annotated[bool, typer.Option(help="Condition on the dataset (domain).")] = True,
+    p_drop: Annotated[float, typer.Option(help="Probability of dropping each condition (CFG training).")] = 0.5,
+    raw_weight: Annotated[float, typer.Option(help="pairs: raw loss weight relative to all labels.")] = 1.0,
+    class_groups: Annotated[str, typer.Option(help="Groups for class-balanced patches, e.g. "
+                                                    "'mito_mem+mito_lum,ld_mem+ld_lum'.")] = "",
+    balance: Annotated[float, typer.Option(help="Share of patches centred on a class group.")] = 0.5,
+    axis: Annotated[str, typer.Option(help="Axis the 2D patches are normal to: z | y | x.")] = "z",
+    voxel_size: Annotated[str, typer.Option(help="Scale level to train on, 'Z,Y,X' in nm (default: finest).")] = "",
+    precision: Annotated[str, typer.Option(help="auto | fp32 | bf16 (auto: bf16 where the hardware has it).")] = "auto",
+    seed: Annotated[int, typer.Option()] = 0,
+    checkpoint_every: Annotated[int, typer.Option(help="Steps between checkpoints.")] = 500,
+    preview_every: Annotated[int, typer.Option(help="Steps between PNG grids of samples.")] = 500,
+    resume: Annotated[bool, typer.Option(help="Continue from the newest checkpoint in --out.")] = False,
+) -> None:
+    """Train a diffusion model (DDPM) on 2D patches of vEM stores, with classifier-free guidance conditions.
+
+    Runs data-parallel when launched with torchrun. Checkpoints are safetensors + a JSON model card.
+    """
+    from emserve.data.store import EMStore
+    from training.ddpm import DDPMConfig, command_line
+    from training.ddpm import train_ddpm as run
+
+    names = _csv(classes) or (_annotated_classes([EMStore(s) for s in stores]) if mode != "em" else [])
+    cfg = DDPMConfig(
+        stores=stores, out=str(out), mode=mode, classes=names, patch_size=patch_size, batch_size=batch_size,
+        steps=steps, lr=lr, width=width, multipliers=tuple(int(m) for m in _csv(multipliers)), schedule=schedule,
+        objective=objective, timesteps=timesteps, class_condition=class_condition,
+        dataset_condition=dataset_condition, p_drop=p_drop, raw_weight=raw_weight,
+        class_groups=[g.split("+") for g in _csv(class_groups)], balance=balance, axis=axis,
+        voxel_size=_triple(voxel_size, "voxel_size"), precision=precision, seed=seed,
+        checkpoint_every=checkpoint_every, preview_every=preview_every, command=command_line(),
+    )
+    last = run(cfg, resume=resume)
+    console.print(f"checkpoint: {last}")
+
+
+def _csv(value: str) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def _triple(value: str, name: str) -> tuple[float, float, float] | None:
+    if not value:
+        return None
+    try:
+        numbers = tuple(float(v) for v in value.split(","))
+    except ValueError:
+        numbers = ()
+    if len(numbers) != 3 or min(numbers) <= 0:
+        raise ValueError(f"{name}: {value!r} is not three positive numbers 'Z,Y,X' in nm")
+    return numbers
+
+
+def _annotated_classes(stores: list) -> list[str]:
+    """Every class annotated in any crop of the stores, in class-table order."""
+    from emserve.classes import CLASS_TABLE
+
+    found = {c for s in stores for crop in s.crops for c in s.crop_classes(crop)}
+    return [c.name for c in CLASS_TABLE if c.name in found]
 
 
 def _nm(values: tuple[float, ...]) -> str:

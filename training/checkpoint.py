@@ -23,7 +23,8 @@ from safetensors.torch import load_file, save_file
 from emserve.card import ModelCard, sha256_file
 from emserve.data.writer import atomic_directory
 
-MODEL_FILE, EMA_FILE, OPTIMIZER_FILE, STATE_FILE = "model.safetensors", "ema.safetensors", "optimizer.safetensors", "state.json"
+MODEL_FILE, EMA_FILE = "model.safetensors", "ema.safetensors"
+OPTIMIZER_FILE, STATE_FILE = "optimizer.safetensors", "state.json"
 STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
@@ -33,7 +34,8 @@ class TrainingState:
 
     step: int
     numpy_rng: dict[str, Any]  # bit_generator.state of the data sampler
-    torch_rng: list[int]  # torch.get_rng_state() as bytes
+    torch_rng: list[int]  # torch.get_rng_state() as bytes (dropout inside the model)
+    drop_rng: list[int]  # state of the generator that drops conditions
     losses: list[float]
 
 
