@@ -90,6 +90,9 @@ CLASS_TABLE: tuple[OrganelleClass, ...] = (
     _group(52, "np", "nuclear pore", (210, 200, 160), "np_out", "np_in"),
     _group(53, "chrom", "chromatin", (140, 40, 150), "hchrom", "nhchrom", "echrom", "nechrom"),
     _group(54, "mt", "microtubule", (200, 200, 200), "mt_out", "mt_in"),
+    # Not a CellMap class: synaptic densities of the ssTEM stacks (Gerhard 2013 Drosophila VNC). The id is far
+    # above CellMap's so that it never collides with an id of theirs.
+    _atomic(100, "syn", "synaptic density (not a CellMap class; from ssTEM stacks)", (255, 0, 128)),
 )
 
 BY_NAME: dict[str, OrganelleClass] = {c.name: c for c in CLASS_TABLE}

@@ -127,7 +127,8 @@ def train_ddpm(
         checkpoint_every=checkpoint_every, preview_every=preview_every, command=command_line(),
     )
     last = run(cfg, resume=resume)
-    console.print(f"checkpoint: {last}")
+    if last is not None:
+        console.print(f"checkpoint: {last}")
 
 
 def _csv(value: str) -> list[str]:

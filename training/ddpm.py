@@ -158,8 +158,8 @@ def build_model(cfg: DDPMConfig, datasets: Sequence[str]) -> UNet:
     return UNet(**unet.to_dict())
 
 
-def train_ddpm(cfg: DDPMConfig, resume: bool = False) -> Path:
-    """Train (or resume) and return the folder of the last checkpoint."""
+def train_ddpm(cfg: DDPMConfig, resume: bool = False) -> Path | None:
+    """Train (or resume) and return the folder of the last checkpoint (None on ranks other than 0)."""
     device = pick_device()
     rank, world = init_distributed(device)
     precision = resolve_precision(cfg.precision, device)
@@ -224,7 +224,7 @@ def train_ddpm(cfg: DDPMConfig, resume: bool = False) -> Path:
         optimizer.step()
         _update_ema(ema, model, cfg.ema)
         step += 1
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         progress.update(step, losses[-1], data_time)
 
         if rank == 0 and (step % cfg.checkpoint_every == 0 or step == cfg.steps):
@@ -236,7 +236,7 @@ def train_ddpm(cfg: DDPMConfig, resume: bool = False) -> Path:
         if rank == 0 and step % cfg.log_every == 0:
             _log(run_dir, step, losses[-cfg.log_every:], progress)
     progress.close()
-    return last if rank == 0 else run_dir
+    return last if rank == 0 else None
 
 
 def _resume(path: Path, card: ModelCard, model: UNet, ema: UNet, optimizer: torch.optim.Optimizer,

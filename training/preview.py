@@ -36,6 +36,6 @@ def save_preview(model: torch.nn.Module, card: ModelCard, path: Path, device: to
         cond["dataset"] = np.arange(PREVIEW_SAMPLES, dtype=np.int64) % len(card.datasets)
     samples = sample(module_denoiser(model, device), make_schedule(card.schedule, card.timesteps), card.objective,
                      (len(card.channels), size, size), seeds=list(range(PREVIEW_SAMPLES)), cond=cond,
-                     sampler="dpmpp", steps=PREVIEW_STEPS)
+                     sampler="dpmpp_2m", steps=PREVIEW_STEPS)
     model.train(was_training)
     return save_png(grid(render_samples(samples, card), columns=4), path)

@@ -1,9 +1,10 @@
 """Write vEM stores in the CellMap layout, atomically.
 
 Everything is written under a temporary name beside its destination and renamed into place at the end, so a
-crash or Ctrl-C never leaves a half-written store or crop where a reader would find it. Stores are zarr v2 +
-OME-NGFF 0.4 like the published CellMap data (readable by napari, neuroglancer and the CellMap tools); zarr v3
-is available for tools that want it.
+crash or Ctrl-C never leaves a half-written store or crop where a reader would find it. Stores are zarr v2 with
+"/"-separated chunk keys, OME-NGFF 0.4 multiscales and `cellmap.annotation` attributes, like the published
+CellMap data (readable by napari, neuroglancer and the CellMap tools); zarr v3 is available for tools that want
+it. The root carries provenance (`emserve`: version, creation time, and whatever the caller adds).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from emserve.data.store import EM_GROUP, GROUNDTRUTH_GROUP, is_remote
 
 EM_NAME = "fibsem-uint8"
 CHUNKS = 64
+ENCODING = {"absent": ABSENT, "present": PRESENT, "unknown": UNKNOWN}
 
 
 @dataclass
@@ -61,13 +63,15 @@ def atomic_directory(path: str | os.PathLike, overwrite: bool = False) -> Iterat
     tmp = final.with_name(f".{final.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
         yield tmp
-        if final.exists():
+        if not final.exists():
+            tmp.rename(final)
+        elif overwrite:  # move the old one aside first: a rename cannot replace a non-empty folder
             trash = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
             final.rename(trash)
             tmp.rename(final)
             shutil.rmtree(trash)
         else:
-            tmp.rename(final)
+            raise FileExistsError(f"output: {final} appeared while writing; choose another path or pass --overwrite")
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
@@ -85,11 +89,18 @@ def write_store(
     zarr_format: int = 2,
     overwrite: bool = False,
 ) -> Path:
-    """Write an EM volume (uint8 z-y-x) and its labelled crops as `<path>` in the CellMap layout."""
+    """Write an EM volume (uint8 z-y-x) and its labelled crops as `<path>` in the CellMap layout.
+
+    The root carries provenance attributes (emserve version, creation time) unless `attrs` brings its own
+    `emserve` entry, e.g. from `provenance(seed=..., model_sha256=...)`.
+    """
     raw = _check_raw(raw)
+    voxel_size, translation = _check_geometry(voxel_size, translation, levels)
+    if zarr_format not in (2, 3):
+        raise ValueError(f"zarr_format: {zarr_format} is not supported; expected 2 (as published) or 3")
     with atomic_directory(path, overwrite) as tmp:
         root = zarr.open_group(str(tmp), mode="w", zarr_format=zarr_format)
-        root.attrs.update(_json_safe(dict(attrs or {})))
+        root.attrs.update({**provenance(), **_json_safe(dict(attrs or {}))})
         em = root.require_group(EM_GROUP).create_group(EM_NAME)
         em_levels = pyramid_levels(voxel_size, translation, levels)
         em.attrs.update(multiscales_attrs(EM_NAME, em_levels))
@@ -107,8 +118,18 @@ def add_crop(
     translation: Sequence[float] = (0.0, 0.0, 0.0),
     levels: int = 1,
 ) -> None:
-    """Add one crop to an existing local store atomically: staged inside the store, then renamed into place."""
-    root = zarr.open_group(str(path), mode="r+")
+    """Add one crop to an existing local store atomically: staged inside the store, then renamed into place.
+
+    Staging inside the store keeps the final rename on one file system; a crash leaves only `.staging/`, which
+    no reader looks at, and the next `add_crop` clears it.
+    """
+    voxel_size, translation = _check_geometry(voxel_size, translation, levels)
+    if is_remote(path) or not Path(path).is_dir():
+        raise FileNotFoundError(f"store: {path} is not a local zarr store; add_crop needs one written by write_store")
+    try:
+        root = zarr.open_group(str(path), mode="r+")
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError):
+        raise FileNotFoundError(f"store: {path} is not a zarr group (no .zgroup / zarr.json)") from None
     zarr_format = root.metadata.zarr_format
     root.require_group(GROUNDTRUTH_GROUP)
     final = Path(path) / GROUNDTRUTH_GROUP / crop.name
@@ -130,47 +151,77 @@ def _write_crop(parent: zarr.Group, crop: CropToWrite, voxel_size: Sequence[floa
     if len(set(shapes.values())) != 1:
         raise ValueError(f"crop {crop.name}: class arrays differ in shape: {shapes}")
     group = parent.create_group(crop.name)
-    group.attrs.update(_json_safe(dict(crop.attrs)))
+    group.attrs.update({**_crop_attrs(crop.name, classes), **_json_safe(dict(crop.attrs))})
     translation = [t + o * v for t, o, v in zip(em_translation, crop.offset, voxel_size, strict=True)]
     crop_levels = pyramid_levels(voxel_size, translation, levels)
     for cls in classes:
-        data = np.asarray(crop.labels[cls], dtype=np.uint8)
-        bad = ~np.isin(data, (ABSENT, PRESENT, UNKNOWN))
-        if bad.any():
-            raise ValueError(f"crop {crop.name}/{cls}: label values must be 0 (absent), 1 (present) or "
-                             f"255 (unknown); found {sorted(np.unique(data[bad]).tolist())[:5]}")
+        data = _check_labels(crop.labels[cls], f"crop {crop.name}/{cls}")
         g = group.create_group(cls)
-        g.attrs.update({**multiscales_attrs(cls, crop_levels), **_annotation_attrs(cls, data)})
+        g.attrs.update({**multiscales_attrs(cls, crop_levels), **_annotation_attrs(cls)})
         for level, arr in zip(crop_levels, _pyramid(data, levels, _vote_2x), strict=True):
-            _create(g, level.path, arr, zarr_format)
+            _create(g, level.path, arr, zarr_format).attrs.update(_annotation_attrs(cls, arr))
     if crop.ids is not None:
         g = group.create_group("all")
         g.attrs.update(multiscales_attrs("all", crop_levels[:1]))
         _create(g, "s0", np.asarray(crop.ids), zarr_format)
 
 
-def _annotation_attrs(name: str, data: np.ndarray) -> dict[str, Any]:
-    """The `cellmap.annotation` attributes the published crops carry (encoding and complement counts)."""
-    return {
-        "cellmap": {
-            "annotation": {
-                "annotation_type": {
-                    "encoding": {"absent": ABSENT, "present": PRESENT, "unknown": UNKNOWN},
-                    "type": "semantic_segmentation",
-                },
-                "class_name": name,
-                "complement_counts": {"absent": int((data == ABSENT).sum()),
-                                      "unknown": int((data == UNKNOWN).sum())},
-            }
-        }
+def _annotation_attrs(name: str, data: np.ndarray | None = None) -> dict[str, Any]:
+    """The `cellmap.annotation` attributes of a class group (name, encoding) or, given its data, of one array.
+
+    As in cellmap-schemas (`AnnotationGroupAttrs` / `AnnotationArrayAttrs`): only arrays carry
+    `complement_counts`, the number of absent and unknown voxels, from which the present count follows.
+    """
+    annotation: dict[str, Any] = {
+        "class_name": name,
+        "annotation_type": {"type": "semantic_segmentation", "encoding": dict(ENCODING)},
     }
+    if data is not None:
+        annotation["complement_counts"] = {"absent": int((data == ABSENT).sum()),
+                                           "unknown": int((data == UNKNOWN).sum())}
+    return {"cellmap": {"annotation": annotation}}
 
 
-def _create(group: zarr.Group, name: str, data: np.ndarray, zarr_format: int) -> None:
+def _crop_attrs(name: str, classes: Sequence[str]) -> dict[str, Any]:
+    """The crop group's `cellmap.annotation` (cellmap-schemas `CropGroupAttrs` 0.1.1): which classes it holds."""
+    return {"cellmap": {"annotation": {
+        "version": "0.1.1", "name": name, "description": None, "created_by": [], "created_with": ["emserve"],
+        "start_date": None, "end_date": None, "duration_days": None, "protocol_uri": None,
+        "class_names": list(classes),
+    }}}
+
+
+def _create(group: zarr.Group, name: str, data: np.ndarray, zarr_format: int) -> zarr.Array:
+    """A chunked array like the published ones: v2 chunk keys use "/" (`dimension_separator`), v3 names axes."""
     chunks = tuple(min(CHUNKS, s) for s in data.shape)
-    arr = group.create_array(name, shape=data.shape, dtype=data.dtype, chunks=chunks, fill_value=0,
-                             **({"dimension_names": ["z", "y", "x"]} if zarr_format == 3 else {}))
+    layout = ({"dimension_names": ["z", "y", "x"]} if zarr_format == 3
+              else {"chunk_key_encoding": {"name": "v2", "separator": "/"}})
+    arr = group.create_array(name, shape=data.shape, dtype=data.dtype, chunks=chunks, fill_value=0, **layout)
     arr[...] = data
+    return arr
+
+
+def _check_geometry(voxel_size: Sequence[float], translation: Sequence[float],
+                    levels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    vs = tuple(float(v) for v in voxel_size)
+    tr = tuple(float(t) for t in translation)
+    if len(vs) != 3 or not all(v > 0 for v in vs):
+        raise ValueError(f"voxel_size: {list(voxel_size)} is not three positive numbers; expected z, y, x in nm")
+    if len(tr) != 3:
+        raise ValueError(f"translation: {list(translation)} is not three numbers; expected z, y, x in nm")
+    if not isinstance(levels, int) or levels < 1:
+        raise ValueError(f"levels: {levels} is not a positive integer; expected 1 or more pyramid levels")
+    return vs, tr
+
+
+def _check_labels(labels: np.ndarray, where: str) -> np.ndarray:
+    """Labels as uint8, checked before the cast so that 256 or -1 cannot wrap round into a valid value."""
+    labels = np.asarray(labels)
+    bad = ~np.isin(labels, (ABSENT, PRESENT, UNKNOWN))
+    if bad.any():
+        raise ValueError(f"{where}: label values must be 0 (absent), 1 (present) or 255 (unknown); "
+                         f"found {sorted(np.unique(labels[bad]).tolist())[:5]}")
+    return labels.astype(np.uint8)
 
 
 def _check_raw(raw: np.ndarray) -> np.ndarray:

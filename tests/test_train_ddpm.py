@@ -1,0 +1,106 @@
+"""`emserve train ddpm`: the loss falls, resume is exact, checkpoints survive SIGKILL, torchrun works."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from training import checkpoint as ckpt
+from training.ddpm import DDPMConfig, train_ddpm
+
+TINY = {"patch_size": 32, "width": 16, "multipliers": (1, 2), "batch_size": 8, "preview_every": 10_000}
+
+
+def config(toy_store, out, **kw):
+    return DDPMConfig(stores=[str(p) for p in toy_store], out=str(out), classes=["mito_mem", "ld_lum"],
+                      **{**TINY, **kw})
+
+
+def losses(run_dir):
+    return json.loads((ckpt.checkpoints(run_dir)[-1] / ckpt.STATE_FILE).read_text())["losses"]
+
+
+def test_pairs_loss_falls(toy_store, tmp_path):
+    train_ddpm(config(toy_store, tmp_path / "run", steps=60, lr=1e-3, checkpoint_every=60))
+    curve = losses(tmp_path / "run")
+    assert np.mean(curve[-15:]) < 0.8 * np.mean(curve[:15])
+
+
+@pytest.mark.parametrize("mode", ["em", "labels", "em-from-labels"])
+def test_every_mode_trains_and_records_its_conditions(toy_store, tmp_path, mode):
+    last = train_ddpm(config(toy_store, tmp_path / mode, mode=mode, steps=3, checkpoint_every=3, preview_every=3))
+    card = json.loads((last / "card.json").read_text())
+    assert card["mode"] == mode and card["datasets"] == ["toy_a", "toy_b"]
+    assert ("label_map" in card["conditions"]) == (mode == "em-from-labels")
+    assert ("classes" in card["conditions"]) == (mode != "em")
+    assert card["channels"] == {"em": ["raw"], "labels": ["mito_mem", "ld_lum"], "em-from-labels": ["raw"]}[mode]
+    assert (tmp_path / mode / "samples" / "step-00000003.png").exists()
+    assert np.isfinite(losses(tmp_path / mode)).all()
+
+
+def test_resume_continues_the_same_loss_curve(toy_store, tmp_path):
+    train_ddpm(config(toy_store, tmp_path / "straight", steps=8, checkpoint_every=4))
+    train_ddpm(config(toy_store, tmp_path / "split", steps=4, checkpoint_every=4))
+    with pytest.raises(FileExistsError, match="--resume"):
+        train_ddpm(config(toy_store, tmp_path / "split", steps=8, checkpoint_every=4))
+    train_ddpm(config(toy_store, tmp_path / "split", steps=8, checkpoint_every=4), resume=True)
+    assert losses(tmp_path / "split") == losses(tmp_path / "straight")
+
+
+def test_resume_refuses_a_different_model(toy_store, tmp_path):
+    train_ddpm(config(toy_store, tmp_path / "run", steps=2, checkpoint_every=2))
+    with pytest.raises(ValueError, match=r"resume: .* unet="):
+        train_ddpm(config(toy_store, tmp_path / "run", steps=4, width=8), resume=True)
+
+
+def test_corrupt_checkpoint_is_refused_with_the_file_named(toy_store, tmp_path):
+    last = train_ddpm(config(toy_store, tmp_path / "run", steps=2, checkpoint_every=2))
+    weights = last / ckpt.MODEL_FILE
+    weights.write_bytes(weights.read_bytes()[:-100])
+    with pytest.raises(ValueError, match=r"model.safetensors is missing or corrupt"):
+        train_ddpm(config(toy_store, tmp_path / "run", steps=4), resume=True)
+
+
+def test_sigkill_loses_at_most_one_checkpoint_interval(toy_store, tmp_path):
+    run = tmp_path / "run"
+    args = [sys.executable, "-m", "emserve.cli", "train", "ddpm", *map(str, toy_store), "--out", str(run),
+            "--classes", "mito_mem,ld_lum", "--patch-size", "32", "--width", "8", "--multipliers", "1,2",
+            "--batch-size", "2", "--steps", "100000", "--checkpoint-every", "3", "--preview-every", "100000"]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while len(ckpt.checkpoints(run)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(ckpt.checkpoints(run)) >= 2, "training wrote no checkpoints in 120 s"
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    for path in ckpt.checkpoints(run):  # every checkpoint left behind is whole
+        ckpt.load_checkpoint(path)
+    step = json.loads((ckpt.checkpoints(run)[-1] / ckpt.STATE_FILE).read_text())["step"]
+    last = train_ddpm(config(toy_store, run, steps=step + 2, width=8, batch_size=2, checkpoint_every=3), resume=True)
+    assert json.loads((last / ckpt.STATE_FILE).read_text())["step"] == step + 2
+
+
+def test_torchrun_data_parallel_with_two_processes(toy_store, tmp_path):
+    run = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    with socket.socket() as s:  # torchrun's static rendezvous needs a concrete free port
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+         "--master-port", str(port), "-m", "emserve.cli", "train", "ddpm", *map(str, toy_store), "--out", str(run),
+         "--classes", "mito_mem,ld_lum", "--patch-size", "32", "--width", "8", "--multipliers", "1,2",
+         "--batch-size", "4", "--steps", "4", "--checkpoint-every", "4", "--preview-every", "100"],
+        capture_output=True, text=True, timeout=180, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    card = json.loads((ckpt.checkpoints(run)[-1] / "card.json").read_text())
+    assert card["training"]["world_size"] == 2
+    assert len(losses(run)) == 4

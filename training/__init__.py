@@ -1,0 +1,1 @@
+"""Training: the UNet, DDPM and segmentation training, checkpoints, export, experiments (needs torch)."""
