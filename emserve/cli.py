@@ -3,6 +3,7 @@ come back as one line naming what is wrong, with exit status 2."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -56,6 +57,44 @@ def data_phantom(
         console.print(f"wrote {path}")
 
 
+@data_app.command("import")
+def data_import(
+    images: Annotated[str, typer.Argument(help="EM slices: a folder of PNG/TIFF files (natural order), a glob, "
+                                               "or one multi-page TIFF.")],
+    out: Annotated[Path, typer.Argument(help="The store to write, e.g. out/vnc.zarr.")],
+    voxel_size: Annotated[str, typer.Option(help="'Z,Y,X' in nm, e.g. 50,4.6,4.6 for ssTEM.")],
+    mask: Annotated[list[str] | None, typer.Option(help="CLASS=PATH: a mask stack per class (repeatable).")] = None,
+    index_map: Annotated[str, typer.Option(help="A stack of index maps (one value per class) instead of masks.")] = "",
+    map: Annotated[list[str] | None, typer.Option(help="VALUES=CLASS for --index-map, e.g. '191=mito', "
+                                                "'0,32=pm', '159=unknown' (repeatable).")] = None,
+    unmapped: Annotated[str, typer.Option(help="Index-map values with no --map: absent | unknown | error.")] = "absent",
+    invert: Annotated[list[str] | None, typer.Option(help="CLASS whose masks mark it with 0 (ISBI membranes).")] = None,
+    threshold: Annotated[float | None, typer.Option(help="Mask binarisation threshold (default: mid-range).")] = None,
+    labelled_slices: Annotated[str, typer.Option(help="Slices with labels, e.g. '0:16,20:24' (default: all).")] = "",
+    holdout: Annotated[int, typer.Option(help="Last N labelled slices become a separate held-out crop.")] = 0,
+    rescale: Annotated[str, typer.Option(help="uint16 -> uint8: minmax | percentile | shift.")] = "minmax",
+    overwrite: Annotated[bool, typer.Option(help="Replace the store if it exists.")] = False,
+) -> None:
+    """Import a PNG/TIFF EM stack with per-class masks or index maps into the CellMap layout.
+
+    Each run of labelled slices becomes a crop; --holdout splits the last slices off as a test crop, so
+    evaluation reads a named crop. Images without labels give a raw-only store for unlabelled training.
+    """
+    from emserve.data.stacks import import_stack, parse_masks, parse_value_map
+
+    summary = import_stack(
+        images, out, voxel_size, masks=parse_masks(mask or []) or None, index_maps=index_map or None,
+        value_map=parse_value_map(map) if map else None, invert=invert or [], threshold=threshold, unmapped=unmapped,
+        labelled_slices=labelled_slices or None, holdout=holdout, rescale=rescale, overwrite=overwrite,
+        command=command_line(),
+    )
+    console.print(f"wrote {summary.path}: {summary.shape} voxels of {_nm(summary.voxel_size)} nm")
+    for crop, info in summary.crops.items():
+        console.print(f"  {crop} ({info['split']}): slices {info['slices']}")
+    for name, fraction in summary.class_fractions.items():
+        console.print(f"  {name}: {100 * fraction:.2f}% of labelled voxels")
+
+
 @data_app.command("info")
 def data_info(
     store: Annotated[str, typer.Argument(help="A <dataset>.zarr or .n5 path, or an s3:// URL.")],
@@ -90,6 +129,7 @@ def train_ddpm(
     lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = 2e-4,
     width: Annotated[int, typer.Option(help="UNet base channels (the study: 64).")] = 32,
     multipliers: Annotated[str, typer.Option(help="Channel multipliers per level (the study: 1,2,4,8).")] = "1,2,4",
+    blocks_per_level: Annotated[int, typer.Option(help="ResNet blocks per UNet level.")] = 2,
     schedule: Annotated[str, typer.Option(help="Noise schedule: linear | cosine | sigmoid.")] = "sigmoid",
     objective: Annotated[str, typer.Option(help="What the UNet predicts: eps | x0 | v.")] = "v",
     timesteps: Annotated[int, typer.Option(help="Diffusion steps of the training noise process.")] = 1000,
@@ -112,18 +152,20 @@ def train_ddpm(
 
     Runs data-parallel when launched with torchrun. Checkpoints are safetensors + a JSON model card.
     """
+    from emserve.data.stacks import parse_voxel_size
     from emserve.data.store import EMStore
-    from training.ddpm import DDPMConfig, command_line
+    from training.ddpm import DDPMConfig
     from training.ddpm import train_ddpm as run
 
     names = _csv(classes) or (_annotated_classes([EMStore(s) for s in stores]) if mode != "em" else [])
     cfg = DDPMConfig(
         stores=stores, out=str(out), mode=mode, classes=names, patch_size=patch_size, batch_size=batch_size,
-        steps=steps, lr=lr, width=width, multipliers=tuple(int(m) for m in _csv(multipliers)), schedule=schedule,
+        steps=steps, lr=lr, width=width, multipliers=tuple(int(m) for m in _csv(multipliers)),
+        blocks_per_level=blocks_per_level, schedule=schedule,
         objective=objective, timesteps=timesteps, class_condition=class_condition,
         dataset_condition=dataset_condition, p_drop=p_drop, raw_weight=raw_weight,
         class_groups=[g.split("+") for g in _csv(class_groups)], balance=balance, axis=axis,
-        voxel_size=_triple(voxel_size, "voxel_size"), precision=precision, seed=seed,
+        voxel_size=parse_voxel_size(voxel_size) if voxel_size else None, precision=precision, seed=seed,
         checkpoint_every=checkpoint_every, preview_every=preview_every, command=command_line(),
     )
     last = run(cfg, resume=resume)
@@ -131,20 +173,13 @@ def train_ddpm(
         console.print(f"checkpoint: {last}")
 
 
+def command_line() -> str:
+    """The command as typed, recorded in provenance and model cards."""
+    return " ".join(["emserve", *sys.argv[1:]])
+
+
 def _csv(value: str) -> list[str]:
     return [v.strip() for v in value.split(",") if v.strip()]
-
-
-def _triple(value: str, name: str) -> tuple[float, float, float] | None:
-    if not value:
-        return None
-    try:
-        numbers = tuple(float(v) for v in value.split(","))
-    except ValueError:
-        numbers = ()
-    if len(numbers) != 3 or min(numbers) <= 0:
-        raise ValueError(f"{name}: {value!r} is not three positive numbers 'Z,Y,X' in nm")
-    return numbers
 
 
 def _annotated_classes(stores: list) -> list[str]:

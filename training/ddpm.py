@@ -17,7 +17,6 @@ left out of the loss.
 from __future__ import annotations
 
 import json
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -271,7 +270,3 @@ def _log(run_dir: Path, step: int, losses: list[float], progress: Progress) -> N
 
 def _json_config(cfg: DDPMConfig) -> dict:
     return json.loads(json.dumps(asdict(cfg), default=list))
-
-
-def command_line() -> str:
-    return " ".join(["emserve", *sys.argv[1:]])
