@@ -99,6 +99,13 @@ BY_NAME: dict[str, OrganelleClass] = {c.name: c for c in CLASS_TABLE}
 BY_ID: dict[int, OrganelleClass] = {c.id: c for c in CLASS_TABLE}
 ATOMIC_NAMES: tuple[str, ...] = tuple(c.name for c in CLASS_TABLE if not c.is_group)
 
+# Every lumen is bounded by its membrane: <organelle>_lum -> <organelle>_mem (used to screen generated labels).
+MEMBRANE_OF: dict[str, str] = {
+    c.name: c.name.removesuffix("_lum") + "_mem"
+    for c in CLASS_TABLE
+    if c.name.endswith("_lum") and c.name.removesuffix("_lum") + "_mem" in {x.name for x in CLASS_TABLE}
+}
+
 # Voxel values of CellMap label arrays (`cellmap.annotation` attributes).
 ABSENT, PRESENT, UNKNOWN = 0, 1, 255
 

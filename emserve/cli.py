@@ -7,9 +7,12 @@ import sys
 from pathlib import Path
 from typing import Annotated
 
+import numpy as np
 import typer
 from rich.console import Console
 from rich.table import Table
+
+from emserve.classes import PRESENT, UNKNOWN
 
 app = typer.Typer(
     help="Diffusion-generated training data for organelle segmentation in volume EM.\n\n"
@@ -171,6 +174,100 @@ def train_ddpm(
     last = run(cfg, resume=resume)
     if last is not None:
         console.print(f"checkpoint: {last}")
+
+
+GENERATE_MODES = {"pairs": "pairs", "em": "em", "labels": "labels", "from-labels": "em-from-labels"}
+PREVIEW_SAMPLES = 16
+
+
+@app.command("generate")
+def generate(
+    what: Annotated[str, typer.Argument(help="pairs | em | labels | from-labels (must match the model).")],
+    model: Annotated[Path, typer.Argument(help="A model: a training checkpoint folder (card.json + weights).")],
+    out: Annotated[Path, typer.Argument(help="The store to write, e.g. out/generated.zarr (+ a .png grid).")],
+    samples: Annotated[int, typer.Option(help="How many 2D samples.")] = 16,
+    seed: Annotated[int, typer.Option(help="Request seed; sample i always gets the same per-sample seed.")] = 0,
+    sampler: Annotated[str, typer.Option(help="ddpm | ddim | dpmpp_2m.")] = "dpmpp_2m",
+    steps: Annotated[int, typer.Option(help="Denoising steps (the study: DDIM 250).")] = 25,
+    guidance: Annotated[float, typer.Option(help="Classifier-free guidance scale (1 = none; the study: 6).")] = 1.0,
+    rescale: Annotated[float, typer.Option(help="Guidance rescale in [0, 1] (the study: 0.7).")] = 0.0,
+    present: Annotated[str, typer.Option(help="Classes the samples should contain, comma-separated.")] = "",
+    absent: Annotated[str, typer.Option(help="Classes the samples should not contain.")] = "",
+    dataset: Annotated[str | None, typer.Option(help="Dataset (domain) to imitate, by name.")] = None,
+    labels_from: Annotated[str, typer.Option(help="from-labels: a store whose crops give the label maps.")] = "",
+    label_method: Annotated[str, typer.Option(help="Channels to labels: threshold (overlapping) | argmax.")] = (
+        "threshold"),
+    screen: Annotated[bool, typer.Option(help="Mark implausible label maps unannotated (lumen without or "
+                                              "outside its membrane, specks).")] = True,
+    min_size: Annotated[int, typer.Option(help="Screening: smallest object in pixels (0: any).")] = 0,
+    batch_size: Annotated[int, typer.Option(help="Samples per model batch (memory is bounded by it).")] = 8,
+    resume: Annotated[bool, typer.Option(help="Continue an interrupted run into the same --out.")] = False,
+) -> None:
+    """Generate EM, label maps or EM + label pairs with a diffusion model, into the CellMap layout.
+
+    Batch b becomes crop<b+1> (per-sample seeds and the model's sha256 in its attributes); sample i is z-slice
+    i of the EM. Screening never drops a sample: a rejected one keeps its EM and gets its labels marked
+    unannotated (255), so segmentation training leaves them out.
+    """
+    from emserve.pipelines import GeneratedStore, GenerationRequest, check_request, generate, preview, split_channels
+    from emserve.postprocess import Screening
+
+    if what not in GENERATE_MODES:
+        raise ValueError(f"what: {what!r} is not allowed; choose one of {', '.join(GENERATE_MODES)}")
+    card, denoise = _load_denoiser(model)
+    if card.mode != GENERATE_MODES[what]:
+        raise ValueError(f"model: {model} is a {card.mode!r} model; it cannot generate {what!r}")
+    request = GenerationRequest(samples=samples, seed=seed, sampler=sampler, steps=steps, guidance=guidance,
+                                rescale=rescale, present=tuple(_csv(present)), absent=tuple(_csv(absent)),
+                                dataset=dataset, batch_size=batch_size, label_method=label_method)
+    check_request(card, request)
+    labels = _label_source(card, labels_from, seed) if what == "from-labels" else None
+    store = GeneratedStore(out, card, request, resume=resume)
+    screening = Screening(min_size=min_size)
+    shown_raw, shown_masks = [], []
+    def progress(done: int, total: int) -> None:
+        if console.is_terminal:
+            console.print(f"{done}/{total} samples", end="\r")
+
+    for batch in generate(card, denoise, request, labels, skip=store.done(), progress=progress):
+        raw, masks = split_channels(card, batch, label_method)
+        if screen and card.mode in ("pairs", "labels"):
+            masks = masks.astype(np.uint8)
+            for i, m in enumerate(masks):
+                if screening.check(m.astype(bool), card.classes):
+                    masks[i] = UNKNOWN
+        store.write(batch, raw, masks)
+        room = PREVIEW_SAMPLES - len(shown_masks)
+        shown_raw += list(raw[:room]) if raw is not None else [None] * min(room, len(masks))
+        shown_masks += [m == PRESENT if m.dtype == np.uint8 else m for m in masks[:room]]
+    store.finish()
+    console.print(f"wrote {out}")
+    if screen and card.mode in ("pairs", "labels"):
+        console.print(screening.summary())
+    if shown_masks:
+        console.print(f"wrote {preview(card, shown_raw, shown_masks, out.with_suffix('.png'))}")
+
+
+def _load_denoiser(model: Path):
+    """A denoise callable for a model folder (training checkpoints run on torch)."""
+    from training.device import pick_device
+    from training.sampling import load_denoiser
+
+    return load_denoiser(model, pick_device())
+
+
+def _label_source(card, store_path: str, seed: int):
+    """Label maps for from-labels: random patches of the store's crops, in the model's classes."""
+    from emserve.data.patches import PatchSampler, label_channels, load_crops
+    from emserve.data.store import EMStore
+
+    if not store_path:
+        raise ValueError("labels_from: from-labels needs label maps; give a store with --labels-from")
+    sampler = PatchSampler(load_crops([EMStore(store_path)], card.classes), card.patch_size, augment=False)
+    corners = np.random.default_rng(seed).permutation(len(sampler.tiles()))
+    tiles = sampler.tiles()
+    return lambda start, stop: label_channels(sampler.cut([tiles[corners[i % len(tiles)]]
+                                                          for i in range(start, stop)]).labels)
 
 
 def command_line() -> str:

@@ -146,9 +146,9 @@ def add_crop(
 
 def _write_crop(parent: zarr.Group, crop: CropToWrite, voxel_size: Sequence[float], em_translation: Sequence[float],
                 levels: int, zarr_format: int) -> None:
-    classes = check_class_names(crop.labels)
+    classes = check_class_names(crop.labels) if crop.labels else ()  # a crop may only carry attributes
     shapes = {k: np.shape(v) for k, v in crop.labels.items()}
-    if len(set(shapes.values())) != 1:
+    if len(set(shapes.values())) > 1:
         raise ValueError(f"crop {crop.name}: class arrays differ in shape: {shapes}")
     group = parent.create_group(crop.name)
     group.attrs.update({**_crop_attrs(crop.name, classes), **_json_safe(dict(crop.attrs))})

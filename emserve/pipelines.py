@@ -1,0 +1,215 @@
+"""Generation pipelines: model card + denoise callable + request -> batches of samples -> CellMap stores.
+
+Used by the CLI and (later) the service; they see only a card and a denoise callable, so the same pipeline runs
+over any backend. A sample is a function of (model, per-sample seed, request): sample i of a request with seed s
+always gets the seed `sample_seed(s, i)`, whatever the batch size, and batches are written as they finish, so
+memory stays bounded and an interrupted run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import zarr
+
+from emserve.card import RAW, ModelCard
+from emserve.classes import ABSENT, PRESENT, check_class_names
+from emserve.data.ngff import multiscales_attrs, pyramid_levels
+from emserve.data.store import EM_GROUP, EMStore
+from emserve.data.writer import EM_NAME, CropToWrite, add_crop, provenance
+from emserve.diffusion import SAMPLERS, Denoise, Guidance, make_schedule, sample
+from emserve.pictures import grid, pair_tile, save_png
+from emserve.postprocess import labels_from_channels
+
+LabelSource = Callable[[int, int], np.ndarray]  # (start, stop) -> label-map channels [stop-start, K, H, W]
+VOXEL_SIZE = (1.0, 1.0, 1.0)  # generated patches have no physical size of their own; the card says what they mimic
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """What to generate. `present`/`absent` steer class presence; `dataset` steers the domain."""
+
+    samples: int
+    seed: int = 0
+    sampler: str = "dpmpp_2m"
+    steps: int = 25
+    guidance: float = 1.0
+    rescale: float = 0.0
+    present: tuple[str, ...] = ()
+    absent: tuple[str, ...] = ()
+    dataset: str | None = None
+    batch_size: int = 8
+    label_method: str = "threshold"
+
+    def __post_init__(self) -> None:
+        if self.samples < 1:
+            raise ValueError(f"samples: {self.samples} must be at least 1")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size: {self.batch_size} must be at least 1")
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"sampler: {self.sampler!r} is not allowed; choose one of {', '.join(SAMPLERS)}")
+        both = set(self.present) & set(self.absent)
+        if both:
+            raise ValueError(f"present/absent: {sorted(both)} cannot be both present and absent")
+
+
+@dataclass
+class GeneratedBatch:
+    index: int
+    start: int
+    seeds: list[int]
+    samples: np.ndarray  # [B, C, H, W] in [-1, 1], the card's channels
+    label_map: np.ndarray | None  # em-from-labels: the conditioning channels [B, K, H, W]
+
+
+def sample_seed(seed: int, index: int) -> int:
+    """The seed of sample `index` of a request: independent streams, no overlap between nearby request seeds."""
+    return int(np.random.SeedSequence(seed, spawn_key=(index,)).generate_state(1, np.uint32)[0])
+
+
+def conditions(card: ModelCard, request: GenerationRequest, batch: int,
+               label_map: np.ndarray | None) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Condition inputs for a batch and their nulls, checked against what the card accepts."""
+    k, size = len(card.classes), card.patch_size
+    cond: dict[str, np.ndarray] = {}
+    null: dict[str, np.ndarray] = {}
+    if request.present or request.absent:
+        if not card.class_condition:
+            raise ValueError("present/absent: this model has no class-presence condition")
+        vector = np.zeros(k, np.float32)
+        for names, value in ((request.present, 1.0), (request.absent, -1.0)):
+            for name in check_class_names(names) if names else ():
+                if name not in card.classes:
+                    raise ValueError(f"present/absent: class {name!r} is not one of the model's classes "
+                                     f"{', '.join(card.classes)}")
+                vector[card.classes.index(name)] = value
+    if card.class_condition:
+        cond["classes"] = np.tile(vector if request.present or request.absent else np.zeros(k, np.float32),
+                                  (batch, 1))
+        null["classes"] = np.zeros((batch, k), np.float32)
+    if card.datasets:
+        cond["dataset"] = np.full(batch, card.dataset_id(request.dataset), np.int64)
+        null["dataset"] = np.full(batch, -1, np.int64)
+    elif request.dataset is not None:
+        card.dataset_id(request.dataset)  # raises: this model has no dataset condition
+    if card.label_map_condition:
+        if label_map is None:
+            raise ValueError("label maps: this model generates EM from label maps; give some (--labels)")
+        if label_map.shape != (batch, k, size, size):
+            raise ValueError(f"label maps: shape {label_map.shape[1:]} per sample; the model wants {(k, size, size)} "
+                             f"(classes {', '.join(card.classes)})")
+        cond["label_map"] = label_map.astype(np.float32)
+        null["label_map"] = np.zeros_like(cond["label_map"])
+    elif label_map is not None:
+        raise ValueError(f"label maps: a {card.mode!r} model takes no label maps")
+    return cond, null
+
+
+def check_request(card: ModelCard, request: GenerationRequest) -> None:
+    """Refuse a request the model cannot serve before anything is computed or written."""
+    if card.mode == "segmentation":
+        raise ValueError("model: a segmentation model does not generate; use `emserve segment`")
+    k, size = len(card.classes), card.patch_size
+    example = np.zeros((1, k, size, size), np.float32) if card.label_map_condition else None
+    conditions(card, request, 1, example)
+
+
+def generate(card: ModelCard, denoise: Denoise, request: GenerationRequest, labels: LabelSource | None = None,
+             skip: set[int] = frozenset(), progress: Callable[[int, int], None] | None = None
+             ) -> Iterator[GeneratedBatch]:
+    """Sample the request batch by batch (batches in `skip` are not computed)."""
+    check_request(card, request)
+    schedule = make_schedule(card.schedule, card.timesteps)
+    shape = (len(card.channels), card.patch_size, card.patch_size)
+    starts = range(0, request.samples, request.batch_size)
+    for index, start in enumerate(starts):
+        if index in skip:
+            continue
+        stop = min(start + request.batch_size, request.samples)
+        seeds = [sample_seed(request.seed, i) for i in range(start, stop)]
+        label_map = labels(start, stop) if labels is not None else None
+        cond, null = conditions(card, request, stop - start, label_map)
+        guidance = Guidance(null, request.guidance, request.rescale) if request.guidance != 1.0 else None
+        samples = sample(denoise, schedule, card.objective, shape, seeds, cond, sampler=request.sampler,
+                         steps=request.steps, guidance=guidance)
+        yield GeneratedBatch(index, start, seeds, samples, label_map)
+        if progress is not None:
+            progress(stop, request.samples)
+
+
+def split_channels(card: ModelCard, batch: GeneratedBatch, method: str) -> tuple[np.ndarray | None, np.ndarray]:
+    """(raw [B,H,W] or None, label masks [B,K,H,W]) of a generated batch."""
+    has_raw = card.channels[0] == RAW
+    raw = batch.samples[:, 0] if has_raw else None
+    if batch.label_map is not None:
+        return raw, batch.label_map > 0
+    channels = batch.samples[:, 1:] if has_raw else batch.samples
+    return raw, labels_from_channels(channels, method)
+
+
+class GeneratedStore:
+    """A CellMap-layout store of generated samples: sample i is z-slice i of the EM; batch b is crop<b+1>
+    with per-sample seeds and the model's sha256 in its attributes. Crops are added atomically, so the crops
+    present are the batches finished, and a rerun with `resume` skips them."""
+
+    def __init__(self, path: str | Path, card: ModelCard, request: GenerationRequest, resume: bool = False):
+        self.path, self.card, self.request = Path(path), card, request
+        record = {"request": asdict(request), "model": {"sha256": card.weights, "mode": card.mode,
+                                                        "classes": card.classes}}
+        self.record = json.loads(json.dumps(record))  # as it reads back from the attributes
+        if self.path.exists():
+            if not resume:
+                raise FileExistsError(f"out: {self.path} exists; pass --resume to continue it or choose another path")
+            self._check_same_run()
+            self.root = zarr.open_group(str(self.path), mode="r+")
+        else:
+            self._create()
+
+    def _create(self) -> None:
+        size = self.card.patch_size
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.root = zarr.open_group(str(self.path), mode="w", zarr_format=2)
+        self.root.attrs.update(provenance(generated=self.record, complete=False))
+        em = self.root.require_group(EM_GROUP).create_group(EM_NAME)
+        em.attrs.update(multiscales_attrs(EM_NAME, pyramid_levels(VOXEL_SIZE, (0, 0, 0), 1)))
+        em.create_array("s0", shape=(self.request.samples, size, size), dtype=np.uint8,
+                        chunks=(1, size, size), fill_value=0)
+
+    def _check_same_run(self) -> None:
+        attrs = zarr.open_group(str(self.path), mode="r").attrs.asdict()
+        before = attrs.get("emserve", {}).get("generated")
+        if before != self.record:
+            raise ValueError(f"resume: {self.path} was generated with a different model or request; "
+                             f"choose another output path")
+
+    def done(self) -> set[int]:
+        return {int(name.removeprefix("crop")) - 1 for name in EMStore(self.path).crops}
+
+    def write(self, batch: GeneratedBatch, raw: np.ndarray | None, masks: np.ndarray) -> None:
+        if raw is not None:
+            self.root[f"{EM_GROUP}/{EM_NAME}/s0"][batch.start: batch.start + len(raw)] = to_uint8(raw)
+        labels = {name: np.where(masks[:, k], PRESENT, ABSENT).astype(np.uint8)
+                  for k, name in enumerate(self.card.classes)} if len(masks) and masks.shape[1] else {}
+        attrs = {"seeds": batch.seeds, "samples": [batch.start, batch.start + len(batch.seeds)]}
+        add_crop(self.path, CropToWrite(f"crop{batch.index + 1}", (batch.start, 0, 0), labels, attrs=attrs),
+                 VOXEL_SIZE)
+
+    def finish(self) -> None:
+        self.root.attrs.update({"emserve": {**self.root.attrs["emserve"], "complete": True}})
+
+
+def to_uint8(raw: np.ndarray) -> np.ndarray:
+    """Raw in [-1, 1] -> uint8 0..255 (the fibsem-uint8 convention)."""
+    return np.clip(np.round((raw + 1) * 127.5), 0, 255).astype(np.uint8)
+
+
+def preview(card: ModelCard, raws: Sequence[np.ndarray | None], masks: Sequence[np.ndarray], path: Path,
+            columns: int = 4) -> Path:
+    """A PNG grid: each sample's EM beside its coloured labels."""
+    classes = card.classes
+    tiles = [pair_tile(r, m if len(classes) else None, classes) for r, m in zip(raws, masks, strict=True)]
+    return save_png(grid(tiles, columns=min(columns, len(tiles))), path)

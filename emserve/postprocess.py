@@ -1,0 +1,86 @@
+"""From generated channels to label maps, and screening that rejects implausible ones.
+
+A diffusion model emits one channel per class in [-1, 1]. `labels_from_channels` turns them into masks either
+per class (threshold: classes may overlap, as group classes do) or exclusively (argmax with background: the
+strongest class wins where it clears the threshold). Screening then checks what biology guarantees: a lumen is
+enclosed by its membrane (unless it leaves the patch), no lumen lacks a membrane, objects are not specks.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy import ndimage
+
+from emserve.classes import MEMBRANE_OF
+
+LABEL_METHODS = ("threshold", "argmax")
+
+
+def labels_from_channels(channels: np.ndarray, method: str = "threshold", threshold: float = 0.0) -> np.ndarray:
+    """Bool masks [..., K, H, W] from channels [..., K, H, W] in [-1, 1]."""
+    if method not in LABEL_METHODS:
+        raise ValueError(f"labels: method {method!r} is not allowed; choose one of {', '.join(LABEL_METHODS)}")
+    if method == "threshold":
+        return channels > threshold
+    winner = channels.argmax(axis=-3)
+    best = np.take_along_axis(channels, winner[..., None, :, :], axis=-3)[..., 0, :, :]
+    k = channels.shape[-3]
+    return (winner[..., None, :, :] == np.arange(k)[:, None, None]) & (best > threshold)[..., None, :, :]
+
+
+@dataclass
+class Screening:
+    """Rules for plausible label maps, and a tally of what they rejected.
+
+    `min_size` in pixels (0: no limit). `enclosure`: the share of a lumen's outer rim that must be its membrane
+    (or lumen) when the lumen does not leave the patch.
+    """
+
+    min_size: int = 0
+    enclosure: float = 0.9
+    accepted: int = 0
+    rejected: int = 0
+    reasons: Counter = field(default_factory=Counter)  # reason -> samples rejected for it
+
+    def check(self, masks: np.ndarray, classes: Sequence[str]) -> list[str]:
+        """Reasons to reject one label map [K, H, W] (empty: plausible), counted in the tally."""
+        reasons: set[str] = set()
+        index = {name: i for i, name in enumerate(classes)}
+        for lumen, membrane in MEMBRANE_OF.items():
+            if lumen in index and membrane in index:
+                reasons |= _lumen_reasons(masks[index[lumen]], masks[index[membrane]], lumen, self.enclosure)
+        if self.min_size:
+            for name, mask in zip(classes, masks, strict=True):
+                labelled, n = ndimage.label(mask)
+                if n and (np.bincount(labelled.ravel())[1:] < self.min_size).any():
+                    reasons.add(f"{name}: object smaller than {self.min_size} px")
+        if reasons:
+            self.rejected += 1
+            self.reasons.update(reasons)
+        else:
+            self.accepted += 1
+        return sorted(reasons)
+
+    def summary(self) -> str:
+        parts = [f"{reason} ({count})" for reason, count in self.reasons.most_common()]
+        text = f"screening accepted {self.accepted} of {self.accepted + self.rejected}"
+        return text + (f"; rejected: {'; '.join(parts)}" if parts else "")
+
+
+def _lumen_reasons(lumen: np.ndarray, membrane: np.ndarray, name: str, enclosure: float) -> set[str]:
+    reasons = set()
+    labelled, n = ndimage.label(lumen)
+    for i in range(1, n + 1):
+        component = labelled == i
+        rim = ndimage.binary_dilation(component) & ~component
+        if not (rim & membrane).any():
+            reasons.add(f"{name}: lumen without membrane")
+            continue
+        touches_border = component[0].any() or component[-1].any() or component[:, 0].any() or component[:, -1].any()
+        if not touches_border and (rim & (membrane | lumen)).sum() < enclosure * rim.sum():
+            reasons.add(f"{name}: lumen not enclosed by {MEMBRANE_OF[name]}")
+    return reasons

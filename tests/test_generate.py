@@ -1,0 +1,120 @@
+"""Generation: per-sample seeds, conditions checked against the card, streaming store with resume, CLI."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from emserve.card import ModelCard
+from emserve.classes import PRESENT
+from emserve.data.store import EMStore
+from emserve.pipelines import GeneratedStore, GenerationRequest, check_request, generate, sample_seed, split_channels
+from training.ddpm import DDPMConfig, train_ddpm
+from training.sampling import load_denoiser
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def checkpoints(toy_store, tmp_path_factory):
+    """Tiny pairs and em-from-labels models, trained for two steps (enough to be non-trivial functions)."""
+    out = {}
+    for mode in ("pairs", "em-from-labels"):
+        run = tmp_path_factory.mktemp(mode)
+        cfg = DDPMConfig(stores=[str(p) for p in toy_store], out=str(run), mode=mode,
+                         classes=["mito_mem", "ld_lum"], patch_size=16, width=8, multipliers=(1, 2), batch_size=4,
+                         steps=2, lr=1e-2, checkpoint_every=2, preview_every=100)
+        out[mode] = train_ddpm(cfg)
+    return out
+
+
+def test_sample_seeds_are_stable_and_distinct():
+    assert sample_seed(0, 5) == sample_seed(0, 5)
+    assert len({sample_seed(s, i) for s in range(20) for i in range(20)}) == 400
+
+
+def test_same_seed_gives_the_same_sample_whatever_the_batch_size(checkpoints):
+    card, denoise = load_denoiser(checkpoints["pairs"], CPU)
+    one = GenerationRequest(samples=5, seed=7, steps=4, batch_size=5, dataset="toy_b", guidance=2.0)
+    two = GenerationRequest(samples=5, seed=7, steps=4, batch_size=2, dataset="toy_b", guidance=2.0)
+    a = np.concatenate([b.samples for b in generate(card, denoise, one)])
+    b = np.concatenate([b.samples for b in generate(card, denoise, two)])
+    np.testing.assert_allclose(a, b, atol=1e-5)
+    other = np.concatenate([b.samples for b in generate(card, denoise, GenerationRequest(samples=5, seed=8, steps=4))])
+    assert not np.allclose(a, other)
+
+
+def test_requests_the_model_cannot_serve_are_refused_with_what_it_accepts(checkpoints):
+    card = ModelCard.load(checkpoints["pairs"])
+    with pytest.raises(ValueError, match="dataset: 'elsewhere' is not known to this model; allowed: toy_a, toy_b"):
+        check_request(card, GenerationRequest(samples=1, dataset="elsewhere"))
+    with pytest.raises(ValueError, match="class 'er_lum' is not one of the model's classes mito_mem, ld_lum"):
+        check_request(card, GenerationRequest(samples=1, present=("er_lum",)))
+    with pytest.raises(ValueError, match="sampler: 'euler'"):
+        GenerationRequest(samples=1, sampler="euler")
+    with pytest.raises(ValueError, match="cannot be both present and absent"):
+        GenerationRequest(samples=1, present=("ld_lum",), absent=("ld_lum",))
+    labels_card = ModelCard.load(checkpoints["em-from-labels"])
+    _, denoise = load_denoiser(checkpoints["em-from-labels"], CPU)
+    with pytest.raises(ValueError, match="give some"):
+        next(generate(labels_card, denoise, GenerationRequest(samples=1)))
+
+
+def test_interrupted_generation_resumes_without_redoing_batches(checkpoints, tmp_path):
+    card, denoise = load_denoiser(checkpoints["pairs"], CPU)
+    request = GenerationRequest(samples=7, seed=3, steps=3, batch_size=3)
+
+    def run(path, stop_after=None, resume=False):
+        store = GeneratedStore(path, card, request, resume=resume)
+        computed = []
+        for batch in generate(card, denoise, request, skip=store.done()):
+            store.write(batch, *split_channels(card, batch, "threshold"))
+            computed.append(batch.index)
+            if stop_after is not None and len(computed) == stop_after:
+                return computed
+        store.finish()
+        return computed
+
+    assert run(tmp_path / "whole.zarr") == [0, 1, 2]
+    assert run(tmp_path / "cut.zarr", stop_after=1) == [0]
+    with pytest.raises(FileExistsError, match="--resume"):
+        run(tmp_path / "cut.zarr")
+    assert run(tmp_path / "cut.zarr", resume=True) == [1, 2]
+    whole, cut = EMStore(tmp_path / "whole.zarr"), EMStore(tmp_path / "cut.zarr")
+    assert whole.crops == cut.crops == ("crop1", "crop2", "crop3")
+    np.testing.assert_array_equal(whole.em_volume(whole.em_level())[...], cut.em_volume(cut.em_level())[...])
+    crop = cut.read_crop("crop3", card.classes)
+    assert crop.raw.shape == (1, 16, 16) and crop.labels.shape == (2, 1, 16, 16)
+    attrs = cut.crop_group("crop3").attrs.asdict()
+    assert attrs["seeds"] == [sample_seed(3, 6)] and attrs["samples"] == [6, 7]
+
+
+def test_cli_generates_pairs_and_em_from_the_store_labels(checkpoints, toy_store, tmp_path):
+    def emserve(*args):
+        return subprocess.run([sys.executable, "-m", "emserve.cli", *args], capture_output=True, text=True,
+                              timeout=300)
+
+    result = emserve("generate", "pairs", str(checkpoints["pairs"]), str(tmp_path / "pairs.zarr"), "--samples", "4",
+                     "--steps", "3", "--guidance", "3", "--present", "ld_lum", "--dataset", "toy_a")
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "pairs.png").exists() and "screening accepted" in result.stdout
+    store = EMStore(tmp_path / "pairs.zarr")
+    assert store.root.attrs["emserve"]["generated"]["request"]["present"] == ["ld_lum"]
+
+    result = emserve("generate", "from-labels", str(checkpoints["em-from-labels"]), str(tmp_path / "fl.zarr"),
+                     "--samples", "3", "--steps", "2", "--labels-from", str(toy_store[0]))
+    assert result.returncode == 0, result.stderr
+    crop = EMStore(tmp_path / "fl.zarr").read_crop("crop1", ["mito_mem", "ld_lum"])
+    source = EMStore(toy_store[0]).read_crop("crop1", ["mito_mem", "ld_lum"])
+    # every generated sample's labels are a 16x16 window of the source crop's labels
+    for i in range(3):
+        window = crop.labels[:, i] == PRESENT
+        found = any(np.array_equal(window, source.labels[:, z, a:a + 16, b:b + 16] == PRESENT)
+                    for z in range(source.labels.shape[1]) for a in range(0, 49) for b in range(0, 49))
+        assert found
+
+    wrong = emserve("generate", "em", str(checkpoints["pairs"]), str(tmp_path / "x.zarr"))
+    assert wrong.returncode == 2 and "is a 'pairs' model; it cannot generate 'em'" in wrong.stderr
+    assert not (tmp_path / "x.zarr").exists()

@@ -1,0 +1,53 @@
+import numpy as np
+
+from emserve.postprocess import Screening, labels_from_channels
+
+CLASSES = ["mito_mem", "mito_lum", "ld_lum"]
+
+
+def ring(size=32, centre=(16, 16), r_in=5, r_out=7):
+    yy, xx = np.mgrid[:size, :size]
+    d = np.hypot(yy - centre[0], xx - centre[1])
+    return (d >= r_in) & (d < r_out), d < r_in
+
+
+def test_threshold_allows_overlap_and_argmax_is_exclusive():
+    channels = np.full((3, 4, 4), -1.0)
+    channels[0, :2] = 0.5
+    channels[1, :2] = 0.8
+    channels[2, 3] = -0.2  # below threshold everywhere: background
+    overlap = labels_from_channels(channels, "threshold")
+    assert overlap[0, :2].all() and overlap[1, :2].all()
+    exclusive = labels_from_channels(channels, "argmax")
+    assert exclusive.sum(0).max() == 1
+    assert exclusive[1, :2].all() and not exclusive[0].any()
+    assert not exclusive[:, 2:].any()
+
+
+def test_screening_accepts_an_enclosed_lumen_and_rejects_broken_ones():
+    membrane, lumen = ring()
+    screening = Screening()
+    good = np.stack([membrane, lumen, np.zeros_like(lumen)])
+    assert screening.check(good, CLASSES) == []
+
+    broken = membrane.copy()
+    broken[:, 16:] = False  # half the membrane gone
+    assert screening.check(np.stack([broken, lumen, np.zeros_like(lumen)]), CLASSES) == [
+        "mito_lum: lumen not enclosed by mito_mem"]
+
+    naked = np.stack([np.zeros_like(lumen), lumen, np.zeros_like(lumen)])
+    assert screening.check(naked, CLASSES) == ["mito_lum: lumen without membrane"]
+    assert (screening.accepted, screening.rejected) == (1, 2)
+    assert "accepted 1 of 3" in screening.summary()
+
+
+def test_a_lumen_cut_by_the_patch_border_is_plausible():
+    membrane, lumen = ring(centre=(2, 16))
+    assert Screening().check(np.stack([membrane, lumen, np.zeros_like(lumen)]), CLASSES) == []
+
+
+def test_min_size_rejects_specks():
+    masks = np.zeros((3, 16, 16), bool)
+    masks[2, 3, 3] = True
+    assert Screening(min_size=4).check(masks, CLASSES) == ["ld_lum: object smaller than 4 px"]
+    assert Screening(min_size=0).check(masks, CLASSES) == []
