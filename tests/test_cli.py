@@ -59,3 +59,34 @@ def test_both_onnxruntime_builds_installed_is_refused_at_import(tmp_path):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.returncode != 0
     assert "both onnxruntime and onnxruntime-gpu are installed" in result.stderr
+
+
+def test_import_writes_a_store_with_a_held_out_crop(tmp_path):
+    from PIL import Image
+
+    from emserve.data.store import EMStore
+
+    (tmp_path / "em").mkdir()
+    (tmp_path / "mito").mkdir()
+    rng = np.random.default_rng(0)
+    masks = []
+    for i in range(5):
+        mask = np.zeros((32, 32), np.uint8)
+        mask[4 + i: 12 + i, 8:20] = 255
+        masks.append(mask > 0)
+        image = rng.integers(100, 200, (32, 32), dtype=np.uint8)
+        image[mask > 0] = 20
+        Image.fromarray(image).save(tmp_path / "em" / f"{i}.png")
+        Image.fromarray(mask).save(tmp_path / "mito" / f"{i}.png")
+    result = emserve("data", "import", str(tmp_path / "em"), str(tmp_path / "s.zarr"), "--voxel-size", "50,4,4",
+                     "--mask", f"mito={tmp_path / 'mito'}", "--holdout", "2")
+    assert result.returncode == 0, result.stderr
+    assert "crop2 (test)" in result.stdout
+    store = EMStore(tmp_path / "s.zarr")
+    test = store.read_crop("crop2", ["mito"])
+    assert np.array_equal(test.labels[0] == 1, np.stack(masks[3:]))
+    assert store.em_levels[0].voxel_size == (50.0, 4.0, 4.0)
+
+    bad = emserve("data", "import", str(tmp_path / "em"), str(tmp_path / "t.zarr"), "--voxel-size", "50,4",
+                  "--mask", f"mito={tmp_path / 'mito'}")
+    assert bad.returncode == 2 and "voxel_size" in bad.stderr and not (tmp_path / "t.zarr").exists()
