@@ -12,8 +12,6 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from emserve.classes import PRESENT, UNKNOWN
-
 app = typer.Typer(
     help="Diffusion-generated training data for organelle segmentation in volume EM.\n\n"
     "Stores are OME-NGFF zarr in the CellMap layout (<name>.zarr/recon-1/em/fibsem-uint8, "
@@ -209,7 +207,15 @@ def generate(
     i of the EM. Screening never drops a sample: a rejected one keeps its EM and gets its labels marked
     unannotated (255), so segmentation training leaves them out.
     """
-    from emserve.pipelines import GeneratedStore, GenerationRequest, check_request, generate, preview, split_channels
+    from emserve.pipelines import (
+        GeneratedStore,
+        GenerationRequest,
+        check_request,
+        generate,
+        label_codes,
+        preview,
+        split_channels,
+    )
     from emserve.postprocess import Screening
 
     if what not in GENERATE_MODES:
@@ -223,7 +229,7 @@ def generate(
     check_request(card, request)
     labels = _label_source(card, labels_from, seed) if what == "from-labels" else None
     store = GeneratedStore(out, card, request, resume=resume)
-    screening = Screening(min_size=min_size)
+    screening = Screening(min_size=min_size) if screen else None
     shown_raw, shown_masks = [], []
     def progress(done: int, total: int) -> None:
         if console.is_terminal:
@@ -231,18 +237,13 @@ def generate(
 
     for batch in generate(card, denoise, request, labels, skip=store.done(), progress=progress):
         raw, masks = split_channels(card, batch, label_method)
-        if screen and card.mode in ("pairs", "labels"):
-            masks = masks.astype(np.uint8)
-            for i, m in enumerate(masks):
-                if screening.check(m.astype(bool), card.classes):
-                    masks[i] = UNKNOWN
-        store.write(batch, raw, masks)
+        store.write(batch, raw, label_codes(card, masks, screening))
         room = PREVIEW_SAMPLES - len(shown_masks)
         shown_raw += list(raw[:room]) if raw is not None else [None] * min(room, len(masks))
-        shown_masks += [m == PRESENT if m.dtype == np.uint8 else m for m in masks[:room]]
+        shown_masks += list(masks[:room])
     store.finish()
     console.print(f"wrote {out}")
-    if screen and card.mode in ("pairs", "labels"):
+    if screening is not None and card.mode in ("pairs", "labels"):
         console.print(screening.summary())
     if shown_masks:
         console.print(f"wrote {preview(card, shown_raw, shown_masks, out.with_suffix('.png'))}")

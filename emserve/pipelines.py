@@ -17,13 +17,13 @@ import numpy as np
 import zarr
 
 from emserve.card import RAW, ModelCard
-from emserve.classes import ABSENT, PRESENT, check_class_names
+from emserve.classes import ABSENT, PRESENT, UNKNOWN, check_class_names
 from emserve.data.ngff import multiscales_attrs, pyramid_levels
 from emserve.data.store import EM_GROUP, EMStore
 from emserve.data.writer import EM_NAME, CropToWrite, add_crop, provenance
 from emserve.diffusion import SAMPLERS, Denoise, Guidance, make_schedule, sample
 from emserve.pictures import grid, pair_tile, save_png
-from emserve.postprocess import labels_from_channels
+from emserve.postprocess import Screening, labels_from_channels
 
 LabelSource = Callable[[int, int], np.ndarray]  # (start, stop) -> label-map channels [stop-start, K, H, W]
 VOXEL_SIZE = (1.0, 1.0, 1.0)  # generated patches have no physical size of their own; the card says what they mimic
@@ -151,6 +151,17 @@ def split_channels(card: ModelCard, batch: GeneratedBatch, method: str) -> tuple
     return raw, labels_from_channels(channels, method)
 
 
+def label_codes(card: ModelCard, masks: np.ndarray, screening: Screening | None) -> np.ndarray:
+    """Masks [B,K,H,W] -> store codes (1 present, 0 absent). A sample the screening rejects keeps its EM but
+    its labels become 255 (unannotated) throughout, so segmentation training leaves them out."""
+    codes = np.where(masks, PRESENT, ABSENT).astype(np.uint8)
+    if screening is not None and card.mode in ("pairs", "labels"):
+        for i, sample_masks in enumerate(masks):
+            if screening.check(sample_masks, card.classes):
+                codes[i] = UNKNOWN
+    return codes
+
+
 class GeneratedStore:
     """A CellMap-layout store of generated samples: sample i is z-slice i of the EM; batch b is crop<b+1>
     with per-sample seeds and the model's sha256 in its attributes. Crops are added atomically, so the crops
@@ -189,11 +200,11 @@ class GeneratedStore:
     def done(self) -> set[int]:
         return {int(name.removeprefix("crop")) - 1 for name in EMStore(self.path).crops}
 
-    def write(self, batch: GeneratedBatch, raw: np.ndarray | None, masks: np.ndarray) -> None:
+    def write(self, batch: GeneratedBatch, raw: np.ndarray | None, codes: np.ndarray) -> None:
+        """Write one batch: EM slices, then its crop (label codes [B,K,H,W] from `label_codes`) atomically."""
         if raw is not None:
             self.root[f"{EM_GROUP}/{EM_NAME}/s0"][batch.start: batch.start + len(raw)] = to_uint8(raw)
-        labels = {name: np.where(masks[:, k], PRESENT, ABSENT).astype(np.uint8)
-                  for k, name in enumerate(self.card.classes)} if len(masks) and masks.shape[1] else {}
+        labels = {name: codes[:, k] for k, name in enumerate(self.card.classes)}
         attrs = {"seeds": batch.seeds, "samples": [batch.start, batch.start + len(batch.seeds)]}
         add_crop(self.path, CropToWrite(f"crop{batch.index + 1}", (batch.start, 0, 0), labels, attrs=attrs),
                  VOXEL_SIZE)

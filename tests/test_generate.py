@@ -8,9 +8,18 @@ import pytest
 import torch
 
 from emserve.card import ModelCard
-from emserve.classes import PRESENT
+from emserve.classes import PRESENT, UNKNOWN
 from emserve.data.store import EMStore
-from emserve.pipelines import GeneratedStore, GenerationRequest, check_request, generate, sample_seed, split_channels
+from emserve.pipelines import (
+    GeneratedStore,
+    GenerationRequest,
+    check_request,
+    generate,
+    label_codes,
+    sample_seed,
+    split_channels,
+)
+from emserve.postprocess import Screening
 from training.ddpm import DDPMConfig, train_ddpm
 from training.sampling import load_denoiser
 
@@ -70,7 +79,8 @@ def test_interrupted_generation_resumes_without_redoing_batches(checkpoints, tmp
         store = GeneratedStore(path, card, request, resume=resume)
         computed = []
         for batch in generate(card, denoise, request, skip=store.done()):
-            store.write(batch, *split_channels(card, batch, "threshold"))
+            raw, masks = split_channels(card, batch, "threshold")
+            store.write(batch, raw, label_codes(card, masks, None))
             computed.append(batch.index)
             if stop_after is not None and len(computed) == stop_after:
                 return computed
@@ -118,3 +128,21 @@ def test_cli_generates_pairs_and_em_from_the_store_labels(checkpoints, toy_store
     wrong = emserve("generate", "em", str(checkpoints["pairs"]), str(tmp_path / "x.zarr"))
     assert wrong.returncode == 2 and "is a 'pairs' model; it cannot generate 'em'" in wrong.stderr
     assert not (tmp_path / "x.zarr").exists()
+
+
+def test_rejected_samples_keep_their_em_and_lose_their_labels(checkpoints, tmp_path):
+    card, denoise = load_denoiser(checkpoints["pairs"], CPU)
+    request = GenerationRequest(samples=2, seed=1, steps=2, batch_size=2)
+    store = GeneratedStore(tmp_path / "s.zarr", card, request)
+    (batch,) = generate(card, denoise, request)
+    raw, masks = split_channels(card, batch, "threshold")
+    masks[0] = False
+    masks[0, 0, 4:8, 4:8] = True  # a lone 4x4 object: too small for min_size 17
+    masks[1] = False
+    screening = Screening(min_size=17)
+    store.write(batch, raw, label_codes(card, masks, screening))
+    crop = EMStore(tmp_path / "s.zarr").read_crop("crop1", card.classes)
+    assert (crop.labels[:, 0] == UNKNOWN).all()
+    assert (crop.labels[:, 1] == 0).all()  # nothing there, and nothing implausible: known absent
+    assert (screening.accepted, screening.rejected) == (1, 1)
+    assert crop.raw[0].std() > 0  # the EM of the rejected sample is kept
