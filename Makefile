@@ -11,7 +11,7 @@ ifeq ($(HAS_GPU),yes)
 TORCH   := torch==2.13.0
 ORT     := gpu
 else
-TORCH   := torch==2.13.0+cpu --extra-index-url https://download.pytorch.org/whl/cpu
+TORCH   := torch==2.13.0+cpu
 ORT     := cpu
 endif
 
@@ -22,7 +22,8 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q $(TORCH)
+	# The CPU wheel comes from pip's configured indexes when they carry it, else from PyTorch's CPU index.
+	$(BIN)/pip install -q $(TORCH) || $(BIN)/pip install -q $(TORCH) --extra-index-url https://download.pytorch.org/whl/cpu
 	$(BIN)/pip install -q -e ".[$(ORT),train,dev]"
 	touch $@
 
