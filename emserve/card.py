@@ -34,6 +34,10 @@ class ModelCard:
     class_condition: bool = False  # class-presence vector over `classes`: +1 present, -1 absent, 0 unknown
     training: dict[str, Any] = field(default_factory=dict)  # data, command, step, seed, time
     weights: dict[str, str] = field(default_factory=dict)  # file name -> sha256
+    # Exported models only (empty in checkpoints): files of the export folder (relative path -> sha256), and
+    # what the export recorded (graph inputs and output, exporter, parity errors, source checkpoint).
+    files: dict[str, str] = field(default_factory=dict)
+    export: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:

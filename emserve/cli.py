@@ -174,6 +174,31 @@ def train_ddpm(
         console.print(f"checkpoint: {last}")
 
 
+@app.command("export")
+def export(
+    checkpoint: Annotated[Path, typer.Argument(help="A training checkpoint folder (runs/<run>/step-N).")],
+    out: Annotated[Path, typer.Argument(help="Model repository folder; the model goes to OUT/<name>/.")] = Path(
+        "models"),
+    name: Annotated[str | None, typer.Option(help="Model (and Triton) name; default: the run folder's name.")] = None,
+    tolerance: Annotated[float, typer.Option(help="Largest error of ONNX / TorchScript against eager torch, "
+                                                  "relative to the output's magnitude.")] = 1e-4,
+    weights: Annotated[str, typer.Option(help="ema | model: which weights of the checkpoint.")] = "ema",
+    exporter: Annotated[str, typer.Option(help="dynamo | legacy (torch.onnx exporters).")] = "dynamo",
+    max_batch_size: Annotated[int, typer.Option(help="Triton config.pbtxt max_batch_size.")] = 32,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing export of the same name.")] = False,
+) -> None:
+    """Export a checkpoint's UNet to ONNX and TorchScript, with its model card and a Triton config.pbtxt.
+
+    A parity check against eager torch on several batch sizes and shapes runs first; the export fails (and
+    writes nothing) if either graph is off by more than --tolerance.
+    """
+    from training.export import export_model
+
+    folder = export_model(checkpoint, out, name=name, overwrite=overwrite, tolerance=tolerance, weights=weights,
+                          exporter=exporter, max_batch_size=max_batch_size)
+    console.print(f"exported {folder}")
+
+
 GENERATE_MODES = {"pairs": "pairs", "em": "em", "labels": "labels", "from-labels": "em-from-labels"}
 PREVIEW_SAMPLES = 16
 
@@ -181,7 +206,8 @@ PREVIEW_SAMPLES = 16
 @app.command("generate")
 def generate(
     what: Annotated[str, typer.Argument(help="pairs | em | labels | from-labels (must match the model).")],
-    model: Annotated[Path, typer.Argument(help="A model: a training checkpoint folder (card.json + weights).")],
+    model: Annotated[str, typer.Argument(help="An exported model folder (models/<name>), a training checkpoint "
+                                              "folder, or a Triton URL grpc://host:port/<name>.")],
     out: Annotated[Path, typer.Argument(help="The store to write, e.g. out/generated.zarr (+ a .png grid).")],
     samples: Annotated[int, typer.Option(help="How many 2D samples.")] = 16,
     seed: Annotated[int, typer.Option(help="Request seed; sample i always gets the same per-sample seed.")] = 0,
@@ -200,6 +226,11 @@ def generate(
     min_size: Annotated[int, typer.Option(help="Screening: smallest object in pixels (0: any).")] = 0,
     batch_size: Annotated[int, typer.Option(help="Samples per model batch (memory is bounded by it).")] = 8,
     resume: Annotated[bool, typer.Option(help="Continue an interrupted run into the same --out.")] = False,
+    backend: Annotated[str, typer.Option(help="auto | onnx | torchscript | torch | triton (auto: by what the "
+                                              "model folder holds).")] = "auto",
+    served_card: Annotated[str, typer.Option("--card", help="triton: the exported folder whose card the "
+                                                           "server's model has.")] = "",
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda (auto: CUDA where present).")] = "auto",
 ) -> None:
     """Generate EM, label maps or EM + label pairs with a diffusion model, into the CellMap layout.
 
@@ -220,7 +251,11 @@ def generate(
 
     if what not in GENERATE_MODES:
         raise ValueError(f"what: {what!r} is not allowed; choose one of {', '.join(GENERATE_MODES)}")
-    card, denoise = _load_denoiser(model)
+    from emserve.runtime.load import load_runtime
+
+    options = {"card": served_card} if served_card else {}
+    denoise = load_runtime(model, backend, device=device, **options)
+    card = denoise.card
     if card.mode != GENERATE_MODES[what]:
         raise ValueError(f"model: {model} is a {card.mode!r} model; it cannot generate {what!r}")
     request = GenerationRequest(samples=samples, seed=seed, sampler=sampler, steps=steps, guidance=guidance,
@@ -247,14 +282,6 @@ def generate(
         console.print(screening.summary())
     if shown_masks:
         console.print(f"wrote {preview(card, shown_raw, shown_masks, out.with_suffix('.png'))}")
-
-
-def _load_denoiser(model: Path):
-    """A denoise callable for a model folder (training checkpoints run on torch)."""
-    from training.device import pick_device
-    from training.sampling import load_denoiser
-
-    return load_denoiser(model, pick_device())
 
 
 def _label_source(card, store_path: str, seed: int):

@@ -5,7 +5,6 @@ import sys
 
 import numpy as np
 import pytest
-import torch
 
 from emserve.card import ModelCard
 from emserve.classes import PRESENT, UNKNOWN
@@ -20,10 +19,8 @@ from emserve.pipelines import (
     split_channels,
 )
 from emserve.postprocess import Screening
+from emserve.runtime.load import load_runtime
 from training.ddpm import DDPMConfig, train_ddpm
-from training.sampling import load_denoiser
-
-CPU = torch.device("cpu")
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +42,8 @@ def test_sample_seeds_are_stable_and_distinct():
 
 
 def test_same_seed_gives_the_same_sample_whatever_the_batch_size(checkpoints):
-    card, denoise = load_denoiser(checkpoints["pairs"], CPU)
+    denoise = load_runtime(checkpoints["pairs"], "torch", device="cpu")
+    card = denoise.card
     one = GenerationRequest(samples=5, seed=7, steps=4, batch_size=5, dataset="toy_b", guidance=2.0)
     two = GenerationRequest(samples=5, seed=7, steps=4, batch_size=2, dataset="toy_b", guidance=2.0)
     a = np.concatenate([b.samples for b in generate(card, denoise, one)])
@@ -66,13 +64,14 @@ def test_requests_the_model_cannot_serve_are_refused_with_what_it_accepts(checkp
     with pytest.raises(ValueError, match="cannot be both present and absent"):
         GenerationRequest(samples=1, present=("ld_lum",), absent=("ld_lum",))
     labels_card = ModelCard.load(checkpoints["em-from-labels"])
-    _, denoise = load_denoiser(checkpoints["em-from-labels"], CPU)
+    denoise = load_runtime(checkpoints["em-from-labels"], "torch", device="cpu")
     with pytest.raises(ValueError, match="give some"):
         next(generate(labels_card, denoise, GenerationRequest(samples=1)))
 
 
 def test_interrupted_generation_resumes_without_redoing_batches(checkpoints, tmp_path):
-    card, denoise = load_denoiser(checkpoints["pairs"], CPU)
+    denoise = load_runtime(checkpoints["pairs"], "torch", device="cpu")
+    card = denoise.card
     request = GenerationRequest(samples=7, seed=3, steps=3, batch_size=3)
 
     def run(path, stop_after=None, resume=False):
@@ -131,7 +130,8 @@ def test_cli_generates_pairs_and_em_from_the_store_labels(checkpoints, toy_store
 
 
 def test_rejected_samples_keep_their_em_and_lose_their_labels(checkpoints, tmp_path):
-    card, denoise = load_denoiser(checkpoints["pairs"], CPU)
+    denoise = load_runtime(checkpoints["pairs"], "torch", device="cpu")
+    card = denoise.card
     request = GenerationRequest(samples=2, seed=1, steps=2, batch_size=2)
     store = GeneratedStore(tmp_path / "s.zarr", card, request)
     (batch,) = generate(card, denoise, request)

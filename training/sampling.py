@@ -1,16 +1,13 @@
-"""Sample from a torch module with the numpy sampling loop: previews during training, and checkpoints that
-have not been exported yet."""
+"""Sample from a torch module with the numpy sampling loop (previews during training)."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 
-from emserve.card import ModelCard, sha256_file
+from emserve.card import ModelCard
 from emserve.diffusion import Denoise
 
 
@@ -39,17 +36,3 @@ def null_conditions(card: ModelCard, batch: int, size: int) -> dict[str, np.ndar
         cond["label_map"] = np.zeros((batch, k, size, size), np.float32)
     return cond
 
-
-def load_denoiser(checkpoint: str | Path, device: torch.device) -> tuple[ModelCard, Denoise]:
-    """The EMA weights of a training checkpoint as a denoise callable (checked against the card's sha256)."""
-    from training.checkpoint import EMA_FILE
-    from training.unet import UNet
-
-    path = Path(checkpoint)
-    card = ModelCard.load(path)
-    weights = path / EMA_FILE
-    if not weights.exists() or sha256_file(weights) != card.weights.get(EMA_FILE):
-        raise ValueError(f"model: {weights} is missing or does not match the sha256 in {path}/card.json")
-    model = UNet.from_config(card.unet)
-    model.load_state_dict(load_file(str(weights)))
-    return card, module_denoiser(model.to(device).eval(), device)

@@ -1,12 +1,20 @@
-"""What every backend checks before it runs a graph: inputs against the model card."""
+"""What every backend shares: inputs checked against the model card, and the Runtime interface.
+
+A Runtime is a model card plus something that runs the UNet graph. Calling it, `runtime(x, t, cond)`, checks
+the arrays against the card (shapes, channels, conditions, dataset ids), casts them to the graph's dtypes, splits
+the batch into calls of at most `max_batch` samples and returns the output as float32 numpy. `runtime.denoise`
+is the `Denoise` callable of emserve.diffusion and emserve.pipelines.generate (the runtime itself is one too);
+`runtime.segment(x)` is the same call for segmentation networks (no timestep). Backends implement `_run`.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from pathlib import Path
 
 import numpy as np
 
-from emserve.card import ModelCard
+from emserve.card import ModelCard, sha256_file
 
 INPUT_NAMES = ("x", "t", "classes", "dataset", "label_map")  # the exported graph's input names, in order
 OUTPUT_NAME = "out"
@@ -24,6 +32,8 @@ def check_inputs(card: ModelCard, x: np.ndarray, t: np.ndarray | None, cond: Map
         raise ValueError(f"x: spatial size {x.shape[2]}x{x.shape[3]} must be a multiple of {factor}")
     if card.unet["timestep"] and (t is None or t.shape != (batch,)):
         raise ValueError(f"t: expected one timestep per sample, shape ({batch},); got {None if t is None else t.shape}")
+    if not card.unet["timestep"] and t is not None:
+        raise ValueError("t: this model has no timestep input (a segmentation network); pass None")
     expected = card.conditions
     unknown = sorted(set(cond) - set(expected))
     if unknown:
@@ -35,3 +45,135 @@ def check_inputs(card: ModelCard, x: np.ndarray, t: np.ndarray | None, cond: Map
                       for d in spec["shape"])
         if cond[name].shape != shape:
             raise ValueError(f"{name}: shape {cond[name].shape}; this model wants {shape}")
+    if "dataset" in cond and cond["dataset"].size:
+        ids = cond["dataset"]
+        if not np.issubdtype(ids.dtype, np.integer):
+            raise ValueError(f"dataset: expected integer ids (int64), got {ids.dtype}")
+        if ids.min() < -1 or ids.max() >= len(card.datasets):
+            raise ValueError(f"dataset: ids must be in [-1, {len(card.datasets)}) (-1 = no condition; "
+                             f"{', '.join(f'{i} = {n}' for i, n in enumerate(card.datasets))}); got {ids.tolist()}")
+
+
+def graph_inputs(card: ModelCard) -> dict[str, str]:
+    """The exported graph's inputs for this card, in graph order, with their numpy dtypes."""
+    spec = {"x": "float32"}
+    if card.unet["timestep"]:
+        spec["t"] = "float32"
+    conditions = card.conditions
+    spec.update({name: conditions[name]["dtype"] for name in INPUT_NAMES if name in conditions})
+    return spec
+
+
+def verified_file(folder: str | Path, relative: str, card: ModelCard) -> Path:
+    """`folder/relative`, after checking it against the sha256 the card lists for it."""
+    path = Path(folder) / relative
+    expected = card.files.get(relative)
+    if expected is None:
+        listed = ", ".join(sorted(card.files)) or "none (not an exported model: run `emserve export` first)"
+        raise ValueError(f"model: {Path(folder) / 'card.json'} lists no sha256 for {relative}; files listed: {listed}")
+    if not path.is_file():
+        raise FileNotFoundError(f"model: {path} is missing (the card lists it); re-export the model")
+    if sha256_file(path) != expected:
+        raise ValueError(f"model: {path} does not match the sha256 in {Path(folder) / 'card.json'} (corrupt, "
+                         f"truncated or replaced); re-export the model or restore the file")
+    return path
+
+
+class Runtime:
+    """A model card and a backend that runs its graph; see the module docstring.
+
+    `max_batch` caps the samples per backend call (None: no cap). Guided sampling doubles the batch (the
+    conditional and unconditional halves go in one call), so a request of B samples asks for 2B; with a cap,
+    the call is split and the outputs concatenated, which gives the same samples because every sample is
+    computed independently of the others in its batch (GroupNorm, no BatchNorm).
+    """
+
+    backend = "base"
+
+    def __init__(self, card: ModelCard, max_batch: int | None = None) -> None:
+        if max_batch is not None and int(max_batch) < 1:
+            raise ValueError(f"max_batch: {max_batch} must be at least 1 (or None for no limit)")
+        self.card = card
+        self.max_batch = None if max_batch is None else int(max_batch)
+        self.inputs = graph_inputs(card)
+
+    def __call__(self, x: np.ndarray, t: np.ndarray | None = None,
+                 cond: Mapping[str, np.ndarray] | None = None) -> np.ndarray:
+        x = np.asarray(x)
+        t = None if t is None else np.asarray(t)
+        cond = {name: np.asarray(value) for name, value in (cond or {}).items()}
+        check_inputs(self.card, x, t, cond)
+        arrays = {"x": x, "t": t, **cond}
+        inputs = {name: _cast(name, arrays[name], dtype) for name, dtype in self.inputs.items()}
+        batch = x.shape[0]
+        step = self.max_batch or max(batch, 1)
+        if batch <= step:
+            out = self._checked(self._run(inputs), x.shape)
+        else:
+            out = np.concatenate([self._checked(self._run({k: v[i:i + step] for k, v in inputs.items()}),
+                                                (min(step, batch - i), *x.shape[1:]))
+                                  for i in range(0, batch, step)])
+        return out
+
+    def denoise(self, x: np.ndarray, t: np.ndarray, cond: Mapping[str, np.ndarray]) -> np.ndarray:
+        """The denoise callable of the samplers (x_t, t, cond) -> the model's prediction."""
+        if self.card.mode == "segmentation":
+            raise ValueError("model: a segmentation network does not denoise; use segment(x)")
+        return self(x, t, cond)
+
+    def segment(self, x: np.ndarray, cond: Mapping[str, np.ndarray] | None = None) -> np.ndarray:
+        """Per-class logits [B, K, H, W] of a segmentation network for raw EM x [B, 1, H, W] in [-1, 1]."""
+        if self.card.mode != "segmentation":
+            raise ValueError(f"model: a {self.card.mode!r} model is a denoiser, not a segmentation network")
+        return self(x, None, cond)
+
+    def _run(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
+        """Run the graph on checked inputs (graph names -> arrays in the graph's dtypes); return the output."""
+        raise NotImplementedError
+
+    def _checked(self, out: np.ndarray, x_shape: tuple[int, ...]) -> np.ndarray:
+        want = (x_shape[0], self.card.unet["out_channels"], *x_shape[2:])
+        out = np.asarray(out)
+        if out.shape != want:
+            raise RuntimeError(f"{self.backend}: the graph returned shape {out.shape}, the card promises {want}; "
+                               f"the exported files do not belong to this card")
+        return out.astype(np.float32, copy=False)
+
+    def close(self) -> None:
+        """Release the backend's resources (sessions, connections)."""
+
+    def __enter__(self) -> Runtime:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(mode={self.card.mode!r}, backend={self.backend!r}, max_batch={self.max_batch})"
+
+
+class CallableRuntime(Runtime):
+    """Any denoise-style callable `fn(x, t, cond) -> array` behind the Runtime interface (checks, max_batch):
+    eager torch during training, or a client of a remote server."""
+
+    def __init__(self, card: ModelCard, fn: Callable[..., np.ndarray], backend: str = "callable",
+                 max_batch: int | None = None, close: Callable[[], None] | None = None) -> None:
+        super().__init__(card, max_batch)
+        self.fn, self.backend, self._close = fn, backend, close
+
+    def _run(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
+        cond = {k: v for k, v in inputs.items() if k not in ("x", "t")}
+        return self.fn(inputs["x"], inputs.get("t"), cond)
+
+    def close(self) -> None:
+        if self._close is not None:
+            self._close()
+
+
+def _cast(name: str, value: np.ndarray, dtype: str) -> np.ndarray:
+    """`value` as `dtype` (float32 / int64), refusing casts that could change values (float ids -> int)."""
+    if value.dtype == dtype:
+        return np.ascontiguousarray(value)
+    if not np.can_cast(value.dtype, dtype, casting="same_kind"):
+        raise ValueError(f"{name}: dtype {value.dtype}; this model takes {dtype}")
+    return np.ascontiguousarray(value, dtype=dtype)

@@ -1,0 +1,115 @@
+"""Pick a runtime by backend name or by URL: `load_runtime("models/pairs")`, `load_runtime(path, "torchscript")`.
+
+Built-in backends:
+
+- "onnx": ONNX Runtime on an exported model folder (`1/model.onnx`), CUDA where present, else CPU.
+- "torchscript": TorchScript on an exported model folder (`1/model.pt`).
+- "torch": eager torch on a training checkpoint folder (its EMA weights); needs the training code (the `train`
+  extra), for previews and checkpoints not yet exported.
+
+- "triton": a Triton Inference Server over HTTP or gRPC; the model is a URL ("grpc://host:8001/name") and the
+  `card` option names the exported folder (or card) it serves.
+
+With backend "auto" a local folder gets the first of onnx, torchscript, torch that its card lists files for
+and whose library is installed.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from emserve.card import ModelCard
+from emserve.runtime.base import CallableRuntime, Runtime
+
+#: loader(model: str, **options) -> Runtime; options are the backend's keyword arguments (device, max_batch, ...).
+Loader = Callable[..., Runtime]
+
+
+def pick_backend(model: str | Path) -> str:
+    """The backend "auto" means for `model`: by URL scheme, else by what the folder holds and what is installed."""
+    text = str(model)
+    if "://" in text:
+        scheme = text.split("://", 1)[0].lower()
+        if scheme not in _SCHEMES:
+            known = ", ".join(f"{s}:// ({b})" for s, b in sorted(_SCHEMES.items()))
+            raise ValueError(f"model: no backend serves {scheme}:// URLs; known: {known}")
+        return _SCHEMES[scheme]
+    from emserve.runtime.onnx import ONNX_FILE
+    from emserve.runtime.torchscript import TORCHSCRIPT_FILE
+
+    card = ModelCard.load(model)
+    if ONNX_FILE in card.files and _installed("onnxruntime"):
+        return "onnx"
+    if TORCHSCRIPT_FILE in card.files and _installed("torch"):
+        return "torchscript"
+    if card.weights and not card.files and _installed("torch"):
+        return "torch"
+    what = (f"exported files {sorted(card.files)}" if card.files else
+            f"a training checkpoint ({', '.join(sorted(card.weights))})" if card.weights else "no weights")
+    raise ValueError(f"model: {model} holds {what}, and no installed backend runs that; install onnxruntime "
+                     f"(pip install 'emserve[cpu]') or torch")
+
+
+def load_runtime(model: str | Path, backend: str = "auto", **options: Any) -> Runtime:
+    """A Runtime for `model` (a model folder, checkpoint folder or URL) on `backend` ("auto": pick_backend).
+
+    Options go to the backend: device ("auto" | "cuda" | "cpu"), max_batch (samples per call), verify
+    (sha256 check), threads (onnx only).
+    """
+    name = pick_backend(model) if backend == "auto" else backend
+    if name not in _LOADERS:
+        raise ValueError(f"backend: {name!r} is not known; choose one of auto, {', '.join(sorted(_LOADERS))}")
+    return _LOADERS[name](str(model), **options)
+
+
+def _installed(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+def _load_onnx(model: str, **options: Any) -> Runtime:
+    from emserve.runtime.onnx import OnnxRuntime
+
+    return OnnxRuntime(model, **options)
+
+
+def _load_torchscript(model: str, **options: Any) -> Runtime:
+    from emserve.runtime.torchscript import TorchScriptRuntime
+
+    return TorchScriptRuntime(model, **options)
+
+
+def _load_torch(model: str, *, device: str = "auto", max_batch: int | None = None, weights: str = "ema") -> Runtime:
+    """Eager torch on a training checkpoint (EMA weights unless weights="model"); imports the training code."""
+    try:
+        import torch
+
+        from training.device import pick_device
+        from training.export import load_module
+    except ImportError as error:
+        raise ImportError(f"torch backend: needs torch and the training code ({error}); pip install "
+                          f"'emserve[train]', or export the model and use the onnx backend") from None
+    target = pick_device() if device == "auto" else torch.device(device)
+    card, module, _ = load_module(model, weights)
+    module = module.to(target)
+
+    @torch.inference_mode()
+    def run(x: Any, t: Any, cond: dict[str, Any]) -> Any:
+        inputs = {"x": x, **({} if t is None else {"t": t}), **cond}
+        return module(**{k: torch.from_numpy(v).to(target) for k, v in inputs.items()}).float().cpu().numpy()
+
+    return CallableRuntime(card, run, backend="torch", max_batch=max_batch)
+
+
+def _load_triton(model: str, **options: Any) -> Runtime:
+    from emserve.runtime.triton import from_url
+
+    return from_url(model, **options)
+
+
+_LOADERS: dict[str, Loader] = {"onnx": _load_onnx, "torchscript": _load_torchscript, "torch": _load_torch,
+                               "triton": _load_triton}
+_SCHEMES = {"http": "triton", "grpc": "triton"}  # URL scheme -> backend
+BACKENDS = ("auto", *_LOADERS)

@@ -1,0 +1,188 @@
+"""Runtimes: one sampling loop over eager torch, ONNX Runtime and TorchScript; card checks; max_batch splitting.
+
+Tiny UNets (width 8, multipliers 1,2, one block per level, patch 16) with random weights, saved as training
+checkpoints and exported; the em-from-labels model with the default (dynamo) exporter, the pairs model with
+the legacy one (faster; test_export.py covers the pairs model through dynamo).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from emserve.card import ModelCard
+from emserve.pipelines import GenerationRequest, generate
+from emserve.runtime.base import CallableRuntime, Runtime
+from emserve.runtime.load import BACKENDS, load_runtime, pick_backend
+from emserve.runtime.onnx import ONNX_FILE, OnnxRuntime, providers
+from emserve.runtime.torchscript import TORCHSCRIPT_FILE, TorchScriptRuntime
+from training.checkpoint import TrainingState, save_checkpoint
+from training.export import export_model
+from training.unet import UNet
+
+CLASSES = ["mito_mem", "ld_lum"]
+LABEL_MAPS = np.where(np.random.default_rng(5).random((5, 2, 16, 16)) < 0.3, 1.0, -1.0).astype(np.float32)
+REQUESTS = {
+    "pairs": GenerationRequest(samples=3, seed=11, steps=4, guidance=2.5, present=("mito_mem",), absent=("ld_lum",),
+                               dataset="b", batch_size=2),
+    "em-from-labels": GenerationRequest(samples=3, seed=3, steps=4, guidance=3.0, rescale=0.7, dataset="a",
+                                        sampler="ddim", batch_size=2),
+}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models: one torch thread is as fast, and does not fight a busy machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def make_checkpoint(run_dir, mode, seed=0, **unet):
+    """A real training checkpoint (step-1) of a tiny UNet with random weights and a non-zero head."""
+    torch.manual_seed(seed)
+    channels = 1 + len(CLASSES) if mode == "pairs" else 1
+    model = UNet(channels, channels, width=8, multipliers=(1, 2), blocks_per_level=1, **unet)
+    torch.nn.init.normal_(model.head[-1].weight, std=0.1)  # the head starts at zero: make the output depend on x
+    card = ModelCard(mode=mode, classes=CLASSES, patch_size=16, unet=model.config.to_dict(), datasets=["a", "b"],
+                     class_condition=bool(unet.get("num_classes")))
+    state = TrainingState(step=1, numpy_rng={}, torch_rng=[], drop_rng=[], losses=[])
+    return save_checkpoint(run_dir, card, model, model, torch.optim.AdamW(model.parameters()), state)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """{mode: (checkpoint folder, exported model folder)}."""
+    root = tmp_path_factory.mktemp("runtime")
+    pairs = make_checkpoint(root / "runs" / "pairs", "pairs", num_classes=2, num_datasets=2)
+    labels = make_checkpoint(root / "runs" / "fl", "em-from-labels", seed=1, label_channels=2, num_datasets=2)
+    return {"pairs": (pairs, export_model(pairs, root / "models", exporter="legacy")),
+            "em-from-labels": (labels, export_model(labels, root / "models", name="from-labels"))}
+
+
+def labels(start, stop):
+    return LABEL_MAPS[start:stop]
+
+
+def samples(runtime, request, mode):
+    source = labels if mode == "em-from-labels" else None
+    return np.concatenate([b.samples for b in generate(runtime.card, runtime, request, source)])
+
+
+@pytest.mark.parametrize("mode", ["pairs", "em-from-labels"])
+def test_same_seed_and_request_give_the_same_samples_on_every_backend(models, mode):
+    checkpoint, folder = models[mode]
+    runtimes = [load_runtime(checkpoint, "torch", device="cpu"), OnnxRuntime(folder, threads=1),
+                TorchScriptRuntime(folder)]
+    assert [r.backend for r in runtimes] == ["torch", "onnx", "torchscript"]
+    results = [samples(r, REQUESTS[mode], mode) for r in runtimes]
+    assert results[0].shape == (3, len(runtimes[0].card.channels), 16, 16)
+    for result in results[1:]:
+        np.testing.assert_allclose(result, results[0], atol=1e-4, rtol=0)
+    other = samples(runtimes[1], GenerationRequest(**{**REQUESTS[mode].__dict__, "seed": 99}), mode)
+    assert np.abs(other - results[1]).max() > 0.1  # the comparison above is not between constants
+
+
+def test_runtimes_refuse_requests_the_card_does_not_allow_and_say_what_it_takes(models):
+    runtime = OnnxRuntime(models["pairs"][1], threads=1)
+    x, t = np.zeros((2, 3, 16, 16), np.float32), np.full(2, 10.0, np.float32)
+    cond = {"classes": np.zeros((2, 2), np.float32), "dataset": np.array([0, -1])}
+    assert runtime(x, t, cond).shape == (2, 3, 16, 16)
+    cases = [
+        ((np.zeros((2, 1, 16, 16)), t, cond), r"x: shape \(2, 1, 16, 16\); this model takes \[B, 3, H, W\] "
+                                             r"\(channels raw, mito_mem, ld_lum\)"),
+        ((np.zeros((2, 3, 16, 15)), t, cond), "x: spatial size 16x15 must be a multiple of 2"),
+        ((x, None, cond), r"t: expected one timestep per sample, shape \(2,\); got None"),
+        ((x, t, {"classes": cond["classes"]}), "dataset: missing; this model needs it \\(use -1 for 'no condition'\\)"),
+        ((x, t, {**cond, "label_map": np.zeros((2, 2, 16, 16))}),
+         r"conditions: \['label_map'\] are not inputs of this model; it takes \['classes', 'dataset'\]"),
+        ((x, t, {**cond, "classes": np.zeros((2, 3))}), r"classes: shape \(2, 3\); this model wants \(2, 2\)"),
+        ((x, t, {**cond, "dataset": np.array([0, 2])}),
+         r"dataset: ids must be in \[-1, 2\) \(-1 = no condition; 0 = a, 1 = b\); got \[0, 2\]"),
+        ((x, t, {**cond, "dataset": np.array([0.0, 1.0])}), "dataset: expected integer ids \\(int64\\), got float64"),
+    ]
+    for args, message in cases:
+        with pytest.raises(ValueError, match=message):
+            runtime(*args)
+    with pytest.raises(ValueError, match="is a denoiser, not a segmentation network"):
+        runtime.segment(x)
+
+
+def test_graphs_that_do_not_match_the_card_are_refused(models, tmp_path):
+    checkpoint, folder = models["pairs"]
+    tampered = shutil.copytree(folder, tmp_path / "tampered")
+    data = bytearray((tampered / ONNX_FILE).read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (tampered / ONNX_FILE).write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"1/model.onnx does not match the sha256 in .*card.json \(corrupt"):
+        OnnxRuntime(tampered)
+    (tampered / TORCHSCRIPT_FILE).unlink()
+    with pytest.raises(FileNotFoundError, match=r"1/model\.pt is missing"):
+        TorchScriptRuntime(tampered)
+
+    # A card edited to promise other inputs: the files are intact, but the graph does not take what it says.
+    edited = shutil.copytree(folder, tmp_path / "edited")
+    card = json.loads((edited / "card.json").read_text())
+    card["datasets"] = []
+    (edited / "card.json").write_text(json.dumps(card))
+    with pytest.raises(ValueError, match=r"does not match its card: graph inputs .*'dataset': 'int64'"):
+        OnnxRuntime(edited)
+    with pytest.raises(ValueError, match=r"does not match its card: graph inputs \['x', 't', 'classes', 'dataset'\]"):
+        TorchScriptRuntime(edited)
+
+    with pytest.raises(ValueError, match=r"lists no sha256 for 1/model\.onnx; files listed: none \(not an exported"):
+        OnnxRuntime(checkpoint)
+
+
+def test_max_batch_splits_calls_and_gives_the_same_samples(models):
+    folder = models["pairs"][1]
+    onnx = OnnxRuntime(folder, threads=1)
+    calls = []
+
+    def recording(x, t, cond):
+        calls.append(len(x))
+        return onnx(x, t, cond)
+
+    split = CallableRuntime(onnx.card, recording, max_batch=3)
+    request = GenerationRequest(**{**REQUESTS["pairs"].__dict__, "samples": 4, "batch_size": 4})
+    whole = samples(onnx, request, "pairs")
+    assert np.array_equal(samples(split, request, "pairs"), whole)
+    assert calls == [3, 3, 2] * request.steps  # guidance: 2 x 4 samples per step, in calls of at most 3
+    np.testing.assert_allclose(samples(OnnxRuntime(folder, threads=1, max_batch=1), request, "pairs"), whole,
+                               atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="max_batch: 0 must be at least 1"):
+        OnnxRuntime(folder, max_batch=0)
+
+
+def test_load_runtime_picks_the_backend_by_name_url_or_what_the_folder_holds(models):
+    checkpoint, folder = models["pairs"]
+    assert set(BACKENDS) == {"auto", "onnx", "torchscript", "torch", "triton"}
+    assert pick_backend("grpc://127.0.0.1:1/pairs") == pick_backend("http://127.0.0.1:1/pairs") == "triton"
+    assert pick_backend(folder) == "onnx" and pick_backend(checkpoint) == "torch"
+    assert isinstance(load_runtime(folder), OnnxRuntime)
+    assert isinstance(load_runtime(folder, "torchscript", max_batch=4), TorchScriptRuntime)
+    eager = load_runtime(checkpoint, device="cpu")
+    assert isinstance(eager, Runtime) and eager.backend == "torch"
+    with pytest.raises(ValueError, match="backend: 'tensorrt' is not known; choose one of auto, "):
+        load_runtime(folder, "tensorrt")
+    with pytest.raises(ValueError, match="model: no backend serves test-remote:// URLs"):
+        load_runtime("test-remote://127.0.0.1:1/pairs")
+
+
+def test_onnx_providers_prefer_cuda_only_where_onnxruntime_has_it():
+    import onnxruntime
+
+    available = onnxruntime.get_available_providers()
+    assert providers("cpu") == ["CPUExecutionProvider"]
+    assert providers("auto")[-1] == "CPUExecutionProvider"
+    assert (providers("auto")[0] == "CUDAExecutionProvider") == ("CUDAExecutionProvider" in available)
+    if "CUDAExecutionProvider" not in available:
+        with pytest.raises(RuntimeError, match="device: cuda asked for, but this onnxruntime offers only"):
+            providers("cuda")
+    with pytest.raises(ValueError, match="device: 'tpu' is not allowed"):
+        providers("tpu")
