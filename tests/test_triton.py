@@ -190,14 +190,12 @@ def served(tmp_path_factory, request):
 @pytest.fixture(scope="module")
 def references(served):
     """The request's samples from local ONNX Runtime (the exported folder) and from eager torch (the checkpoint)."""
-    import torch
-
+    from emserve.runtime.load import load_runtime
     from emserve.runtime.onnx import OnnxRuntime
-    from training.sampling import load_denoiser
 
     with OnnxRuntime(served.repository / BATCHED, device="cpu") as runtime:
         onnx = samples(served.card, runtime)
-    _, eager = load_denoiser(served.checkpoint, torch.device("cpu"))
+    eager = load_runtime(served.checkpoint, "torch", device="cpu")
     return {"onnxruntime": onnx, "torch": samples(served.card, eager)}
 
 
