@@ -200,7 +200,6 @@ def export(
 
 
 GENERATE_MODES = {"pairs": "pairs", "em": "em", "labels": "labels", "from-labels": "em-from-labels"}
-PREVIEW_SAMPLES = 16
 
 
 @app.command("generate")
@@ -238,15 +237,7 @@ def generate(
     i of the EM. Screening never drops a sample: a rejected one keeps its EM and gets its labels marked
     unannotated (255), so segmentation training leaves them out.
     """
-    from emserve.pipelines import (
-        GeneratedStore,
-        GenerationRequest,
-        check_request,
-        generate,
-        label_codes,
-        preview,
-        split_channels,
-    )
+    from emserve.pipelines import GenerationRequest, generate_store
     from emserve.postprocess import Screening
 
     if what not in GENERATE_MODES:
@@ -255,33 +246,26 @@ def generate(
 
     options = {"card": served_card} if served_card else {}
     denoise = load_runtime(model, backend, device=device, **options)
-    card = denoise.card
-    if card.mode != GENERATE_MODES[what]:
-        raise ValueError(f"model: {model} is a {card.mode!r} model; it cannot generate {what!r}")
-    request = GenerationRequest(samples=samples, seed=seed, sampler=sampler, steps=steps, guidance=guidance,
-                                rescale=rescale, present=tuple(_csv(present)), absent=tuple(_csv(absent)),
-                                dataset=dataset, batch_size=batch_size, label_method=label_method)
-    check_request(card, request)
-    labels = _label_source(card, labels_from, seed) if what == "from-labels" else None
-    store = GeneratedStore(out, card, request, resume=resume)
-    screening = Screening(min_size=min_size) if screen else None
-    shown_raw, shown_masks = [], []
-    def progress(done: int, total: int) -> None:
-        if console.is_terminal:
-            console.print(f"{done}/{total} samples", end="\r")
+    try:
+        card = denoise.card
+        if card.mode != GENERATE_MODES[what]:
+            raise ValueError(f"model: {model} is a {card.mode!r} model; it cannot generate {what!r}")
+        request = GenerationRequest(samples=samples, seed=seed, sampler=sampler, steps=steps, guidance=guidance,
+                                    rescale=rescale, present=tuple(_csv(present)), absent=tuple(_csv(absent)),
+                                    dataset=dataset, batch_size=batch_size, label_method=label_method)
+        labels = _label_source(card, labels_from, seed) if what == "from-labels" else None
+        screening = Screening(min_size=min_size) if screen and card.mode in ("pairs", "labels") else None
 
-    for batch in generate(card, denoise, request, labels, skip=store.done(), progress=progress):
-        raw, masks = split_channels(card, batch, label_method)
-        store.write(batch, raw, label_codes(card, masks, screening))
-        room = PREVIEW_SAMPLES - len(shown_masks)
-        shown_raw += list(raw[:room]) if raw is not None else [None] * min(room, len(masks))
-        shown_masks += list(masks[:room])
-    store.finish()
-    console.print(f"wrote {out}")
-    if screening is not None and card.mode in ("pairs", "labels"):
-        console.print(screening.summary())
-    if shown_masks:
-        console.print(f"wrote {preview(card, shown_raw, shown_masks, out.with_suffix('.png'))}")
+        def progress(done: int, total: int) -> None:
+            if console.is_terminal:
+                console.print(f"{done}/{total} samples", end="\r")
+
+        picture = generate_store(card, denoise, request, out, labels, screening, resume=resume, progress=progress)
+        console.print(f"wrote {out} and {picture}")
+        if screening is not None:
+            console.print(screening.summary())
+    finally:
+        denoise.close()
 
 
 def _label_source(card, store_path: str, seed: int):
@@ -292,9 +276,9 @@ def _label_source(card, store_path: str, seed: int):
     if not store_path:
         raise ValueError("labels_from: from-labels needs label maps; give a store with --labels-from")
     sampler = PatchSampler(load_crops([EMStore(store_path)], card.classes), card.patch_size, augment=False)
-    corners = np.random.default_rng(seed).permutation(len(sampler.tiles()))
     tiles = sampler.tiles()
-    return lambda start, stop: label_channels(sampler.cut([tiles[corners[i % len(tiles)]]
+    order = np.random.default_rng(seed).permutation(len(tiles))
+    return lambda start, stop: label_channels(sampler.cut([tiles[order[i % len(tiles)]]
                                                           for i in range(start, stop)]).labels)
 
 

@@ -23,7 +23,7 @@ from emserve.data.store import EM_GROUP, EMStore
 from emserve.data.writer import EM_NAME, CropToWrite, add_crop, provenance
 from emserve.diffusion import SAMPLERS, Denoise, Guidance, make_schedule, sample
 from emserve.pictures import grid, pair_tile, save_png
-from emserve.postprocess import Screening, labels_from_channels
+from emserve.postprocess import LABEL_METHODS, Screening, labels_from_channels
 
 LabelSource = Callable[[int, int], np.ndarray]  # (start, stop) -> label-map channels [stop-start, K, H, W]
 VOXEL_SIZE = (1.0, 1.0, 1.0)  # generated patches have no physical size of their own; the card says what they mimic
@@ -52,6 +52,13 @@ class GenerationRequest:
             raise ValueError(f"batch_size: {self.batch_size} must be at least 1")
         if self.sampler not in SAMPLERS:
             raise ValueError(f"sampler: {self.sampler!r} is not allowed; choose one of {', '.join(SAMPLERS)}")
+        if self.label_method not in LABEL_METHODS:
+            raise ValueError(f"label_method: {self.label_method!r} is not allowed; choose one of "
+                             f"{', '.join(LABEL_METHODS)}")
+        if not np.isfinite(self.guidance):
+            raise ValueError(f"guidance: {self.guidance} is not a finite number (1 = no guidance)")
+        if not 0 <= self.rescale <= 1:
+            raise ValueError(f"rescale: {self.rescale} is not in [0, 1]")
         both = set(self.present) & set(self.absent)
         if both:
             raise ValueError(f"present/absent: {sorted(both)} cannot be both present and absent")
@@ -116,6 +123,7 @@ def check_request(card: ModelCard, request: GenerationRequest) -> None:
     k, size = len(card.classes), card.patch_size
     example = np.zeros((1, k, size, size), np.float32) if card.label_map_condition else None
     conditions(card, request, 1, example)
+    make_schedule(card.schedule, card.timesteps).timesteps(request.steps)  # raises for steps out of range
 
 
 def generate(card: ModelCard, denoise: Denoise, request: GenerationRequest, labels: LabelSource | None = None,
@@ -142,18 +150,24 @@ def generate(card: ModelCard, denoise: Denoise, request: GenerationRequest, labe
 
 
 def split_channels(card: ModelCard, batch: GeneratedBatch, method: str) -> tuple[np.ndarray | None, np.ndarray]:
-    """(raw [B,H,W] or None, label masks [B,K,H,W]) of a generated batch."""
+    """(raw [B,H,W] or None, labels [B,K,H,W]) of a generated batch: bool masks made from generated channels,
+    or for em-from-labels the conditioning channels as given (+1 present, -1 absent, 0 unannotated)."""
     has_raw = card.channels[0] == RAW
     raw = batch.samples[:, 0] if has_raw else None
     if batch.label_map is not None:
-        return raw, batch.label_map > 0
+        return raw, batch.label_map
     channels = batch.samples[:, 1:] if has_raw else batch.samples
     return raw, labels_from_channels(channels, method)
 
 
 def label_codes(card: ModelCard, masks: np.ndarray, screening: Screening | None) -> np.ndarray:
-    """Masks [B,K,H,W] -> store codes (1 present, 0 absent). A sample the screening rejects keeps its EM but
-    its labels become 255 (unannotated) throughout, so segmentation training leaves them out."""
+    """Labels [B,K,H,W] (bool masks, or +1/-1/0 channels) -> store codes (1 present, 0 absent, 255 unannotated).
+
+    A sample the screening rejects keeps its EM but its labels become 255 throughout, so segmentation training
+    leaves them out.
+    """
+    if masks.dtype != bool:
+        return np.where(masks > 0, PRESENT, np.where(masks < 0, ABSENT, UNKNOWN)).astype(np.uint8)
     codes = np.where(masks, PRESENT, ABSENT).astype(np.uint8)
     if screening is not None and card.mode in ("pairs", "labels"):
         for i, sample_masks in enumerate(masks):
@@ -186,7 +200,9 @@ class GeneratedStore:
         self.root = zarr.open_group(str(self.path), mode="w", zarr_format=2)
         self.root.attrs.update(provenance(generated=self.record, complete=False))
         em = self.root.require_group(EM_GROUP).create_group(EM_NAME)
-        em.attrs.update(multiscales_attrs(EM_NAME, pyramid_levels(VOXEL_SIZE, (0, 0, 0), 1)))
+        em.attrs.update({**multiscales_attrs(EM_NAME, pyramid_levels(VOXEL_SIZE, (0, 0, 0), 1)),
+                         # the exact inverse of to_uint8 when read back (not a percentile stretch)
+                         "omero": {"channels": [{"window": {"start": 0, "end": 255}}]}})
         em.create_array("s0", shape=(self.request.samples, size, size), dtype=np.uint8,
                         chunks=(1, size, size), fill_value=0)
 
@@ -211,6 +227,25 @@ class GeneratedStore:
 
     def finish(self) -> None:
         self.root.attrs.update({"emserve": {**self.root.attrs["emserve"], "complete": True}})
+
+
+def generate_store(card: ModelCard, denoise: Denoise, request: GenerationRequest, out: Path,
+                   labels: LabelSource | None = None, screening: Screening | None = None, *, resume: bool = False,
+                   progress: Callable[[int, int], None] | None = None, shown: int = 16) -> Path:
+    """Generate the request into the store `out` batch by batch (resuming finished batches when asked), and
+    return the PNG grid of the first `shown` samples generated in this run (written beside the store)."""
+    check_request(card, request)
+    store = GeneratedStore(out, card, request, resume=resume)
+    raws: list[np.ndarray | None] = []
+    masks: list[np.ndarray] = []
+    for batch in generate(card, denoise, request, labels, skip=store.done(), progress=progress):
+        raw, labelled = split_channels(card, batch, request.label_method)
+        store.write(batch, raw, label_codes(card, labelled, screening))
+        room = shown - len(masks)
+        raws += list(raw[:room]) if raw is not None else [None] * min(room, len(labelled))
+        masks += [m > 0 for m in labelled[:room]]
+    store.finish()
+    return preview(card, raws, masks, Path(out).with_suffix(".png"))
 
 
 def to_uint8(raw: np.ndarray) -> np.ndarray:

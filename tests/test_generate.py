@@ -146,3 +146,23 @@ def test_rejected_samples_keep_their_em_and_lose_their_labels(checkpoints, tmp_p
     assert (crop.labels[:, 1] == 0).all()  # nothing there, and nothing implausible: known absent
     assert (screening.accepted, screening.rejected) == (1, 1)
     assert crop.raw[0].std() > 0  # the EM of the rejected sample is kept
+
+
+def test_label_maps_given_as_channels_keep_unannotated_pixels_unannotated(checkpoints):
+    card = ModelCard.load(checkpoints["em-from-labels"])
+    channels = np.array([1.0, -1.0, 0.0], np.float32).reshape(1, 1, 1, 3)
+    assert label_codes(card, channels, None).ravel().tolist() == [PRESENT, 0, UNKNOWN]
+
+
+def test_bad_sampling_settings_are_refused_before_anything_is_written(checkpoints, tmp_path):
+    card = ModelCard.load(checkpoints["pairs"])
+    with pytest.raises(ValueError, match="steps"):
+        check_request(card, GenerationRequest(samples=1, steps=5000))
+    with pytest.raises(ValueError, match=r"rescale: 2\.0 is not in \[0, 1\]"):
+        GenerationRequest(samples=1, rescale=2.0)
+    with pytest.raises(ValueError, match="label_method: 'otsu'"):
+        GenerationRequest(samples=1, label_method="otsu")
+    result = subprocess.run([sys.executable, "-m", "emserve.cli", "generate", "pairs", str(checkpoints["pairs"]),
+                             str(tmp_path / "g.zarr"), "--steps", "0"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "steps" in result.stderr
+    assert not (tmp_path / "g.zarr").exists()

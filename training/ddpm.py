@@ -188,7 +188,8 @@ def train_ddpm(cfg: DDPMConfig, resume: bool = False) -> Path | None:
     elif ckpt.checkpoints(run_dir):
         raise FileExistsError(f"out: {run_dir} already holds checkpoints; pass --resume to continue or choose "
                               f"another folder")
-    net = DistributedDataParallel(model) if world > 1 else model
+    device_ids = [device.index] if device.type == "cuda" else None
+    net = DistributedDataParallel(model, device_ids=device_ids) if world > 1 else model
     run_dir.mkdir(parents=True, exist_ok=True)
     last = ckpt.checkpoints(run_dir)[-1] if step >= cfg.steps else run_dir
 

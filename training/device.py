@@ -50,6 +50,8 @@ def init_distributed(device: torch.device) -> tuple[int, int]:
     world = int(os.environ.get("WORLD_SIZE", 1))
     if world == 1:
         return 0, 1
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # else every rank's NCCL collectives land on GPU 0
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return dist.get_rank(), world
