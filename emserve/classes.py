@@ -96,7 +96,6 @@ CLASS_TABLE: tuple[OrganelleClass, ...] = (
 )
 
 BY_NAME: dict[str, OrganelleClass] = {c.name: c for c in CLASS_TABLE}
-BY_ID: dict[int, OrganelleClass] = {c.id: c for c in CLASS_TABLE}
 ATOMIC_NAMES: tuple[str, ...] = tuple(c.name for c in CLASS_TABLE if not c.is_group)
 
 # Every lumen is bounded by its membrane: <organelle>_lum -> <organelle>_mem (used to screen generated labels).

@@ -12,10 +12,14 @@ from PIL import Image
 from emserve.classes import colorize
 
 
+def raw_to_uint8(raw: np.ndarray) -> np.ndarray:
+    """Raw in [-1, 1] -> uint8 0..255 (the fibsem-uint8 convention; stores read it back with window 0..255)."""
+    return np.clip(np.round((raw + 1) * 127.5), 0, 255).astype(np.uint8)
+
+
 def raw_to_rgb(raw: np.ndarray) -> np.ndarray:
     """[H,W] raw in [-1, 1] -> grey RGB uint8."""
-    grey = np.clip((raw + 1) * 127.5, 0, 255).round().astype(np.uint8)
-    return np.repeat(grey[..., None], 3, axis=-1)
+    return np.repeat(raw_to_uint8(raw)[..., None], 3, axis=-1)
 
 
 def pair_tile(raw: np.ndarray | None, masks: np.ndarray | None, classes: Sequence[str]) -> np.ndarray:

@@ -22,7 +22,7 @@ from emserve.data.ngff import multiscales_attrs, pyramid_levels
 from emserve.data.store import EM_GROUP, EMStore
 from emserve.data.writer import EM_NAME, CropToWrite, add_crop, provenance
 from emserve.diffusion import SAMPLERS, Denoise, Guidance, make_schedule, sample
-from emserve.pictures import grid, pair_tile, save_png
+from emserve.pictures import grid, pair_tile, raw_to_uint8, save_png
 from emserve.postprocess import LABEL_METHODS, Screening, labels_from_channels
 
 LabelSource = Callable[[int, int], np.ndarray]  # (start, stop) -> label-map channels [stop-start, K, H, W]
@@ -201,7 +201,7 @@ class GeneratedStore:
         self.root.attrs.update(provenance(generated=self.record, complete=False))
         em = self.root.require_group(EM_GROUP).create_group(EM_NAME)
         em.attrs.update({**multiscales_attrs(EM_NAME, pyramid_levels(VOXEL_SIZE, (0, 0, 0), 1)),
-                         # the exact inverse of to_uint8 when read back (not a percentile stretch)
+                         # the exact inverse of raw_to_uint8 when read back (not a percentile stretch)
                          "omero": {"channels": [{"window": {"start": 0, "end": 255}}]}})
         em.create_array("s0", shape=(self.request.samples, size, size), dtype=np.uint8,
                         chunks=(1, size, size), fill_value=0)
@@ -219,7 +219,7 @@ class GeneratedStore:
     def write(self, batch: GeneratedBatch, raw: np.ndarray | None, codes: np.ndarray) -> None:
         """Write one batch: EM slices, then its crop (label codes [B,K,H,W] from `label_codes`) atomically."""
         if raw is not None:
-            self.root[f"{EM_GROUP}/{EM_NAME}/s0"][batch.start: batch.start + len(raw)] = to_uint8(raw)
+            self.root[f"{EM_GROUP}/{EM_NAME}/s0"][batch.start: batch.start + len(raw)] = raw_to_uint8(raw)
         labels = {name: codes[:, k] for k, name in enumerate(self.card.classes)}
         attrs = {"seeds": batch.seeds, "samples": [batch.start, batch.start + len(batch.seeds)]}
         add_crop(self.path, CropToWrite(f"crop{batch.index + 1}", (batch.start, 0, 0), labels, attrs=attrs),
@@ -246,11 +246,6 @@ def generate_store(card: ModelCard, denoise: Denoise, request: GenerationRequest
         masks += [m > 0 for m in labelled[:room]]
     store.finish()
     return preview(card, raws, masks, Path(out).with_suffix(".png"))
-
-
-def to_uint8(raw: np.ndarray) -> np.ndarray:
-    """Raw in [-1, 1] -> uint8 0..255 (the fibsem-uint8 convention)."""
-    return np.clip(np.round((raw + 1) * 127.5), 0, 255).astype(np.uint8)
 
 
 def preview(card: ModelCard, raws: Sequence[np.ndarray | None], masks: Sequence[np.ndarray], path: Path,

@@ -12,14 +12,13 @@ from emserve.diffusion import Denoise
 
 
 def module_denoiser(module: torch.nn.Module, device: torch.device) -> Denoise:
-    """Wrap a UNet as the numpy denoise callable the samplers take."""
+    """Wrap a UNet as the numpy callable the samplers take: (x, t or None, cond) -> output."""
 
-    @torch.no_grad()
-    def denoise(x: np.ndarray, t: np.ndarray, cond: Mapping[str, np.ndarray]) -> np.ndarray:
-        inputs = {k: torch.from_numpy(np.ascontiguousarray(v)).to(device) for k, v in cond.items()}
-        out = module(torch.from_numpy(x).to(device), torch.from_numpy(t.astype(np.float32)).to(device),
-                     inputs.get("classes"), inputs.get("dataset"), inputs.get("label_map"))
-        return out.float().cpu().numpy()
+    @torch.inference_mode()
+    def denoise(x: np.ndarray, t: np.ndarray | None, cond: Mapping[str, np.ndarray]) -> np.ndarray:
+        inputs = {"x": x, **({} if t is None else {"t": t.astype(np.float32)}), **cond}
+        tensors = {k: torch.from_numpy(np.ascontiguousarray(v)).to(device) for k, v in inputs.items()}
+        return module(**tensors).float().cpu().numpy()
 
     return denoise
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 import math
 import os
 import time
-import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -35,6 +34,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from emserve.classes import BY_NAME, UNKNOWN, colorize, masks_from_ids
+from emserve.pictures import save_png
 
 # The classes the phantom annotates, in CellMap id order; the default class list of models trained on it.
 PHANTOM_CLASSES: tuple[str, ...] = (
@@ -1012,8 +1012,4 @@ def write_montage(path: str | os.PathLike, volume: PhantomVolume, offset: Sequen
         x, y = (i % per_row) * cell_w + 2, top + 18 + (i // per_row) * cell_h
         draw.rectangle((x, y + 2, x + 10, y + 12), fill=BY_NAME[name].color, outline=(0, 0, 0))
         draw.text((x + 14, y), name, fill=(0, 0, 0))
-    final = Path(path)
-    tmp = final.with_name(f".{final.name}.tmp-{uuid.uuid4().hex[:8]}.png")
-    canvas.save(tmp)
-    tmp.replace(final)
-    return final
+    return save_png(np.asarray(canvas), path)

@@ -18,6 +18,13 @@ from emserve.card import ModelCard, sha256_file
 
 INPUT_NAMES = ("x", "t", "classes", "dataset", "label_map")  # the exported graph's input names, in order
 OUTPUT_NAME = "out"
+DEVICES = ("auto", "cuda", "cpu")  # auto: CUDA where present
+
+
+def check_device(device: str) -> str:
+    if device not in DEVICES:
+        raise ValueError(f"device: {device!r} is not allowed; choose one of {', '.join(DEVICES)}")
+    return device
 
 
 def check_inputs(card: ModelCard, x: np.ndarray, t: np.ndarray | None, cond: Mapping[str, np.ndarray]) -> None:

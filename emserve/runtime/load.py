@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from emserve.card import ModelCard
-from emserve.runtime.base import CallableRuntime, Runtime
+from emserve.runtime.base import CallableRuntime, Runtime, check_device
 
 #: loader(model: str, **options) -> Runtime; options are the backend's keyword arguments (device, max_batch, ...).
 Loader = Callable[..., Runtime]
@@ -88,19 +88,13 @@ def _load_torch(model: str, *, device: str = "auto", max_batch: int | None = Non
 
         from training.device import pick_device
         from training.export import load_module
+        from training.sampling import module_denoiser
     except ImportError as error:
         raise ImportError(f"torch backend: needs torch and the training code ({error}); pip install "
                           f"'emserve[train]', or export the model and use the onnx backend") from None
-    target = pick_device() if device == "auto" else torch.device(device)
+    target = pick_device() if check_device(device) == "auto" else torch.device(device)
     card, module, _ = load_module(model, weights)
-    module = module.to(target)
-
-    @torch.inference_mode()
-    def run(x: Any, t: Any, cond: dict[str, Any]) -> Any:
-        inputs = {"x": x, **({} if t is None else {"t": t}), **cond}
-        return module(**{k: torch.from_numpy(v).to(target) for k, v in inputs.items()}).float().cpu().numpy()
-
-    return CallableRuntime(card, run, backend="torch", max_batch=max_batch)
+    return CallableRuntime(card, module_denoiser(module.to(target), target), backend="torch", max_batch=max_batch)
 
 
 def _load_triton(model: str, **options: Any) -> Runtime:

@@ -14,10 +14,9 @@ from pathlib import Path
 import numpy as np
 
 from emserve.card import ModelCard
-from emserve.runtime.base import OUTPUT_NAME, Runtime, verified_file
+from emserve.runtime.base import OUTPUT_NAME, Runtime, check_device, verified_file
 
 ONNX_FILE = "1/model.onnx"
-DEVICES = ("auto", "cuda", "cpu")
 ONNX_TYPES = {"tensor(float)": "float32", "tensor(int64)": "int64"}
 CUDA, CPU = "CUDAExecutionProvider", "CPUExecutionProvider"
 
@@ -33,8 +32,7 @@ def _onnxruntime():
 
 def providers(device: str = "auto") -> list[str]:
     """Execution providers for `device`: "auto" = CUDA first where this onnxruntime has it, then CPU."""
-    if device not in DEVICES:
-        raise ValueError(f"device: {device!r} is not allowed; choose one of {', '.join(DEVICES)}")
+    check_device(device)
     available = _onnxruntime().get_available_providers()
     if device == "cuda" and CUDA not in available:
         raise RuntimeError(f"device: cuda asked for, but this onnxruntime offers only {', '.join(available)} "

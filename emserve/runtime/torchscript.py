@@ -13,10 +13,9 @@ from pathlib import Path
 import numpy as np
 
 from emserve.card import ModelCard
-from emserve.runtime.base import Runtime, verified_file
+from emserve.runtime.base import Runtime, check_device, verified_file
 
 TORCHSCRIPT_FILE = "1/model.pt"
-DEVICES = ("auto", "cuda", "cpu")
 
 
 def _torch():
@@ -35,8 +34,7 @@ class TorchScriptRuntime(Runtime):
 
     def __init__(self, model: str | Path, *, device: str = "auto", max_batch: int | None = None,
                  verify: bool = True) -> None:
-        if device not in DEVICES:
-            raise ValueError(f"device: {device!r} is not allowed; choose one of {', '.join(DEVICES)}")
+        check_device(device)
         folder = Path(model)
         card = ModelCard.load(folder)
         super().__init__(card, max_batch)
