@@ -104,10 +104,15 @@ def _groups(channels: int) -> int:
     return math.gcd(32, channels)
 
 
-def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
-    """Sinusoidal features of (possibly fractional) timesteps [B] -> [B, dim], computed in float32."""
+def timestep_frequencies(dim: int, max_period: float = 10000.0) -> Tensor:
+    """The frequencies of the sinusoidal timestep features (kept as a buffer, so a traced graph follows the
+    module's device instead of baking in the device it was traced on)."""
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    return torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32) / half)
+
+
+def timestep_embedding(t: Tensor, freqs: Tensor) -> Tensor:
+    """Sinusoidal features of (possibly fractional) timesteps [B] -> [B, 2 * len(freqs)], in float32."""
     args = t.float()[:, None] * freqs[None, :]
     return torch.cat([torch.sin(args), torch.cos(args)], dim=1)
 
@@ -202,6 +207,7 @@ class UNet(nn.Module):
         emb_dim = 4 * width if (timestep or num_classes or num_datasets) else 0
 
         # Conditioning embeddings, all of size emb_dim, summed in forward.
+        self.register_buffer("freqs", timestep_frequencies(2 * (width // 2)), persistent=False)
         self.time_mlp = (nn.Sequential(nn.Linear(2 * (width // 2), emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
                          if timestep else None)
         self.class_mlp = (nn.Sequential(nn.Linear(num_classes, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
@@ -295,7 +301,7 @@ class UNet(nn.Module):
         b = x.shape[0]
         parts: list[Tensor] = []
         if self.time_mlp is not None and t is not None:
-            parts.append(self.time_mlp(timestep_embedding(t, 2 * (self.config.width // 2)).to(x.dtype)))
+            parts.append(self.time_mlp(timestep_embedding(t, self.freqs).to(x.dtype)))
         if self.class_mlp is not None and self.null_classes is not None:
             classes = x.new_zeros(b, self.config.num_classes) if classes is None else classes.to(x.dtype)
             is_null = (classes == 0).all(dim=1, keepdim=True)
