@@ -51,7 +51,7 @@ def make_checkpoint(run_dir, mode, seed=0, **unet):
     card = ModelCard(mode=mode, classes=CLASSES, patch_size=16, unet=model.config.to_dict(),
                      datasets=["a", "b"] if unet.get("num_datasets") else [],
                      class_condition=bool(unet.get("num_classes")))
-    state = TrainingState(step=1, numpy_rng={}, torch_rng=[], drop_rng=[], losses=[])
+    state = TrainingState(step=1, ranks=[], losses=[])
     return save_checkpoint(run_dir, card, model, model, torch.optim.AdamW(model.parameters()), state)
 
 

@@ -51,7 +51,7 @@ def make_checkpoint(run_dir, mode, seed=0, **unet):
     torch.nn.init.normal_(model.head[-1].weight, std=0.1)  # the head starts at zero: make the output depend on x
     card = ModelCard(mode=mode, classes=CLASSES, patch_size=16, unet=model.config.to_dict(), datasets=["a", "b"],
                      class_condition=bool(unet.get("num_classes")))
-    state = TrainingState(step=1, numpy_rng={}, torch_rng=[], drop_rng=[], losses=[])
+    state = TrainingState(step=1, ranks=[], losses=[])
     return save_checkpoint(run_dir, card, model, model, torch.optim.AdamW(model.parameters()), state)
 
 

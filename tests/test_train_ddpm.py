@@ -104,3 +104,7 @@ def test_torchrun_data_parallel_with_two_processes(toy_store, tmp_path):
     card = json.loads((ckpt.checkpoints(run)[-1] / "card.json").read_text())
     assert card["training"]["world_size"] == 2
     assert len(losses(run)) == 4
+    ranks = json.loads((ckpt.checkpoints(run)[-1] / ckpt.STATE_FILE).read_text())["ranks"]
+    assert len(ranks) == 2 and ranks[0]["numpy"] != ranks[1]["numpy"]  # each rank draws its own batches
+    with pytest.raises(ValueError, match="written by 2 data-parallel process"):
+        train_ddpm(config(toy_store, run, steps=6, width=8, batch_size=4), resume=True)

@@ -58,7 +58,7 @@ def make_checkpoint(run_dir: Path) -> Path:
                  num_classes=len(CLASSES), num_datasets=2)
     torch.nn.init.normal_(model.head[-1].weight, std=0.05)  # the head starts at zero: make the output depend on x
     card = tiny_card(model.config.to_dict())
-    state = TrainingState(step=1, numpy_rng={}, torch_rng=[], drop_rng=[], losses=[])
+    state = TrainingState(step=1, ranks=[], losses=[])
     return save_checkpoint(run_dir, card, model, model, torch.optim.AdamW(model.parameters()), state)
 
 

@@ -33,9 +33,9 @@ class TrainingState:
     """Everything besides weights that an exact resume needs."""
 
     step: int
-    numpy_rng: dict[str, Any]  # bit_generator.state of the data sampler
-    torch_rng: list[int]  # torch.get_rng_state() as bytes (dropout inside the model)
-    drop_rng: list[int]  # state of the generator that drops conditions
+    # one entry per data-parallel rank: {"numpy": data sampler bit_generator.state, "torch": torch.get_rng_state()
+    # (dropout inside the model), "drop": state of the generator that drops conditions}
+    ranks: list[dict[str, Any]]
     losses: list[float]
 
 

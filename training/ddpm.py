@@ -184,7 +184,7 @@ def train_ddpm(cfg: DDPMConfig, resume: bool = False) -> Path | None:
     drop_gen = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
     step, losses = 0, []
     if resume and (found := ckpt.checkpoints(run_dir)):
-        step, losses, rng = _resume(found[-1], card, model, ema, optimizer, drop_gen)
+        step, losses, rng = _resume(found[-1], card, model, ema, optimizer, drop_gen, rank, world)
     elif ckpt.checkpoints(run_dir):
         raise FileExistsError(f"out: {run_dir} already holds checkpoints; pass --resume to continue or choose "
                               f"another folder")
@@ -227,10 +227,11 @@ def train_ddpm(cfg: DDPMConfig, resume: bool = False) -> Path | None:
         losses.append(float(loss.detach()))
         progress.update(step, losses[-1], data_time)
 
-        if rank == 0 and (step % cfg.checkpoint_every == 0 or step == cfg.steps):
-            state = ckpt.TrainingState(step, rng.bit_generator.state, ckpt.torch_rng_state(),
-                                       drop_gen.get_state().tolist(), losses)
-            last = ckpt.save_checkpoint(run_dir, card, model, ema, optimizer, state)
+        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+            ranks = _rng_states(rng, drop_gen, world)  # every rank takes part in the gather
+            if rank == 0:
+                last = ckpt.save_checkpoint(run_dir, card, model, ema, optimizer,
+                                            ckpt.TrainingState(step, ranks, losses))
         if rank == 0 and (step % cfg.preview_every == 0 or step == cfg.steps):
             save_preview(ema, card, run_dir / "samples" / f"step-{step:08d}.png", device)
         if rank == 0 and step % cfg.log_every == 0:
@@ -240,19 +241,33 @@ def train_ddpm(cfg: DDPMConfig, resume: bool = False) -> Path | None:
 
 
 def _resume(path: Path, card: ModelCard, model: UNet, ema: UNet, optimizer: torch.optim.Optimizer,
-            drop_gen: torch.Generator) -> tuple[int, list[float], np.random.Generator]:
+            drop_gen: torch.Generator, rank: int, world: int) -> tuple[int, list[float], np.random.Generator]:
     """Load a checkpoint into model, EMA and optimizer; refuse one made with a different model or mode."""
     old, weights, ema_weights, opt_state, state = ckpt.load_checkpoint(path)
     for key in ("mode", "classes", "unet", "schedule", "timesteps", "objective", "datasets"):
         if getattr(old, key) != getattr(card, key):
             raise ValueError(f"resume: {path} was trained with {key}={getattr(old, key)!r}, this run asks for "
                              f"{getattr(card, key)!r}")
+    if len(state.ranks) != world:
+        raise ValueError(f"resume: {path} was written by {len(state.ranks)} data-parallel process(es); resume with "
+                         f"the same number (now {world}) so every rank continues its own data order")
     model.load_state_dict(weights)
     ema.load_state_dict(ema_weights)
     optimizer.load_state_dict(opt_state)
-    ckpt.restore_torch_rng(state.torch_rng)
-    drop_gen.set_state(torch.tensor(state.drop_rng, dtype=torch.uint8))
-    return state.step, list(state.losses), ckpt.restore_numpy_rng(state.numpy_rng)
+    mine = state.ranks[rank]
+    ckpt.restore_torch_rng(mine["torch"])
+    drop_gen.set_state(torch.tensor(mine["drop"], dtype=torch.uint8))
+    return state.step, list(state.losses), ckpt.restore_numpy_rng(mine["numpy"])
+
+
+def _rng_states(rng: np.random.Generator, drop_gen: torch.Generator, world: int) -> list[dict]:
+    """Every rank's random state (gathered to all ranks), so a resumed run continues each rank's data order."""
+    mine = {"numpy": rng.bit_generator.state, "torch": ckpt.torch_rng_state(), "drop": drop_gen.get_state().tolist()}
+    if world == 1:
+        return [mine]
+    gathered: list[dict] = [{} for _ in range(world)]
+    torch.distributed.all_gather_object(gathered, mine)
+    return gathered
 
 
 @torch.no_grad()
