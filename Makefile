@@ -27,9 +27,13 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(BIN)/pip install -q -e ".[$(ORT),train,dev]"
 	touch $@
 
+# The main job: write the embedded phantom data, then generate EM + label pairs with the default model
+# (models/phantom-pairs, trained on that data by the commands in models/README.md).
 demo: setup
 	$(BIN)/emserve data phantom $(OUT)/phantom --overwrite
-	$(BIN)/emserve data info $(OUT)/phantom/$$(ls $(OUT)/phantom | grep zarr | head -1)
+	rm -rf $(OUT)/generated.zarr
+	$(BIN)/emserve generate pairs models/phantom-pairs $(OUT)/generated.zarr --samples 16 --dataset phantom_a
+	$(BIN)/emserve data info $(OUT)/generated.zarr
 
 lint: setup
 	$(BIN)/ruff check .
