@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import torch
 
 from emserve.data.writer import CropToWrite, write_store
 
@@ -30,3 +31,12 @@ def toy_store(tmp_path_factory):
         crop = CropToWrite("crop1", (0, 0, 0), {"mito_mem": mito, "ld_lum": ld})
         paths.append(write_store(out / f"{name}.zarr", raw, (8, 8, 8), [crop]))
     return paths
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models: one torch thread is as fast, and does not fight a busy machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

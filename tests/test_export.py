@@ -13,46 +13,24 @@ import os
 import numpy as np
 import pytest
 import torch
+from checkpoints import CLASSES, make_checkpoint
 
 from emserve.card import ModelCard, sha256_file
 from emserve.runtime.load import load_runtime
 from emserve.runtime.onnx import ONNX_FILE, OnnxRuntime
 from emserve.runtime.torchscript import TORCHSCRIPT_FILE, TorchScriptRuntime
 from emserve.triton_config import triton_config
-from training.checkpoint import EMA_FILE, TrainingState, save_checkpoint
+from training.checkpoint import EMA_FILE
 from training.export import ParityError, check_parity, export_model, load_module
-from training.unet import UNet
 
 onnx = pytest.importorskip("onnx")
 model_config_pb2 = pytest.importorskip("tritonclient.grpc.model_config_pb2")
 text_format = pytest.importorskip("google.protobuf.text_format")
 
-CLASSES = ["mito_mem", "ld_lum"]
 ONNX_TYPES = {1: "TYPE_FP32", 7: "TYPE_INT64"}  # onnx.TensorProto.FLOAT, INT64
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: one torch thread is as fast, and does not fight a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def make_checkpoint(run_dir, mode, seed=0, **unet):
-    """A real training checkpoint (step-1) of a tiny UNet with random weights and a non-zero head."""
-    torch.manual_seed(seed)
-    k = len(CLASSES)
-    channels = {"pairs": (1 + k, 1 + k), "em-from-labels": (1, 1), "segmentation": (1, k)}[mode]
-    model = UNet(*channels, width=8, multipliers=(1, 2), blocks_per_level=1, timestep=mode != "segmentation",
-                 **unet)
-    torch.nn.init.normal_(model.head[-1].weight, std=0.1)  # the head starts at zero: make the output depend on x
-    card = ModelCard(mode=mode, classes=CLASSES, patch_size=16, unet=model.config.to_dict(),
-                     datasets=["a", "b"] if unet.get("num_datasets") else [],
-                     class_condition=bool(unet.get("num_classes")))
-    state = TrainingState(step=1, ranks=[], losses=[])
-    return save_checkpoint(run_dir, card, model, model, torch.optim.AdamW(model.parameters()), state)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

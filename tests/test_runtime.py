@@ -12,19 +12,15 @@ import shutil
 
 import numpy as np
 import pytest
-import torch
+from checkpoints import make_checkpoint
 
-from emserve.card import ModelCard
 from emserve.pipelines import GenerationRequest, generate
 from emserve.runtime.base import CallableRuntime, Runtime
 from emserve.runtime.load import BACKENDS, load_runtime, pick_backend
 from emserve.runtime.onnx import ONNX_FILE, OnnxRuntime, providers
 from emserve.runtime.torchscript import TORCHSCRIPT_FILE, TorchScriptRuntime
-from training.checkpoint import TrainingState, save_checkpoint
 from training.export import export_model
-from training.unet import UNet
 
-CLASSES = ["mito_mem", "ld_lum"]
 LABEL_MAPS = np.where(np.random.default_rng(5).random((5, 2, 16, 16)) < 0.3, 1.0, -1.0).astype(np.float32)
 REQUESTS = {
     "pairs": GenerationRequest(samples=3, seed=11, steps=4, guidance=2.5, present=("mito_mem",), absent=("ld_lum",),
@@ -34,25 +30,7 @@ REQUESTS = {
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: one torch thread is as fast, and does not fight a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def make_checkpoint(run_dir, mode, seed=0, **unet):
-    """A real training checkpoint (step-1) of a tiny UNet with random weights and a non-zero head."""
-    torch.manual_seed(seed)
-    channels = 1 + len(CLASSES) if mode == "pairs" else 1
-    model = UNet(channels, channels, width=8, multipliers=(1, 2), blocks_per_level=1, **unet)
-    torch.nn.init.normal_(model.head[-1].weight, std=0.1)  # the head starts at zero: make the output depend on x
-    card = ModelCard(mode=mode, classes=CLASSES, patch_size=16, unet=model.config.to_dict(), datasets=["a", "b"],
-                     class_condition=bool(unet.get("num_classes")))
-    state = TrainingState(step=1, ranks=[], losses=[])
-    return save_checkpoint(run_dir, card, model, model, torch.optim.AdamW(model.parameters()), state)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,24 @@
+"""Tiny real training checkpoints for the export and runtime tests."""
+
+import torch
+
+from emserve.card import ModelCard
+from training.checkpoint import TrainingState, save_checkpoint
+from training.unet import UNet
+
+CLASSES = ["mito_mem", "ld_lum"]
+
+
+def make_checkpoint(run_dir, mode, seed=0, **unet):
+    """A real training checkpoint (step-1) of a tiny UNet with random weights and a non-zero head."""
+    torch.manual_seed(seed)
+    k = len(CLASSES)
+    channels = {"pairs": (1 + k, 1 + k), "em-from-labels": (1, 1), "segmentation": (1, k)}[mode]
+    model = UNet(*channels, width=8, multipliers=(1, 2), blocks_per_level=1, timestep=mode != "segmentation",
+                 **unet)
+    torch.nn.init.normal_(model.head[-1].weight, std=0.1)  # the head starts at zero: make the output depend on x
+    card = ModelCard(mode=mode, classes=CLASSES, patch_size=16, unet=model.config.to_dict(),
+                     datasets=["a", "b"] if unet.get("num_datasets") else [],
+                     class_condition=bool(unet.get("num_classes")))
+    state = TrainingState(step=1, ranks=[], losses=[])
+    return save_checkpoint(run_dir, card, model, model, torch.optim.AdamW(model.parameters()), state)
