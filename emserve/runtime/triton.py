@@ -38,7 +38,7 @@ def _tritonclient(protocol: str) -> tuple[Any, type[Exception]]:
         else:
             import tritonclient.grpc as client
     except ImportError:
-        raise ImportError("triton backend: tritonclient is not installed; pip install 'tritonclient[grpc,http]'"
+        raise ImportError("triton backend: tritonclient is not installed; pip install 'emserve[triton]'"
                           ) from None
     return client, InferenceServerException
 
