@@ -16,6 +16,7 @@ from emserve.classes import check_class_names
 
 MODES = ("em", "labels", "pairs", "em-from-labels", "segmentation")
 RAW = "raw"
+BACKGROUND = "background"  # the extra output channel of exclusive segmentation networks
 CARD_NAME = "card.json"
 
 
@@ -32,6 +33,8 @@ class ModelCard:
     objective: str = "v"
     datasets: list[str] = field(default_factory=list)  # dataset condition ids are indices into this list
     class_condition: bool = False  # class-presence vector over `classes`: +1 present, -1 absent, 0 unknown
+    # Segmentation only: one class per voxel (softmax over background + classes) instead of a sigmoid per class.
+    exclusive: bool = False
     training: dict[str, Any] = field(default_factory=dict)  # data, command, step, seed, time
     weights: dict[str, str] = field(default_factory=dict)  # file name -> sha256
     # Exported models only (empty in checkpoints): files of the export folder (relative path -> sha256), and
@@ -43,6 +46,8 @@ class ModelCard:
         if self.mode not in MODES:
             raise ValueError(f"mode: {self.mode!r} is not a model mode; allowed: {', '.join(MODES)}")
         self.classes = list(check_class_names(self.classes)) if self.mode != "em" or self.classes else []
+        if self.exclusive and self.mode != "segmentation":
+            raise ValueError(f"exclusive: only segmentation networks can be exclusive, not a {self.mode!r} model")
 
     @property
     def channels(self) -> list[str]:
@@ -50,6 +55,8 @@ class ModelCard:
             return [RAW]
         if self.mode == "pairs":
             return [RAW, *self.classes]
+        if self.exclusive:
+            return [BACKGROUND, *self.classes]
         return list(self.classes)  # labels; segmentation outputs
 
     @property

@@ -117,20 +117,43 @@ def data_info(
         console.print(f"{crop}: {', '.join(em.crop_classes(crop))}")
 
 
+# Options every training shares (`train ddpm`, `train seg`).
+Stores = Annotated[list[str], typer.Argument(help="Training stores (<dataset>.zarr paths or s3:// URLs).")]
+RunFolder = Annotated[Path, typer.Option(help="Run folder: checkpoints, samples/, log.jsonl.")]
+ClassList = Annotated[str, typer.Option(help="Comma-separated class names (default: every class annotated in "
+                                             "the stores).")]
+PatchSize = Annotated[int, typer.Option(help="Square 2D patch size in voxels.")]
+BatchSize = Annotated[int, typer.Option(help="Patches per optimizer step (split across torchrun processes).")]
+Steps = Annotated[int, typer.Option(help="Optimizer steps in all (a resumed run stops here too).")]
+LearningRate = Annotated[float, typer.Option(help="AdamW learning rate.")]
+Width = Annotated[int, typer.Option(help="UNet base channels (the study: 64).")]
+Multipliers = Annotated[str, typer.Option(help="Channel multipliers per level (the study: 1,2,4,8).")]
+BlocksPerLevel = Annotated[int, typer.Option(help="ResNet blocks per UNet level.")]
+ClassGroups = Annotated[str, typer.Option(help="Groups for class-balanced patches, e.g. "
+                                               "'mito_mem+mito_lum,ld_mem+ld_lum'.")]
+Balance = Annotated[float, typer.Option(help="Share of patches centred on a class group.")]
+PatchAxis = Annotated[str, typer.Option(help="Axis the 2D patches are normal to: z | y | x.")]
+VoxelSize = Annotated[str, typer.Option(help="Scale level to train on, 'Z,Y,X' in nm (default: finest).")]
+Precision = Annotated[str, typer.Option(help="auto | fp32 | bf16 (auto: bf16 where the hardware has it).")]
+Seed = Annotated[int, typer.Option(help="Seeds weights, batches and dropout; a run is reproducible from it.")]
+CheckpointEvery = Annotated[int, typer.Option(help="Steps between checkpoints.")]
+PreviewEvery = Annotated[int, typer.Option(help="Steps between PNG previews (samples/).")]
+Resume = Annotated[bool, typer.Option(help="Continue from the newest checkpoint in --out.")]
+
+
 @train_app.command("ddpm")
 def train_ddpm(
-    stores: Annotated[list[str], typer.Argument(help="Training stores (<dataset>.zarr paths or s3:// URLs).")],
-    out: Annotated[Path, typer.Option(help="Run folder: checkpoints, samples/, log.jsonl.")],
+    stores: Stores,
+    out: RunFolder,
     mode: Annotated[str, typer.Option(help="em | labels | pairs | em-from-labels")] = "pairs",
-    classes: Annotated[str, typer.Option(help="Comma-separated class names (default: every class annotated "
-                                               "in the stores).")] = "",
-    patch_size: Annotated[int, typer.Option(help="Square 2D patch size in voxels.")] = 64,
-    batch_size: Annotated[int, typer.Option()] = 16,
-    steps: Annotated[int, typer.Option(help="Optimizer steps in all (a resumed run stops here too).")] = 2000,
-    lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = 2e-4,
-    width: Annotated[int, typer.Option(help="UNet base channels (the study: 64).")] = 32,
-    multipliers: Annotated[str, typer.Option(help="Channel multipliers per level (the study: 1,2,4,8).")] = "1,2,4",
-    blocks_per_level: Annotated[int, typer.Option(help="ResNet blocks per UNet level.")] = 2,
+    classes: ClassList = "",
+    patch_size: PatchSize = 64,
+    batch_size: BatchSize = 16,
+    steps: Steps = 2000,
+    lr: LearningRate = 2e-4,
+    width: Width = 32,
+    multipliers: Multipliers = "1,2,4",
+    blocks_per_level: BlocksPerLevel = 2,
     schedule: Annotated[str, typer.Option(help="Noise schedule: linear | cosine | sigmoid.")] = "sigmoid",
     objective: Annotated[str, typer.Option(help="What the UNet predicts: eps | x0 | v.")] = "v",
     timesteps: Annotated[int, typer.Option(help="Diffusion steps of the training noise process.")] = 1000,
@@ -138,40 +161,86 @@ def train_ddpm(
     dataset_condition: Annotated[bool, typer.Option(help="Condition on the dataset (domain).")] = True,
     p_drop: Annotated[float, typer.Option(help="Probability of dropping each condition (CFG training).")] = 0.5,
     raw_weight: Annotated[float, typer.Option(help="pairs: raw loss weight relative to all labels.")] = 1.0,
-    class_groups: Annotated[str, typer.Option(help="Groups for class-balanced patches, e.g. "
-                                                    "'mito_mem+mito_lum,ld_mem+ld_lum'.")] = "",
-    balance: Annotated[float, typer.Option(help="Share of patches centred on a class group.")] = 0.5,
-    axis: Annotated[str, typer.Option(help="Axis the 2D patches are normal to: z | y | x.")] = "z",
-    voxel_size: Annotated[str, typer.Option(help="Scale level to train on, 'Z,Y,X' in nm (default: finest).")] = "",
-    precision: Annotated[str, typer.Option(help="auto | fp32 | bf16 (auto: bf16 where the hardware has it).")] = "auto",
-    seed: Annotated[int, typer.Option()] = 0,
-    checkpoint_every: Annotated[int, typer.Option(help="Steps between checkpoints.")] = 500,
-    preview_every: Annotated[int, typer.Option(help="Steps between PNG grids of samples.")] = 500,
-    resume: Annotated[bool, typer.Option(help="Continue from the newest checkpoint in --out.")] = False,
+    class_groups: ClassGroups = "",
+    balance: Balance = 0.5,
+    axis: PatchAxis = "z",
+    voxel_size: VoxelSize = "",
+    precision: Precision = "auto",
+    seed: Seed = 0,
+    checkpoint_every: CheckpointEvery = 500,
+    preview_every: PreviewEvery = 500,
+    resume: Resume = False,
 ) -> None:
     """Train a diffusion model (DDPM) on 2D patches of vEM stores, with classifier-free guidance conditions.
 
     Runs data-parallel when launched with torchrun. Checkpoints are safetensors + a JSON model card.
     """
-    from emserve.data.stacks import parse_voxel_size
-    from emserve.data.store import EMStore
     from training.ddpm import DDPMConfig
     from training.ddpm import train_ddpm as run
 
-    names = _csv(classes) or (_annotated_classes([EMStore(s) for s in stores]) if mode != "em" else [])
+    names = _csv(classes) or (_annotated_classes(stores) if mode != "em" else [])
     cfg = DDPMConfig(
         stores=stores, out=str(out), mode=mode, classes=names, patch_size=patch_size, batch_size=batch_size,
-        steps=steps, lr=lr, width=width, multipliers=tuple(int(m) for m in _csv(multipliers)),
+        steps=steps, lr=lr, width=width, multipliers=_ints("multipliers", multipliers),
         blocks_per_level=blocks_per_level, schedule=schedule,
         objective=objective, timesteps=timesteps, class_condition=class_condition,
         dataset_condition=dataset_condition, p_drop=p_drop, raw_weight=raw_weight,
-        class_groups=[g.split("+") for g in _csv(class_groups)], balance=balance, axis=axis,
-        voxel_size=parse_voxel_size(voxel_size) if voxel_size else None, precision=precision, seed=seed,
+        class_groups=_groups(class_groups), balance=balance, axis=axis,
+        voxel_size=_voxel_size(voxel_size), precision=precision, seed=seed,
         checkpoint_every=checkpoint_every, preview_every=preview_every, command=command_line(),
     )
-    last = run(cfg, resume=resume)
-    if last is not None:
-        console.print(f"checkpoint: {last}")
+    _report_checkpoint(run(cfg, resume=resume))
+
+
+@train_app.command("seg")
+def train_seg(
+    stores: Annotated[list[str] | None, typer.Argument(help="Real training stores (<dataset>.zarr paths or s3:// "
+                                                            "URLs); may be left out with --generated.")] = None,
+    out: RunFolder = Path("runs/seg"),
+    generated: Annotated[list[str] | None, typer.Option(help="A generated store (from `emserve generate`); "
+                                                             "repeatable.")] = None,
+    generated_fraction: Annotated[float, typer.Option(help="With real and generated stores: share of every "
+                                                           "batch from the generated ones.")] = 0.5,
+    classes: ClassList = "",
+    exclusive: Annotated[bool, typer.Option(help="One class per voxel (softmax over background + classes) "
+                                                 "instead of a sigmoid per class.")] = False,
+    dice_weight: Annotated[float, typer.Option(help="Weight of the Dice loss beside cross-entropy.")] = 1.0,
+    patch_size: PatchSize = 64,
+    batch_size: BatchSize = 16,
+    steps: Steps = 2000,
+    lr: LearningRate = 2e-4,
+    width: Width = 32,
+    multipliers: Multipliers = "1,2,4",
+    blocks_per_level: BlocksPerLevel = 2,
+    class_groups: ClassGroups = "",
+    balance: Balance = 0.5,
+    axis: PatchAxis = "z",
+    voxel_size: VoxelSize = "",
+    precision: Precision = "auto",
+    seed: Seed = 0,
+    checkpoint_every: CheckpointEvery = 500,
+    preview_every: PreviewEvery = 500,
+    resume: Resume = False,
+) -> None:
+    """Train a 2D segmentation network (the denoiser's UNet, no timestep) on real, generated or mixed pairs.
+
+    Unannotated classes are left out of the loss. Same checkpoints, model card, resume and progress as
+    `train ddpm`; previews show true labels beside predictions on fixed patches.
+    """
+    from training.seg import SegConfig
+    from training.seg import train_seg as run
+
+    stores, generated = list(stores or []), list(generated or [])
+    cfg = SegConfig(
+        stores=stores, out=str(out), generated=generated, generated_fraction=generated_fraction,
+        classes=_csv(classes) or _annotated_classes(stores + generated), exclusive=exclusive,
+        dice_weight=dice_weight, patch_size=patch_size, batch_size=batch_size, steps=steps, lr=lr, width=width,
+        multipliers=_ints("multipliers", multipliers), blocks_per_level=blocks_per_level,
+        class_groups=_groups(class_groups), balance=balance, axis=axis, voxel_size=_voxel_size(voxel_size),
+        precision=precision, seed=seed, checkpoint_every=checkpoint_every, preview_every=preview_every,
+        command=command_line(),
+    )
+    _report_checkpoint(run(cfg, resume=resume))
 
 
 @app.command("export")
@@ -268,6 +337,69 @@ def generate(
         denoise.close()
 
 
+@app.command("segment")
+def segment(
+    model: Annotated[str, typer.Argument(help="An exported segmentation model folder (models/<name>), a training "
+                                              "checkpoint, or a Triton URL grpc://host:port/<name>.")],
+    source: Annotated[str, typer.Argument(help="EM to segment: a <dataset>.zarr / .n5 store or s3:// URL, or an "
+                                               "8-bit PNG / TIFF image or multi-page TIFF stack.")],
+    out: Annotated[Path, typer.Argument(help="The store to write, e.g. out/predictions.zarr.")],
+    axis: Annotated[str, typer.Option(help="Segment slices normal to this axis: z | y | x.")] = "z",
+    tile: Annotated[int | None, typer.Option(help="Tile size in voxels (default: the model's patch size).")] = None,
+    overlap: Annotated[int | None, typer.Option(help="Tile overlap in voxels (default: a quarter tile).")] = None,
+    threshold: Annotated[float, typer.Option(help="Multi-label models: probability above which a voxel is "
+                                                  "labelled.")] = 0.5,
+    probabilities: Annotated[bool, typer.Option(help="Also write per-class probabilities (x255, uint8).")] = False,
+    voxel_size: Annotated[str, typer.Option(help="Stores: the scale level, 'Z,Y,X' in nm (default: the finest).")] = "",
+    batch_size: Annotated[int, typer.Option(help="Tiles per model call.")] = 8,
+    backend: Annotated[str, typer.Option(help="auto | onnx | torchscript | torch | triton.")] = "auto",
+    served_card: Annotated[str, typer.Option("--card", help="triton: the exported folder whose card the "
+                                                           "server's model has.")] = "",
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda (auto: CUDA where present).")] = "auto",
+    overwrite: Annotated[bool, typer.Option(help="Replace OUT if it exists.")] = False,
+) -> None:
+    """Segment an image or volume of any size, tile by tile with blended overlaps, into the CellMap layout.
+
+    Writes recon-1/labels/inference/segmentation/<class>/s0 (0/1) with the source's voxel size and offset, so
+    the predictions overlay the EM; memory is bounded by one slice, not the volume.
+    """
+    from emserve.runtime.load import load_runtime
+    from emserve.segmentation import segment_store
+
+    options = {"card": served_card} if served_card else {}
+    runtime = load_runtime(model, backend, device=device, **options)
+    try:
+        if runtime.card.mode != "segmentation":
+            raise ValueError(f"model: {model} is a {runtime.card.mode!r} model, not a segmentation network")
+        geometry = _segment_source(source, voxel_size)
+
+        def progress(done: int, total: int) -> None:
+            if console.is_terminal:
+                console.print(f"{done}/{total} slices", end="\r")
+
+        segment_store(runtime, out=out, axis=axis, tile=tile, overlap=overlap, batch_size=batch_size,
+                      threshold=threshold, keep_probabilities=probabilities, overwrite=overwrite, source=source,
+                      progress=progress, **geometry)
+        console.print(f"wrote {out}")
+    finally:
+        runtime.close()
+
+
+def _segment_source(source: str, voxel_size: str) -> dict:
+    """volume, normalize, voxel_size and translation of what `emserve segment` reads."""
+    suffix = Path(source).suffix.lower()
+    if suffix in (".png", ".tif", ".tiff"):
+        from emserve.data.stacks import discover, read_stack
+
+        return {"volume": read_stack(discover(source, "source"), "source")}
+    from emserve.data.store import EMStore
+
+    store = EMStore(source)
+    level = store.em_level(_voxel_size(voxel_size))
+    return {"volume": store.em_volume(level), "normalize": store.normalize, "voxel_size": level.voxel_size,
+            "translation": level.translation}
+
+
 def _label_source(card, store_path: str, seed: int):
     """Label maps for from-labels: random patches of the store's crops, in the model's classes."""
     from emserve.data.patches import PatchSampler, label_channels, load_crops
@@ -291,10 +423,34 @@ def _csv(value: str) -> list[str]:
     return [v.strip() for v in value.split(",") if v.strip()]
 
 
-def _annotated_classes(stores: list) -> list[str]:
+def _ints(field: str, value: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in _csv(value))
+    except ValueError:
+        raise ValueError(f"{field}: {value!r} must be comma-separated integers, e.g. 1,2,4") from None
+
+
+def _groups(value: str) -> list[list[str]]:
+    return [g.split("+") for g in _csv(value)]
+
+
+def _voxel_size(value: str) -> tuple[float, float, float] | None:
+    from emserve.data.stacks import parse_voxel_size
+
+    return parse_voxel_size(value) if value else None
+
+
+def _report_checkpoint(last: Path | None) -> None:
+    if last is not None:  # None on torchrun ranks other than 0
+        console.print(f"checkpoint: {last}")
+
+
+def _annotated_classes(paths: list[str]) -> list[str]:
     """Every class annotated in any crop of the stores, in class-table order."""
     from emserve.classes import CLASS_TABLE
+    from emserve.data.store import EMStore
 
+    stores = [EMStore(p) for p in paths]
     found = {c for s in stores for crop in s.crops for c in s.crop_classes(crop)}
     return [c.name for c in CLASS_TABLE if c.name in found]
 

@@ -16,78 +16,48 @@ left out of the loss.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch.nn.parallel import DistributedDataParallel
 
 from emserve.card import ModelCard
 from emserve.data.patches import PatchSampler, RawPatchSampler, class_presence, label_channels, load_crops
 from emserve.data.store import EMStore
 from emserve.diffusion import make_schedule, training_target
-from training import checkpoint as ckpt
-from training.device import autocast, init_distributed, pick_device, resolve_precision
+from training.device import autocast
+from training.loop import Run, TrainConfig
 from training.preview import save_preview
-from training.progress import Progress
 from training.unet import UNet, UNetConfig, dropout_conditions
 
 DDPM_MODES = ("em", "labels", "pairs", "em-from-labels")
 
 
 @dataclass
-class DDPMConfig:
+class DDPMConfig(TrainConfig):
     """Options of `emserve train ddpm` (the defaults are the study's where it gave one)."""
 
-    stores: list[str]
-    out: str
     mode: str = "pairs"
-    classes: list[str] = field(default_factory=list)
-    patch_size: int = 64
-    batch_size: int = 16
-    steps: int = 2000
-    lr: float = 2e-4
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    ema: float = 0.995
     schedule: str = "sigmoid"
     timesteps: int = 1000
     objective: str = "v"
-    width: int = 32
-    multipliers: tuple[int, ...] = (1, 2, 4)
-    blocks_per_level: int = 2
     class_condition: bool = True
     dataset_condition: bool = True
     p_drop: float = 0.5  # per condition, independently (the study: 0.5)
     p_drop_class_entry: float = 0.1  # single classes set to "unknown", so partial class requests work
     raw_fraction: float = 0.25  # em-from-labels: share of each batch from raw-only patches
     raw_weight: float = 1.0  # pairs: weight of the raw channel relative to all label channels together
-    class_groups: list[list[str]] = field(default_factory=list)
-    balance: float = 0.5
-    axis: str = "z"
-    voxel_size: tuple[float, float, float] | None = None
-    precision: str = "auto"
-    seed: int = 0
-    checkpoint_every: int = 500
-    preview_every: int = 500
-    log_every: int = 10
-    command: str = ""
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.mode not in DDPM_MODES:
             raise ValueError(f"mode: {self.mode!r} is not a diffusion mode; allowed: {', '.join(DDPM_MODES)}")
         if self.mode != "em" and not self.classes:
             raise ValueError(f"classes: mode {self.mode!r} needs a class list (e.g. --classes mito_mem,mito_lum)")
-        for name in ("steps", "batch_size", "patch_size", "checkpoint_every", "preview_every", "log_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}: must be a positive integer, got {getattr(self, name)}")
-        for name in ("p_drop", "p_drop_class_entry", "raw_fraction", "balance"):
-            if not 0 <= getattr(self, name) <= 1:
-                raise ValueError(f"{name}: must be in [0, 1], got {getattr(self, name)}")
+        self.check_fractions("p_drop", "p_drop_class_entry", "raw_fraction")
 
 
 class BatchSource:
@@ -141,7 +111,7 @@ class BatchSource:
         }
 
 
-def build_model(cfg: DDPMConfig, datasets: Sequence[str]) -> UNet:
+def unet_config(cfg: DDPMConfig, datasets: Sequence[str]) -> UNetConfig:
     k = len(cfg.classes)
     channels = {"em": 1, "labels": k, "pairs": k + 1, "em-from-labels": 1}[cfg.mode]
     unet = UNetConfig(
@@ -154,135 +124,46 @@ def build_model(cfg: DDPMConfig, datasets: Sequence[str]) -> UNet:
     if cfg.patch_size % unet.size_factor:
         raise ValueError(f"patch_size: {cfg.patch_size} must be a multiple of {unet.size_factor} for multipliers "
                          f"{tuple(cfg.multipliers)}")
-    return UNet(**unet.to_dict())
+    return unet
 
 
 def train_ddpm(cfg: DDPMConfig, resume: bool = False) -> Path | None:
     """Train (or resume) and return the folder of the last checkpoint (None on ranks other than 0)."""
-    device = pick_device()
-    rank, world = init_distributed(device)
-    precision = resolve_precision(cfg.precision, device)
-    run_dir = Path(cfg.out)
     stores = [EMStore(p) for p in cfg.stores]
     datasets = sorted({s.name for s in stores})
-    dataset_ids = {name: i for i, name in enumerate(datasets)}
-    source = BatchSource(cfg, stores, dataset_ids)
+    source = BatchSource(cfg, stores, {name: i for i, name in enumerate(datasets)})
     schedule = make_schedule(cfg.schedule, cfg.timesteps)
+    unet = unet_config(cfg, datasets)
+    card = ModelCard(mode=cfg.mode, classes=list(cfg.classes), patch_size=cfg.patch_size, unet=unet.to_dict(),
+                     schedule=cfg.schedule, timesteps=cfg.timesteps, objective=cfg.objective,
+                     datasets=datasets if cfg.dataset_condition else [], class_condition=unet.num_classes > 0)
+    run = Run(cfg, card, lambda: UNet(**unet.to_dict()), resume)
 
-    torch.manual_seed(cfg.seed)
-    model = build_model(cfg, datasets).to(device)
-    ema = build_model(cfg, datasets).to(device).requires_grad_(False)
-    ema.load_state_dict(model.state_dict())
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    card = ModelCard(mode=cfg.mode, classes=list(cfg.classes), patch_size=cfg.patch_size,
-                     unet=model.config.to_dict(), schedule=cfg.schedule, timesteps=cfg.timesteps,
-                     objective=cfg.objective, datasets=datasets if cfg.dataset_condition else [],
-                     class_condition=model.config.num_classes > 0,
-                     training={"config": _json_config(cfg), "stores": list(cfg.stores), "command": cfg.command,
-                               "precision": precision, "world_size": world})
-    rng = np.random.default_rng([cfg.seed, rank])
-    drop_gen = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
-    step, losses = 0, []
-    if resume and (found := ckpt.checkpoints(run_dir)):
-        step, losses, rng = _resume(found[-1], card, model, ema, optimizer, drop_gen, rank, world)
-    elif ckpt.checkpoints(run_dir):
-        raise FileExistsError(f"out: {run_dir} already holds checkpoints; pass --resume to continue or choose "
-                              f"another folder")
-    device_ids = [device.index] if device.type == "cuda" else None
-    net = DistributedDataParallel(model, device_ids=device_ids) if world > 1 else model
-    run_dir.mkdir(parents=True, exist_ok=True)
-    last = ckpt.checkpoints(run_dir)[-1] if step >= cfg.steps else run_dir
+    def preview(ema: torch.nn.Module, path: Path) -> None:
+        save_preview(ema, card, path, run.device)
 
-    progress = Progress(cfg.steps, start=step, enabled=rank == 0)
     alphas = schedule.alphas_cumprod
     data_time = 0.0
-    while step < cfg.steps:
+    while not run.done:
         t0 = time.perf_counter()
-        batch = source.sample(rng, cfg.batch_size // world)
-        t = rng.integers(0, cfg.timesteps, size=len(batch["x0"]))
-        eps = rng.standard_normal(batch["x0"].shape, dtype=np.float32)
+        batch = source.sample(run.rng, cfg.batch_size // run.world)
+        t = run.rng.integers(0, cfg.timesteps, size=len(batch["x0"]))
+        eps = run.rng.standard_normal(batch["x0"].shape, dtype=np.float32)
         ab = alphas[t]
         sab = np.sqrt(ab)[:, None, None, None].astype(np.float32)
         x_t = sab * batch["x0"] + np.sqrt(1 - ab)[:, None, None, None].astype(np.float32) * eps
         target = training_target(cfg.objective, batch["x0"], eps, ab).astype(np.float32)
-        tensors = {k: torch.from_numpy(np.ascontiguousarray(v)).to(device) for k, v in batch.items()}
+        tensors = {k: run.tensor(v) for k, v in batch.items()}
         classes, dataset, label_map = dropout_conditions(
-            tensors.get("classes") if model.config.num_classes else None,
-            tensors.get("dataset") if model.config.num_datasets else None,
-            tensors.get("label_map"), cfg.p_drop, cfg.p_drop, cfg.p_drop, drop_gen,
+            tensors.get("classes") if unet.num_classes else None,
+            tensors.get("dataset") if unet.num_datasets else None,
+            tensors.get("label_map"), cfg.p_drop, cfg.p_drop, cfg.p_drop, run.drop_gen,
             p_class_entry=cfg.p_drop_class_entry)
         data_time += time.perf_counter() - t0
 
-        with autocast(precision, device):
-            pred = net(torch.from_numpy(x_t).to(device), torch.from_numpy(t.astype(np.float32)).to(device),
-                       classes, dataset, label_map)
+        with autocast(run.precision, run.device):
+            pred = run.net(run.tensor(x_t), run.tensor(t.astype(np.float32)), classes, dataset, label_map)
         weight = tensors["weight"]
-        loss = (weight * (pred.float() - torch.from_numpy(target).to(device)) ** 2).sum() / weight[:, :1].numel()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
-        _update_ema(ema, model, cfg.ema)
-        step += 1
-        losses.append(float(loss.detach()))
-        progress.update(step, losses[-1], data_time)
-
-        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-            ranks = _rng_states(rng, drop_gen, world)  # every rank takes part in the gather
-            if rank == 0:
-                last = ckpt.save_checkpoint(run_dir, card, model, ema, optimizer,
-                                            ckpt.TrainingState(step, ranks, losses))
-        if rank == 0 and (step % cfg.preview_every == 0 or step == cfg.steps):
-            save_preview(ema, card, run_dir / "samples" / f"step-{step:08d}.png", device)
-        if rank == 0 and step % cfg.log_every == 0:
-            _log(run_dir, step, losses[-cfg.log_every:], progress)
-    progress.close()
-    return last if rank == 0 else None
-
-
-def _resume(path: Path, card: ModelCard, model: UNet, ema: UNet, optimizer: torch.optim.Optimizer,
-            drop_gen: torch.Generator, rank: int, world: int) -> tuple[int, list[float], np.random.Generator]:
-    """Load a checkpoint into model, EMA and optimizer; refuse one made with a different model or mode."""
-    old, weights, ema_weights, opt_state, state = ckpt.load_checkpoint(path)
-    for key in ("mode", "classes", "unet", "schedule", "timesteps", "objective", "datasets"):
-        if getattr(old, key) != getattr(card, key):
-            raise ValueError(f"resume: {path} was trained with {key}={getattr(old, key)!r}, this run asks for "
-                             f"{getattr(card, key)!r}")
-    if len(state.ranks) != world:
-        raise ValueError(f"resume: {path} was written by {len(state.ranks)} data-parallel process(es); resume with "
-                         f"the same number (now {world}) so every rank continues its own data order")
-    model.load_state_dict(weights)
-    ema.load_state_dict(ema_weights)
-    optimizer.load_state_dict(opt_state)
-    mine = state.ranks[rank]
-    ckpt.restore_torch_rng(mine["torch"])
-    drop_gen.set_state(torch.tensor(mine["drop"], dtype=torch.uint8))
-    return state.step, list(state.losses), ckpt.restore_numpy_rng(mine["numpy"])
-
-
-def _rng_states(rng: np.random.Generator, drop_gen: torch.Generator, world: int) -> list[dict]:
-    """Every rank's random state (gathered to all ranks), so a resumed run continues each rank's data order."""
-    mine = {"numpy": rng.bit_generator.state, "torch": ckpt.torch_rng_state(), "drop": drop_gen.get_state().tolist()}
-    if world == 1:
-        return [mine]
-    gathered: list[dict] = [{} for _ in range(world)]
-    torch.distributed.all_gather_object(gathered, mine)
-    return gathered
-
-
-@torch.no_grad()
-def _update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
-    for e, p in zip(ema.parameters(), model.parameters(), strict=True):
-        e.lerp_(p.detach(), 1 - decay)
-    for e, b in zip(ema.buffers(), model.buffers(), strict=True):
-        e.copy_(b)
-
-
-def _log(run_dir: Path, step: int, losses: list[float], progress: Progress) -> None:
-    record = {"step": step, "loss": float(np.mean(losses)), **progress.rates()}
-    with open(run_dir / "log.jsonl", "a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
-def _json_config(cfg: DDPMConfig) -> dict:
-    return json.loads(json.dumps(asdict(cfg), default=list))
+        loss = (weight * (pred.float() - run.tensor(target)) ** 2).sum() / weight[:, :1].numel()
+        run.optimize(loss, data_time, preview)
+    return run.close()

@@ -49,7 +49,7 @@ def class_presence(labels: np.ndarray) -> np.ndarray:
     return np.where(present, 1.0, np.where(fully_annotated, -1.0, 0.0)).astype(np.float32)
 
 
-def _check_axis(axis: str) -> int:
+def check_axis(axis: str) -> int:
     if axis not in AXES:
         raise ValueError(f"axis: {axis!r} is not allowed; choose one of {', '.join(AXES)}")
     return AXES[axis]
@@ -110,7 +110,7 @@ class PatchSampler:
         if not 0 <= balance <= 1:
             raise ValueError(f"balance: {balance} is not a probability in [0, 1]")
         self.crops, self.classes, self.patch, self.augment = list(crops), classes, patch_size, augment
-        self.axis = _check_axis(axis)
+        self.axis = check_axis(axis)
         self.dataset_ids = dict(dataset_ids or {n: i for i, n in enumerate(sorted({c.dataset for c in crops}))})
         self.windows = [_plane_window(c.raw.shape, self.axis, patch_size, f"crop {c.dataset}/{c.name}")
                         for c in crops]
@@ -194,7 +194,7 @@ class RawPatchSampler:
     ):
         if not stores:
             raise ValueError("stores: no EM stores to sample from")
-        self.patch, self.augment, self.axis = patch_size, augment, _check_axis(axis)
+        self.patch, self.augment, self.axis = patch_size, augment, check_axis(axis)
         self.dataset_ids = dict(dataset_ids or {s.name: i for i, s in enumerate(sorted(stores, key=lambda s: s.name))})
         self.stores = list(stores)
         self.volumes = []

@@ -27,6 +27,7 @@ from emserve.data.ngff import multiscales_attrs, pyramid_levels
 from emserve.data.store import EM_GROUP, GROUNDTRUTH_GROUP, is_remote
 
 EM_NAME = "fibsem-uint8"
+INFERENCE_GROUP = "recon-1/labels/inference"  # predictions of `emserve segment`, beside labels/groundtruth
 CHUNKS = 64
 ENCODING = {"absent": ABSENT, "present": PRESENT, "unknown": UNKNOWN}
 
@@ -142,6 +143,25 @@ def add_crop(
         (staging / crop.name).rename(final)
     finally:
         shutil.rmtree(staging.parent, ignore_errors=True)
+
+
+def create_class_arrays(root: zarr.Group, group: str, classes: Sequence[str], shape: Sequence[int],
+                        voxel_size: Sequence[float], translation: Sequence[float], chunks: Sequence[int],
+                        annotation: bool = True) -> dict[str, zarr.Array]:
+    """Empty uint8 arrays `<group>/<class>/s0`, one per class, to be filled block by block (predictions).
+
+    With `annotation` they carry the `cellmap.annotation` encoding (0 absent, 1 present); without, they hold
+    other per-class values (probabilities scaled to 0..255) and only the geometry.
+    """
+    level = pyramid_levels(voxel_size, translation, 1)
+    arrays = {}
+    for cls in check_class_names(classes):
+        g = root.require_group(group).create_group(cls)
+        g.attrs.update({**multiscales_attrs(cls, level), **(_annotation_attrs(cls) if annotation else {})})
+        arrays[cls] = g.create_array("s0", shape=tuple(shape), dtype=np.uint8, fill_value=0,
+                                     chunks=tuple(min(c, s) for c, s in zip(chunks, shape, strict=True)),
+                                     chunk_key_encoding={"name": "v2", "separator": "/"})
+    return arrays
 
 
 def _write_crop(parent: zarr.Group, crop: CropToWrite, voxel_size: Sequence[float], em_translation: Sequence[float],

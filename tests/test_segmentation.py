@@ -1,0 +1,180 @@
+"""Segmentation: tiled inference with blending, the masked loss, training on real / generated data, the CLI."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import zarr
+from checkpoints import CLASSES, make_checkpoint
+
+from emserve.card import ModelCard
+from emserve.classes import ABSENT, PRESENT, UNKNOWN
+from emserve.data.store import EMStore
+from emserve.data.writer import INFERENCE_GROUP
+from emserve.runtime.base import CallableRuntime
+from emserve.runtime.load import load_runtime
+from emserve.segmentation import (
+    masks_from_probabilities,
+    segment_array,
+    segment_image,
+    segment_store,
+)
+from training.export import export_model
+from training.seg import SegConfig, seg_loss, train_seg
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def pointwise_card(exclusive=False):
+    unet = {"in_channels": 1, "out_channels": 2 + exclusive, "multipliers": [1, 2], "timestep": False}
+    return ModelCard(mode="segmentation", classes=CLASSES, patch_size=16, unet=unet, exclusive=exclusive)
+
+
+def pointwise_runtime(exclusive=False, calls=None):
+    """A 'network' whose output at a pixel depends on that pixel only, so tiling must not change anything."""
+    card = pointwise_card(exclusive)
+
+    def fn(x, t, cond):
+        if calls is not None:
+            calls.append(x.shape)
+        channels = [4 * x, -3 * x + 0.5, np.sin(5 * x)]
+        return np.concatenate(channels[: card.unet["out_channels"]], axis=1)
+
+    return CallableRuntime(card, fn, backend="test")
+
+
+@pytest.mark.parametrize("shape", [(16, 16), (37, 50), (7, 90), (100, 33)])
+@pytest.mark.parametrize("exclusive", [False, True])
+def test_tiles_blend_to_the_whole_image_result(shape, exclusive):
+    image = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
+    runtime = pointwise_runtime(exclusive)
+    probs = segment_image(runtime, image, tile=16, overlap=5, batch_size=3)
+    x = image.astype(np.float32)[None, None] / 127.5 - 1
+    whole = runtime.fn(x, None, {})[0]
+    if exclusive:
+        e = np.exp(whole - whole.max(0))
+        expected = (e / e.sum(0))[1:]
+    else:
+        expected = 1 / (1 + np.exp(-whole))
+    assert probs.shape == (2, *shape) and probs.dtype == np.float32
+    np.testing.assert_allclose(probs, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_a_volume_is_segmented_slice_by_slice_along_the_chosen_axis():
+    volume = np.random.default_rng(1).integers(0, 256, (5, 20, 24), dtype=np.uint8)
+    calls = []
+    runtime = pointwise_runtime(calls=calls)
+    along_y = segment_array(runtime, volume, axis="y", batch_size=64)
+    assert along_y.shape == (2, 5, 20, 24)
+    assert len(calls) == 20  # one call per y-slice (all its tiles in one batch)
+    np.testing.assert_allclose(along_y, segment_array(runtime, volume, axis="z"), atol=1e-6)  # pointwise: same
+
+
+def test_bad_tiling_and_inputs_are_refused_naming_the_field():
+    runtime = pointwise_runtime()
+    with pytest.raises(ValueError, match="tile: 11 must be a positive multiple of 2"):
+        segment_image(runtime, np.zeros((8, 8), np.uint8), tile=11)
+    with pytest.raises(ValueError, match="overlap: 16 must be in"):
+        segment_image(runtime, np.zeros((8, 8), np.uint8), overlap=16)
+    with pytest.raises(ValueError, match="raw: dtype uint16 is not allowed"):
+        segment_image(runtime, np.zeros((8, 8), np.uint16))
+    with pytest.raises(ValueError, match=r"float EM must be in \[-1, 1\]"):
+        segment_image(runtime, np.full((8, 8), 3.0, np.float32))
+    with pytest.raises(ValueError, match="axis: 'w' is not allowed"):
+        segment_array(runtime, np.zeros((2, 8, 8), np.uint8), axis="w")
+
+
+def test_exclusive_masks_pick_one_class_or_background():
+    card = pointwise_card(exclusive=True)
+    probs = np.array([[0.6, 0.2, 0.3], [0.1, 0.3, 0.4]], np.float32)  # background: 0.3, 0.5, 0.3
+    masks = masks_from_probabilities(card, probs)
+    assert masks.tolist() == [[True, False, False], [False, False, True]]
+
+
+def test_unannotated_voxels_do_not_change_the_loss():
+    rng = np.random.default_rng(2)
+    labels = torch.from_numpy(rng.choice([ABSENT, PRESENT, UNKNOWN], size=(2, 2, 8, 8)).astype(np.uint8))
+    labels[:, 0, :2] = PRESENT  # both losses have something annotated to work with
+    for exclusive in (False, True):
+        logits = torch.from_numpy(rng.normal(size=(2, 2 + exclusive, 8, 8)).astype(np.float32))
+        unknown = (labels == UNKNOWN).any(1, keepdim=True) if exclusive else (labels == UNKNOWN)
+        if exclusive:  # a voxel with a present class is determined whatever the others say
+            unknown &= ~(labels == PRESENT).any(1, keepdim=True)
+        changed = torch.where(unknown, logits + 10 * torch.randn_like(logits), logits)
+        base = seg_loss(logits, labels, exclusive, 1.0)
+        assert torch.isclose(base, seg_loss(changed, labels, exclusive, 1.0))
+        annotated = torch.where(~unknown, 2 * logits, logits)
+        assert not torch.isclose(base, seg_loss(annotated, labels, exclusive, 1.0))
+
+
+@pytest.fixture(scope="module")
+def trained(toy_store, tmp_path_factory):
+    """A tiny segmentation network trained on the toy stores (mito bright, lipid droplets dark)."""
+    run = tmp_path_factory.mktemp("seg")
+    cfg = SegConfig(stores=[str(toy_store[0])], out=str(run), classes=CLASSES, patch_size=32, width=8,
+                    multipliers=(1, 2), blocks_per_level=1, batch_size=8, steps=80, lr=3e-3, ema=0.9,
+                    checkpoint_every=40, preview_every=80)
+    return train_seg(cfg), run
+
+
+def test_training_learns_the_toy_organelles_and_tiled_inference_finds_them(trained, toy_store):
+    checkpoint, run = trained
+    log = [float(line.split('"loss": ')[1].split(",")[0]) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert log[-1] < 0.6 * log[0]
+    assert (run / "samples" / "step-00000080.png").exists()
+    runtime = load_runtime(checkpoint, "torch", device="cpu")
+    crop = EMStore(toy_store[1]).read_crop("crop1", CLASSES)  # the other dataset: darker, noisier
+    masks = masks_from_probabilities(runtime.card, segment_array(runtime, crop.raw[:2], tile=32))
+    truth = crop.labels[:, :2] == PRESENT
+    dice = [2 * (m & t).sum() / (m.sum() + t.sum()) for m, t in zip(masks, truth, strict=True)]
+    assert min(dice) > 0.7, dice
+
+
+def test_generated_stores_train_alone_or_mixed(toy_store, tmp_path):
+    common = dict(classes=CLASSES, patch_size=16, width=8, multipliers=(1, 2), blocks_per_level=1, batch_size=4,
+                  steps=2, checkpoint_every=2, preview_every=2)
+    alone = train_seg(SegConfig(stores=[], generated=[str(toy_store[1])], out=str(tmp_path / "gen"), **common))
+    mixed = train_seg(SegConfig(stores=[str(toy_store[0])], generated=[str(toy_store[1])], generated_fraction=0.25,
+                                out=str(tmp_path / "mix"), **common))
+    assert ModelCard.load(alone).training["generated"] == [str(toy_store[1])]
+    assert ModelCard.load(mixed).training["config"]["generated_fraction"] == 0.25
+    with pytest.raises(ValueError, match="stores: give real stores, --generated stores, or both"):
+        SegConfig(stores=[], out=str(tmp_path / "none"), classes=CLASSES)
+
+
+def test_segment_cli_writes_predictions_that_overlay_the_source(toy_store, tmp_path):
+    checkpoint = make_checkpoint(tmp_path / "runs" / "seg", "segmentation")
+    model = export_model(checkpoint, tmp_path / "models", exporter="legacy")
+    out = tmp_path / "pred.zarr"
+    cmd = [sys.executable, "-m", "emserve.cli", "segment", str(model), str(toy_store[0]), str(out), "--probabilities",
+           "--tile", "32"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    root = zarr.open_group(str(out), mode="r")
+    store = EMStore(toy_store[0])
+    level = store.em_level()
+    expected = segment_array(load_runtime(model, "onnx"), store.normalize(store.em_volume(level)[...]), tile=32)
+    for k, name in enumerate(CLASSES):
+        group = root[f"{INFERENCE_GROUP}/segmentation/{name}"]
+        scale, translation = group.attrs["multiscales"][0]["datasets"][0]["coordinateTransformations"]
+        assert scale["scale"] == list(level.voxel_size) and translation["translation"] == list(level.translation)
+        np.testing.assert_array_equal(group["s0"][...], expected[k] > 0.5)
+        probs = root[f"{INFERENCE_GROUP}/probabilities/{name}/s0"][...]
+        np.testing.assert_allclose(probs / 255, expected[k], atol=1 / 255)
+    assert root.attrs["emserve"]["segmented"]["model"]["files"] == ModelCard.load(model).files
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 2 and "already exists" in again.stderr
+
+
+def test_segment_store_leaves_nothing_behind_when_it_fails(tmp_path):
+    runtime = pointwise_runtime()
+    out = tmp_path / "pred.zarr"
+
+    def failing(raw):
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        segment_store(runtime, np.zeros((2, 16, 16), np.uint8), out, normalize=failing)
+    assert list(tmp_path.iterdir()) == []

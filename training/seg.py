@@ -1,0 +1,167 @@
+"""Train a segmentation network on vEM stores: `emserve train seg`.
+
+The study's point is "same architecture": this is the denoiser's UNet without a timestep, raw EM in and one
+output per class. Multi-label networks put a sigmoid on each class (classes may overlap, like groups); exclusive
+networks put a softmax over background + classes (CellMap's atomic classes partition the volume). The loss is
+cross-entropy plus soft Dice, both over annotated voxels only: a class nobody annotated in a crop teaches
+nothing there, neither present nor absent.
+
+Training data are real stores, generated stores (from `emserve generate`, whose rejected samples are marked
+unannotated and so drop out of the loss), or both, with a chosen share of generated patches in every batch.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from emserve.card import ModelCard
+from emserve.classes import PRESENT, UNKNOWN
+from emserve.data.patches import PatchBatch, PatchSampler, load_crops
+from emserve.data.store import EMStore
+from emserve.pictures import grid, pair_tile, save_png
+from emserve.segmentation import masks_from_probabilities, probabilities
+from training.device import autocast
+from training.loop import Run, TrainConfig
+from training.unet import UNet, UNetConfig
+
+IGNORE = -100  # exclusive targets: voxels whose class cannot be told (some class unannotated, none present)
+PREVIEW_PATCHES = 6
+
+
+@dataclass
+class SegConfig(TrainConfig):
+    """Options of `emserve train seg`. `stores` are real data, `generated` generated stores (either may be
+    empty, not both); with both, `generated_fraction` of every batch comes from the generated ones."""
+
+    generated: list[str] = field(default_factory=list)
+    generated_fraction: float = 0.5
+    exclusive: bool = False
+    dice_weight: float = 1.0
+    crops: Mapping[str, Sequence[str]] | None = None  # real data: only these crops per dataset (held-out split)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.classes:
+            raise ValueError("classes: segmentation needs a class list (e.g. --classes mito_mem,mito_lum)")
+        if not self.stores and not self.generated:
+            raise ValueError("stores: give real stores, --generated stores, or both")
+        if self.dice_weight < 0:
+            raise ValueError(f"dice_weight: must be >= 0, got {self.dice_weight}")
+        self.check_fractions("generated_fraction")
+
+
+class SegBatchSource:
+    """Batches of raw patches and their labels (0/1/255), mixing real and generated stores as configured."""
+
+    def __init__(self, cfg: SegConfig):
+        def sampler(paths: Sequence[str], voxel_size, crops) -> PatchSampler | None:
+            if not paths:
+                return None
+            found = load_crops([EMStore(p) for p in paths], cfg.classes, voxel_size, crops)
+            if not found:
+                raise ValueError(f"stores: {list(paths)} hold no labelled crops to train segmentation on")
+            return PatchSampler(found, cfg.patch_size, axis=cfg.axis, class_groups=cfg.class_groups,
+                                balance=cfg.balance)
+
+        self.real = sampler(cfg.stores, cfg.voxel_size, cfg.crops)
+        self.generated = sampler(cfg.generated, None, None)  # generated stores have one (nominal) voxel size
+        both = self.real is not None and self.generated is not None
+        self.fraction = cfg.generated_fraction if both else float(self.generated is not None)
+
+    def sample(self, rng: np.random.Generator, batch: int) -> PatchBatch:
+        n_generated = round(batch * self.fraction)
+        parts = [s.sample(rng, n) for s, n in ((self.real, batch - n_generated), (self.generated, n_generated))
+                 if n > 0]
+        return PatchBatch(np.concatenate([p.raw for p in parts]), np.concatenate([p.labels for p in parts]),
+                          np.concatenate([p.dataset for p in parts]))
+
+    def fixed(self, count: int) -> PatchBatch:
+        """The same few patches every time (for previews): the first tiles of the real (else generated) data."""
+        source = self.real if self.real is not None else self.generated
+        return source.cut(source.tiles()[:count])
+
+
+def seg_loss(logits: torch.Tensor, labels: torch.Tensor, exclusive: bool, dice_weight: float) -> torch.Tensor:
+    """Cross-entropy + `dice_weight` x (1 - soft Dice), over annotated voxels only. labels: uint8 0/1/255."""
+    annotated = labels != UNKNOWN
+    present = labels == PRESENT
+    if exclusive:
+        # background where every class is known absent; class k where it is present; else unknown
+        target = torch.where(present.any(1), present.float().argmax(1) + 1,
+                             torch.where(annotated.all(1), 0, IGNORE))
+        ce = F.cross_entropy(logits, target, ignore_index=IGNORE) if (target != IGNORE).any() else logits.sum() * 0
+        probs = logits.softmax(1)[:, 1:]
+        mask = (target != IGNORE)[:, None].expand_as(probs)
+    else:
+        ce_map = F.binary_cross_entropy_with_logits(logits, present.float(), reduction="none")
+        ce = (ce_map * annotated).sum() / annotated.sum().clamp(min=1)
+        probs = logits.sigmoid()
+        mask = annotated
+    return ce + dice_weight * (1 - soft_dice(probs, present.float(), mask))
+
+
+def soft_dice(probs: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean Dice over classes with any voxel in `mask` (summed over the batch, so small objects count)."""
+    mask = mask.float()
+    dims = (0, 2, 3)
+    inter = (probs * target * mask).sum(dims)
+    denom = (probs * mask).sum(dims) + (target * mask).sum(dims)
+    counted = mask.sum(dims) > 0
+    dice = (2 * inter + 1) / (denom + 1)
+    return dice[counted].mean() if counted.any() else probs.sum() * 0 + 1
+
+
+def unet_config(cfg: SegConfig) -> UNetConfig:
+    unet = UNetConfig(in_channels=1, out_channels=len(cfg.classes) + cfg.exclusive, width=cfg.width,
+                      multipliers=tuple(cfg.multipliers), blocks_per_level=cfg.blocks_per_level, timestep=False)
+    if cfg.patch_size % unet.size_factor:
+        raise ValueError(f"patch_size: {cfg.patch_size} must be a multiple of {unet.size_factor} for multipliers "
+                         f"{tuple(cfg.multipliers)}")
+    return unet
+
+
+def train_seg(cfg: SegConfig, resume: bool = False) -> Path | None:
+    """Train (or resume) and return the folder of the last checkpoint (None on ranks other than 0)."""
+    source = SegBatchSource(cfg)
+    unet = unet_config(cfg)
+    card = ModelCard(mode="segmentation", classes=list(cfg.classes), patch_size=cfg.patch_size,
+                     unet=unet.to_dict(), exclusive=cfg.exclusive)
+    card.training["generated"] = list(cfg.generated)
+    run = Run(cfg, card, lambda: UNet(**unet.to_dict()), resume)
+    shown = source.fixed(PREVIEW_PATCHES)
+
+    def preview(ema: torch.nn.Module, path: Path) -> None:
+        save_seg_preview(ema, card, shown, path, run.device)
+
+    data_time = 0.0
+    while not run.done:
+        t0 = time.perf_counter()
+        batch = source.sample(run.rng, cfg.batch_size // run.world)
+        raw, labels = run.tensor(batch.raw), run.tensor(batch.labels)
+        data_time += time.perf_counter() - t0
+        with autocast(run.precision, run.device):
+            logits = run.net(raw)
+        run.optimize(seg_loss(logits.float(), labels, cfg.exclusive, cfg.dice_weight), data_time, preview)
+    return run.close()
+
+
+@torch.no_grad()
+def save_seg_preview(model: torch.nn.Module, card: ModelCard, batch: PatchBatch, path: Path,
+                     device: torch.device) -> Path:
+    """A PNG with a row per patch: EM with its true labels, then EM with the predicted labels."""
+    was_training = model.training
+    model.eval()
+    logits = model(torch.from_numpy(batch.raw).to(device)).float().cpu().numpy()
+    model.train(was_training)
+    tiles = []
+    for raw, labels, probs in zip(batch.raw[:, 0], batch.labels, probabilities(card, logits), strict=True):
+        tiles += [pair_tile(raw, labels == PRESENT, card.classes),
+                  pair_tile(raw, masks_from_probabilities(card, probs), card.classes)]
+    return save_png(grid(tiles, columns=2), path)
