@@ -3,6 +3,7 @@ come back as one line naming what is wrong, with exit status 2."""
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -24,6 +25,9 @@ app.add_typer(data_app, name="data")
 train_app = typer.Typer(help="Train diffusion and segmentation models (needs the 'train' extra: torch).",
                         no_args_is_help=True)
 app.add_typer(train_app, name="train")
+evaluate_app = typer.Typer(help="Score segmentation networks on held-out annotations, and generated EM against "
+                                "real EM.", no_args_is_help=True)
+app.add_typer(evaluate_app, name="evaluate")
 
 console = Console()
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, RuntimeError)
@@ -383,6 +387,102 @@ def segment(
         console.print(f"wrote {out}")
     finally:
         runtime.close()
+
+
+@evaluate_app.command("seg")
+def evaluate_seg(
+    model: Annotated[str, typer.Argument(help="A segmentation model folder, checkpoint, or Triton URL.")],
+    stores: Annotated[list[str], typer.Argument(help="Stores with ground-truth crops.")],
+    crops: Annotated[str, typer.Option(help="Held-out crops, comma-separated: 'crop3' (in every store) or "
+                                            "'<dataset>/crop3' (default: every crop).")] = "",
+    axis: Annotated[str, typer.Option(help="Segment slices normal to this axis: z | y | x.")] = "z",
+    tile: Annotated[int | None, typer.Option(help="Tile size (default: the model's patch size).")] = None,
+    threshold: Annotated[float, typer.Option(help="Multi-label models: probability threshold.")] = 0.5,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the report as JSON here.")] = None,
+    csv_out: Annotated[Path | None, typer.Option("--csv", help="Write the per-class table as CSV here.")] = None,
+    backend: Annotated[str, typer.Option(help="auto | onnx | torchscript | torch | triton.")] = "auto",
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda (auto: CUDA where present).")] = "auto",
+) -> None:
+    """Per-class Dice (F1), IoU, precision and recall on held-out crops, and their means.
+
+    A class a crop did not annotate is skipped there (not counted as absent); "-" marks a score that is
+    undefined (the class is annotated nowhere, or absent and never predicted).
+    """
+    from emserve.evaluation import evaluate_segmentation, held_out_crops
+    from emserve.runtime.load import load_runtime
+
+    with load_runtime(model, backend, device=device) as runtime:
+        if runtime.card.mode != "segmentation":
+            raise ValueError(f"model: {model} is a {runtime.card.mode!r} model, not a segmentation network")
+        report = evaluate_segmentation(runtime, held_out_crops(stores, runtime.card.classes, _csv(crops)),
+                                       axis=axis, tile=tile, threshold=threshold)
+    report["model"] = model
+    _print_scores(report)
+    if json_out is not None:
+        _write_text(json_out, json.dumps(report, indent=2))
+    if csv_out is not None:
+        _write_text(csv_out, _scores_csv(report))
+
+
+@evaluate_app.command("realism")
+def evaluate_realism(
+    generated: Annotated[str, typer.Argument(help="A generated store (from `emserve generate`).")],
+    real: Annotated[list[str], typer.Argument(help="Real stores to compare with (same imaging, ideally).")],
+    samples: Annotated[int, typer.Option(help="Generated samples to use (real patches: twice as many).")] = 256,
+    seed: Annotated[int, typer.Option(help="Seeds the real patch draw and the quiz order.")] = 0,
+    picture: Annotated[Path | None, typer.Option(help="Write a 'which one is fake?' grid here (PNG).")] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the report as JSON here.")] = None,
+) -> None:
+    """Frechet distance and KID of generated EM against real EM, beside the real-vs-real floor.
+
+    Features come from a fixed filter bank that ships with emserve (no downloads): compare numbers from the
+    same version only. The floor is the distance between two independent draws of real patches.
+    """
+    from emserve.evaluation import evaluate_realism as run
+
+    report = run(generated, real, samples=samples, seed=seed, picture=picture)
+    console.print(f"FD  {report['fd']:.3f}   (real vs real {report['fd_real_vs_real']:.3f})")
+    console.print(f"KID {report['kid']:.4f} +- {report['kid_std']:.4f}   (real vs real "
+                  f"{report['kid_real_vs_real']:.4f} +- {report['kid_real_vs_real_std']:.4f})")
+    console.print(f"{report['generated']} generated, {report['real']} + {report['real_reference']} real patches")
+    if picture is not None:
+        console.print(f"quiz: {picture} (answers in the JSON report)")
+    if json_out is not None:
+        _write_text(json_out, json.dumps(report, indent=2))
+
+
+SCORE_COLUMNS = ("dice", "iou", "precision", "recall")
+
+
+def _print_scores(report: dict) -> None:
+    table = Table(title=f"segmentation scores on {', '.join(report['crops'])}")
+    for col in ("class", *SCORE_COLUMNS, "annotated voxels", "present"):
+        table.add_column(col, justify="left" if col == "class" else "right")
+    for row in report["classes"]:
+        table.add_row(row["name"], *(_score(row[m]) for m in SCORE_COLUMNS), str(row["annotated"]),
+                      str(row["present"]))
+    table.add_row("mean", *(_score(report["mean"][m]) for m in SCORE_COLUMNS), "", "", style="bold")
+    console.print(table)
+
+
+def _score(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def _scores_csv(report: dict) -> str:
+    lines = [",".join(("class", *SCORE_COLUMNS, "annotated", "present"))]
+    for row in [*report["classes"], {"name": "mean", **report["mean"], "annotated": "", "present": ""}]:
+        lines.append(",".join([row["name"], *("" if row[m] is None else f"{row[m]:.6f}" for m in SCORE_COLUMNS),
+                               str(row["annotated"]), str(row["present"])]))
+    return "\n".join(lines) + "\n"
+
+
+def _write_text(path: Path, text: str) -> None:
+    """Write a report atomically (temp file + rename): a reader never sees half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
 
 
 def _segment_source(source: str, voxel_size: str) -> dict:

@@ -1,0 +1,92 @@
+"""`emserve evaluate`: a segmentation network against held-out annotations, and generated EM against real EM.
+
+Stores in, JSON-ready reports out; the numbers come from emserve.metrics, the predictions from the same tiled
+inference as `emserve segment`, so what is evaluated is what users run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from emserve.data.patches import RawPatchSampler
+from emserve.data.store import EMStore, LabelledCrop
+from emserve.metrics import Counts, realism, segmentation_report
+from emserve.pictures import grid, raw_to_rgb, save_png
+from emserve.runtime.base import Runtime
+from emserve.segmentation import masks_from_probabilities, segment_array
+
+
+def held_out_crops(paths: Sequence[str], classes: Sequence[str], crops: Sequence[str] = ()) -> list[LabelledCrop]:
+    """The crops to evaluate on: every crop of the stores, or those named ("crop3" in any store, or
+    "<dataset>/crop3"), read in the model's classes (a class a crop lacks is unannotated there)."""
+    stores = [EMStore(p) for p in paths]
+    wanted = set(crops)
+    found = []
+    for store in stores:
+        for name in store.crops:
+            if not wanted or name in wanted or f"{store.name}/{name}" in wanted:
+                found.append(store.read_crop(name, classes))
+    missing = wanted - {c.name for c in found} - {f"{c.dataset}/{c.name}" for c in found}
+    if missing:
+        available = ", ".join(f"{s.name}/{c}" for s in stores for c in s.crops) or "none"
+        raise ValueError(f"crops: {sorted(missing)} not found; available: {available}")
+    if not found:
+        raise ValueError(f"stores: {list(paths)} hold no labelled crops to evaluate on")
+    return found
+
+
+def evaluate_segmentation(runtime: Runtime, crops: Sequence[LabelledCrop], *, axis: str = "z",
+                          tile: int | None = None, overlap: int | None = None, threshold: float = 0.5) -> dict:
+    """Per-class and mean Dice / IoU / precision / recall of the network's masks on the crops."""
+    card = runtime.card
+    counts = [Counts() for _ in card.classes]
+    for crop in crops:
+        probs = segment_array(runtime, crop.raw, axis=axis, tile=tile, overlap=overlap)
+        masks = masks_from_probabilities(card, probs, threshold)
+        for k, c in enumerate(counts):
+            c.add(masks[k], crop.labels[k])
+    report = segmentation_report(card.classes, counts)
+    report["crops"] = [f"{c.dataset}/{c.name}" for c in crops]
+    return report
+
+
+def generated_patches(path: str, count: int) -> np.ndarray:
+    """Up to `count` generated EM samples [N, H, W] in [-1, 1] (each z-slice of a generated store is one)."""
+    store = EMStore(path)
+    volume = store.em_volume(store.em_level())
+    return store.normalize(np.asarray(volume[:count]))
+
+
+def real_patches(paths: Sequence[str], count: int, size: int, seed: int) -> np.ndarray:
+    """`count` random real EM patches [N, size, size] in [-1, 1] from the stores' whole volumes."""
+    sampler = RawPatchSampler([EMStore(p) for p in paths], size, augment=False)
+    raw, _ = sampler.sample(np.random.default_rng(seed), count)
+    return raw[:, 0]
+
+
+def evaluate_realism(generated: str, real: Sequence[str], *, samples: int = 256, seed: int = 0,
+                     picture: Path | None = None) -> dict:
+    """FD / KID of the generated store's EM against real patches of the same size, with the real-vs-real floor
+    from a second, independent draw. With `picture`, also a "which one is fake?" grid (answers in the report)."""
+    fake = generated_patches(generated, samples)
+    if len(fake) < 2:
+        raise ValueError(f"generated: {generated} holds {len(fake)} sample(s); realism needs at least 2")
+    both = real_patches(real, 2 * len(fake), fake.shape[-1], seed)
+    report = {"generated_store": generated, "real_stores": list(real), "seed": seed,
+              **realism(fake, both[: len(fake)], both[len(fake):])}
+    if picture is not None:
+        report["quiz"] = fake_or_real_grid(fake, both, picture, seed)
+    return report
+
+
+def fake_or_real_grid(fake: np.ndarray, real: np.ndarray, path: Path, seed: int, count: int = 16) -> dict:
+    """A shuffled grid of real and generated patches, half each; returns the PNG path and the answers."""
+    half = min(count // 2, len(fake), len(real))
+    tiles = [("generated", p) for p in fake[:half]] + [("real", p) for p in real[:half]]
+    order = np.random.default_rng(seed).permutation(len(tiles))
+    shuffled = [tiles[i] for i in order]
+    save_png(grid([raw_to_rgb(p) for _, p in shuffled], columns=4), path)
+    return {"picture": str(path), "answers": [kind for kind, _ in shuffled], "reading_order": "rows, left to right"}

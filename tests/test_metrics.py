@@ -1,0 +1,86 @@
+"""Metrics and `emserve evaluate`: unannotated voxels skipped, distances that see what they should."""
+
+import csv
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from checkpoints import CLASSES, make_checkpoint
+
+from emserve.classes import ABSENT, PRESENT, UNKNOWN
+from emserve.data.writer import write_store
+from emserve.evaluation import evaluate_realism, held_out_crops
+from emserve.metrics import Counts, frechet_distance, kernel_distance, segmentation_report
+from training.export import export_model
+
+
+def test_unannotated_voxels_are_skipped_not_counted_as_absent():
+    labels = np.array([PRESENT, PRESENT, ABSENT, ABSENT, UNKNOWN, UNKNOWN], np.uint8)
+    predicted = np.array([True, False, True, False, True, False])
+    c = Counts()
+    c.add(predicted, labels)
+    assert (c.tp, c.fp, c.fn, c.annotated) == (1, 1, 1, 4)
+    report = segmentation_report(["mito_mem"], [c])
+    assert report["classes"][0]["dice"] == pytest.approx(2 / 4)
+    assert report["classes"][0]["iou"] == pytest.approx(1 / 3)
+
+
+def test_classes_annotated_nowhere_are_undefined_and_left_out_of_the_mean():
+    seen, unseen = Counts(), Counts()
+    seen.add(np.array([True, False]), np.array([PRESENT, ABSENT], np.uint8))
+    unseen.add(np.array([True, True]), np.array([UNKNOWN, UNKNOWN], np.uint8))
+    report = segmentation_report(["mito_mem", "ld_lum"], [seen, unseen])
+    assert report["classes"][1]["dice"] is None and report["classes"][1]["annotated"] == 0
+    assert report["mean"]["dice"] == 1.0
+
+
+def test_frechet_distance_matches_the_closed_form_for_gaussians():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(20000, 3))
+    b = rng.normal(size=(20000, 3)) * 2 + np.array([1.0, 0, 0])
+    # N(0, I) vs N(m, 4I): |m|^2 + tr(I + 4I - 2 * 2I) = 1 + 3
+    assert frechet_distance(a, b) == pytest.approx(4.0, rel=0.05)
+    assert frechet_distance(a, a) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_kernel_distance_is_near_zero_for_one_distribution_and_positive_for_two():
+    rng = np.random.default_rng(1)
+    a, same, other = rng.normal(size=(400, 8)), rng.normal(size=(400, 8)), rng.normal(size=(400, 8)) + 0.5
+    kid, std = kernel_distance(a, same)
+    assert abs(kid) < 3 * std + 1e-3
+    assert kernel_distance(a, other)[0] > 10 * max(std, 1e-4)
+
+
+def test_realism_ranks_noise_far_from_real_em_and_real_near_the_floor(toy_store, tmp_path):
+    rng = np.random.default_rng(2)
+    noise = write_store(tmp_path / "noise.zarr", rng.integers(0, 256, (40, 32, 32), dtype=np.uint8), (1, 1, 1))
+    report = evaluate_realism(str(noise), [str(toy_store[0])], samples=40, picture=tmp_path / "quiz.png")
+    assert report["fd"] > 5 * report["fd_real_vs_real"]
+    assert report["kid"] > report["kid_real_vs_real"]
+    assert sorted(report["quiz"]["answers"]) == ["generated"] * 8 + ["real"] * 8
+    assert (tmp_path / "quiz.png").exists()
+
+
+def test_held_out_crops_are_named_per_store_and_unknown_names_refused(toy_store):
+    crops = held_out_crops([str(p) for p in toy_store], CLASSES, ["toy_b/crop1"])
+    assert [(c.dataset, c.name) for c in crops] == [("toy_b", "crop1")]
+    with pytest.raises(ValueError, match=r"crops: \['crop9'\] not found; available: toy_a/crop1, toy_b/crop1"):
+        held_out_crops([str(p) for p in toy_store], CLASSES, ["crop9"])
+
+
+def test_evaluate_cli_writes_json_and_csv_that_agree(toy_store, tmp_path):
+    model = export_model(make_checkpoint(tmp_path / "runs" / "seg", "segmentation"), tmp_path / "models",
+                         exporter="legacy")
+    cmd = [sys.executable, "-m", "emserve.cli", "evaluate", "seg", str(model), str(toy_store[0]),
+           "--tile", "32", "--json", str(tmp_path / "r.json"), "--csv", str(tmp_path / "r.csv")]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    report = json.loads((tmp_path / "r.json").read_text())
+    rows = list(csv.DictReader((tmp_path / "r.csv").open()))
+    assert [r["class"] for r in rows] == [*CLASSES, "mean"]
+    for row, scores in zip(rows, report["classes"], strict=False):
+        assert float(row["dice"]) == pytest.approx(scores["dice"], abs=1e-6)
+        assert int(row["annotated"]) == scores["annotated"] == 8 * 64 * 64
+    assert "mito_mem" in done.stdout and "mean" in done.stdout
