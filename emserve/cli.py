@@ -247,6 +247,46 @@ def train_seg(
     _report_checkpoint(run(cfg, resume=resume))
 
 
+@app.command("experiment")
+def experiment(
+    stores: Annotated[list[str], typer.Argument(help="Stores with labelled crops (real data).")],
+    out: Annotated[Path, typer.Option(help="Experiment folder: runs, generated stores, report.md / .json.")],
+    holdout: Annotated[str, typer.Option(help="Crops to score on and never train on, comma-separated: 'crop3' "
+                                              "or '<dataset>/crop3'.")],
+    classes: ClassList = "",
+    patch_size: PatchSize = 64,
+    width: Width = 32,
+    multipliers: Multipliers = "1,2,4",
+    blocks_per_level: BlocksPerLevel = 1,
+    batch_size: BatchSize = 8,
+    lr: LearningRate = 4e-4,
+    seg_steps: Annotated[int, typer.Option(help="Training steps of each segmentation arm.")] = 1000,
+    ddpm_steps: Annotated[int, typer.Option(help="Training steps of each pairs DDPM.")] = 4000,
+    samples: Annotated[int, typer.Option(help="Generated pairs per DDPM.")] = 256,
+    sampler: Annotated[str, typer.Option(help="ddpm | ddim | dpmpp_2m.")] = "dpmpp_2m",
+    sample_steps: Annotated[int, typer.Option(help="Denoising steps per sample.")] = 25,
+    mix: Annotated[float, typer.Option(help="Mixed arms: share of generated patches per batch.")] = 0.5,
+    few_slices: Annotated[int, typer.Option(help="Low-label arms: labelled slices kept per crop.")] = 2,
+    class_groups: ClassGroups = "",
+    seed: Seed = 0,
+) -> None:
+    """Does generated data help? Train segmentation on real, generated, mixed and few-label data, score all.
+
+    Also trains the pairs DDPMs it generates with, and reports realism (FD / KID) and class-presence guidance.
+    Rerun the same command to resume an interrupted experiment.
+    """
+    from training.experiment import ExperimentConfig, run_experiment
+
+    cfg = ExperimentConfig(
+        stores=stores, out=str(out), holdout=_csv(holdout), classes=_csv(classes) or _annotated_classes(stores),
+        patch_size=patch_size, width=width, multipliers=_ints("multipliers", multipliers),
+        blocks_per_level=blocks_per_level, batch_size=batch_size, lr=lr, seg_steps=seg_steps, ddpm_steps=ddpm_steps,
+        samples=samples, sampler=sampler, sample_steps=sample_steps, mix=mix, few_slices=few_slices,
+        class_groups=_groups(class_groups), seed=seed, command=command_line(),
+    )
+    console.print(f"report: {run_experiment(cfg)}")
+
+
 @app.command("export")
 def export(
     checkpoint: Annotated[Path, typer.Argument(help="A training checkpoint folder (runs/<run>/step-N).")],

@@ -233,7 +233,7 @@ def generate_store(card: ModelCard, denoise: Denoise, request: GenerationRequest
                    labels: LabelSource | None = None, screening: Screening | None = None, *, resume: bool = False,
                    progress: Callable[[int, int], None] | None = None, shown: int = 16) -> Path:
     """Generate the request into the store `out` batch by batch (resuming finished batches when asked), and
-    return the PNG grid of the first `shown` samples generated in this run (written beside the store)."""
+    return the PNG grid beside the store (of the first `shown` samples generated in this run, if any)."""
     check_request(card, request)
     store = GeneratedStore(out, card, request, resume=resume)
     raws: list[np.ndarray | None] = []
@@ -245,7 +245,8 @@ def generate_store(card: ModelCard, denoise: Denoise, request: GenerationRequest
         raws += list(raw[:room]) if raw is not None else [None] * min(room, len(labelled))
         masks += [m > 0 for m in labelled[:room]]
     store.finish()
-    return preview(card, raws, masks, Path(out).with_suffix(".png"))
+    picture = Path(out).with_suffix(".png")
+    return preview(card, raws, masks, picture) if masks else picture  # resumed a finished store: keep its grid
 
 
 def preview(card: ModelCard, raws: Sequence[np.ndarray | None], masks: Sequence[np.ndarray], path: Path,

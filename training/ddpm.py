@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from emserve.card import ModelCard
-from emserve.data.patches import PatchSampler, RawPatchSampler, class_presence, label_channels, load_crops
+from emserve.data.patches import PatchSampler, RawPatchSampler, class_presence, label_channels
 from emserve.data.store import EMStore
 from emserve.diffusion import make_schedule, training_target
 from training.device import autocast
@@ -68,7 +68,7 @@ class BatchSource:
         self.labelled = None
         self.raw = None
         if cfg.mode != "em":
-            crops = load_crops(stores, cfg.classes, cfg.voxel_size)
+            crops = cfg.labelled_crops(stores)
             if not crops:
                 paths = [s.path for s in stores]
                 raise ValueError(f"stores: mode {cfg.mode!r} needs labelled crops; {paths} have none")

@@ -7,7 +7,7 @@ checkpoints (safetensors + card, every rank's random state), resume exactly, and
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -16,6 +16,8 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from emserve.card import ModelCard
+from emserve.data.patches import load_crops
+from emserve.data.store import EMStore, LabelledCrop
 from training import checkpoint as ckpt
 from training.device import init_distributed, pick_device, resolve_precision
 from training.progress import Progress
@@ -46,6 +48,8 @@ class TrainConfig:
     balance: float = 0.5
     axis: str = "z"
     voxel_size: tuple[float, float, float] | None = None
+    crops: dict[str, list[str]] | None = None  # only these crops per dataset (the rest held out); None: all
+    labelled_slices: int = 0  # keep labels on this many evenly spaced slices per crop (low-label regime); 0: all
     precision: str = "auto"
     seed: int = 0
     checkpoint_every: int = 500
@@ -58,11 +62,17 @@ class TrainConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be a positive integer, got {getattr(self, name)}")
         self.check_fractions("balance")
+        if self.labelled_slices < 0:
+            raise ValueError(f"labelled_slices: must be >= 0 (0 = all), got {self.labelled_slices}")
 
     def check_fractions(self, *names: str) -> None:
         for name in names:
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"{name}: must be in [0, 1], got {getattr(self, name)}")
+
+    def labelled_crops(self, stores: Sequence[EMStore]) -> list[LabelledCrop]:
+        """The training crops of `stores` as configured (which crops, how many labelled slices)."""
+        return load_crops(stores, self.classes, self.voxel_size, self.crops, self.labelled_slices, self.axis)
 
     def to_json(self) -> dict:
         return json.loads(json.dumps(asdict(self), default=list))

@@ -13,7 +13,7 @@ unannotated and so drop out of the loss), or both, with a chosen share of genera
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from emserve.card import ModelCard
 from emserve.classes import PRESENT, UNKNOWN
 from emserve.data.patches import PatchBatch, PatchSampler, load_crops
-from emserve.data.store import EMStore
+from emserve.data.store import EMStore, LabelledCrop
 from emserve.pictures import grid, pair_tile, save_png
 from emserve.segmentation import masks_from_probabilities, probabilities
 from training.device import autocast
@@ -44,7 +44,6 @@ class SegConfig(TrainConfig):
     generated_fraction: float = 0.5
     exclusive: bool = False
     dice_weight: float = 1.0
-    crops: Mapping[str, Sequence[str]] | None = None  # real data: only these crops per dataset (held-out split)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -61,17 +60,18 @@ class SegBatchSource:
     """Batches of raw patches and their labels (0/1/255), mixing real and generated stores as configured."""
 
     def __init__(self, cfg: SegConfig):
-        def sampler(paths: Sequence[str], voxel_size, crops) -> PatchSampler | None:
+        def sampler(paths: Sequence[str], crops: list[LabelledCrop]) -> PatchSampler | None:
             if not paths:
                 return None
-            found = load_crops([EMStore(p) for p in paths], cfg.classes, voxel_size, crops)
-            if not found:
+            if not crops:
                 raise ValueError(f"stores: {list(paths)} hold no labelled crops to train segmentation on")
-            return PatchSampler(found, cfg.patch_size, axis=cfg.axis, class_groups=cfg.class_groups,
+            return PatchSampler(crops, cfg.patch_size, axis=cfg.axis, class_groups=cfg.class_groups,
                                 balance=cfg.balance)
 
-        self.real = sampler(cfg.stores, cfg.voxel_size, cfg.crops)
-        self.generated = sampler(cfg.generated, None, None)  # generated stores have one (nominal) voxel size
+        self.real = sampler(cfg.stores, cfg.labelled_crops([EMStore(p) for p in cfg.stores]))
+        # generated stores: every crop, all labels as generated, at their one (nominal) voxel size
+        generated = load_crops([EMStore(p) for p in cfg.generated], cfg.classes)
+        self.generated = sampler(cfg.generated, generated)
         both = self.real is not None and self.generated is not None
         self.fraction = cfg.generated_fraction if both else float(self.generated is not None)
 

@@ -227,10 +227,32 @@ def load_crops(
     classes: Sequence[str],
     voxel_size: Sequence[float] | None = None,
     crops: Mapping[str, Sequence[str]] | None = None,
+    labelled_slices: int = 0,
+    axis: str = "z",
 ) -> list[LabelledCrop]:
-    """Read every crop (or the named `crops[store.name]`) of every store at one voxel size."""
+    """Read every crop (or the named `crops[store.name]`) of every store at one voxel size.
+
+    `labelled_slices` > 0 keeps the labels of only that many evenly spaced planes along `axis` per crop and
+    marks the rest unannotated (the low-label regime: raw EM everywhere, annotations on a few slices).
+    """
     out = []
     for store in stores:
         names = crops.get(store.name, ()) if crops is not None else store.crops
         out.extend(store.read_crop(name, classes, voxel_size) for name in names)
+    if labelled_slices:
+        for crop in out:
+            keep_labelled_slices(crop, labelled_slices, axis)
     return out
+
+
+def keep_labelled_slices(crop: LabelledCrop, count: int, axis: str = "z") -> None:
+    """Mark every plane of `crop` along `axis` unannotated except `count` evenly spaced ones (in place)."""
+    if count < 1:
+        raise ValueError(f"labelled_slices: {count} must be at least 1 (0 means all)")
+    along = check_axis(axis)
+    planes = crop.labels.shape[1 + along]
+    kept = np.unique(np.linspace(0, planes - 1, min(count, planes)).round().astype(int))
+    dropped = np.setdiff1d(np.arange(planes), kept)
+    key: list[object] = [slice(None)] * 4
+    key[1 + along] = dropped
+    crop.labels[tuple(key)] = UNKNOWN
