@@ -143,6 +143,8 @@ Seed = Annotated[int, typer.Option(help="Seeds weights, batches and dropout; a r
 CheckpointEvery = Annotated[int, typer.Option(help="Steps between checkpoints.")]
 PreviewEvery = Annotated[int, typer.Option(help="Steps between PNG previews (samples/).")]
 Resume = Annotated[bool, typer.Option(help="Continue from the newest checkpoint in --out.")]
+LabelledSlices = Annotated[int, typer.Option(help="Keep labels on only this many evenly spaced slices per crop "
+                                                  "(the low-label regime; 0: all).")]
 
 
 @train_app.command("ddpm")
@@ -169,6 +171,7 @@ def train_ddpm(
     balance: Balance = 0.5,
     axis: PatchAxis = "z",
     voxel_size: VoxelSize = "",
+    labelled_slices: LabelledSlices = 0,
     precision: Precision = "auto",
     seed: Seed = 0,
     checkpoint_every: CheckpointEvery = 500,
@@ -190,7 +193,7 @@ def train_ddpm(
         objective=objective, timesteps=timesteps, class_condition=class_condition,
         dataset_condition=dataset_condition, p_drop=p_drop, raw_weight=raw_weight,
         class_groups=_groups(class_groups), balance=balance, axis=axis,
-        voxel_size=_voxel_size(voxel_size), precision=precision, seed=seed,
+        voxel_size=_voxel_size(voxel_size), labelled_slices=labelled_slices, precision=precision, seed=seed,
         checkpoint_every=checkpoint_every, preview_every=preview_every, command=command_line(),
     )
     _report_checkpoint(run(cfg, resume=resume))
@@ -220,6 +223,7 @@ def train_seg(
     balance: Balance = 0.5,
     axis: PatchAxis = "z",
     voxel_size: VoxelSize = "",
+    labelled_slices: LabelledSlices = 0,
     precision: Precision = "auto",
     seed: Seed = 0,
     checkpoint_every: CheckpointEvery = 500,
@@ -241,8 +245,8 @@ def train_seg(
         dice_weight=dice_weight, patch_size=patch_size, batch_size=batch_size, steps=steps, lr=lr, width=width,
         multipliers=_ints("multipliers", multipliers), blocks_per_level=blocks_per_level,
         class_groups=_groups(class_groups), balance=balance, axis=axis, voxel_size=_voxel_size(voxel_size),
-        precision=precision, seed=seed, checkpoint_every=checkpoint_every, preview_every=preview_every,
-        command=command_line(),
+        labelled_slices=labelled_slices, precision=precision, seed=seed, checkpoint_every=checkpoint_every,
+        preview_every=preview_every, command=command_line(),
     )
     _report_checkpoint(run(cfg, resume=resume))
 
