@@ -272,6 +272,7 @@ def experiment(
     mix: Annotated[float, typer.Option(help="Mixed arms: share of generated patches per batch.")] = 0.5,
     few_slices: Annotated[int, typer.Option(help="Low-label arms: labelled slices kept per crop.")] = 2,
     class_groups: ClassGroups = "",
+    voxel_size: VoxelSize = "",
     seed: Seed = 0,
 ) -> None:
     """Does generated data help? Train segmentation on real, generated, mixed and few-label data, score all.
@@ -286,7 +287,7 @@ def experiment(
         patch_size=patch_size, width=width, multipliers=_ints("multipliers", multipliers),
         blocks_per_level=blocks_per_level, batch_size=batch_size, lr=lr, seg_steps=seg_steps, ddpm_steps=ddpm_steps,
         samples=samples, sampler=sampler, sample_steps=sample_steps, mix=mix, few_slices=few_slices,
-        class_groups=_groups(class_groups), seed=seed, command=command_line(),
+        class_groups=_groups(class_groups), voxel_size=_voxel_size(voxel_size), seed=seed, command=command_line(),
     )
     console.print(f"report: {run_experiment(cfg)}")
 

@@ -19,16 +19,18 @@ from emserve.runtime.base import Runtime
 from emserve.segmentation import masks_from_probabilities, segment_array
 
 
-def held_out_crops(paths: Sequence[str], classes: Sequence[str], crops: Sequence[str] = ()) -> list[LabelledCrop]:
+def held_out_crops(paths: Sequence[str], classes: Sequence[str], crops: Sequence[str] = (),
+                   voxel_size: Sequence[float] | None = None) -> list[LabelledCrop]:
     """The crops to evaluate on: every crop of the stores, or those named ("crop3" in any store, or
-    "<dataset>/crop3"), read in the model's classes (a class a crop lacks is unannotated there)."""
+    "<dataset>/crop3"), read in the model's classes (a class a crop lacks is unannotated there) at
+    `voxel_size` (default: the finest)."""
     stores = [EMStore(p) for p in paths]
     wanted = set(crops)
     found = []
     for store in stores:
         for name in store.crops:
             if not wanted or name in wanted or f"{store.name}/{name}" in wanted:
-                found.append(store.read_crop(name, classes))
+                found.append(store.read_crop(name, classes, voxel_size))
     missing = wanted - {c.name for c in found} - {f"{c.dataset}/{c.name}" for c in found}
     if missing:
         available = ", ".join(f"{s.name}/{c}" for s in stores for c in s.crops) or "none"
@@ -60,21 +62,23 @@ def generated_patches(path: str, count: int) -> np.ndarray:
     return store.normalize(np.asarray(volume[:count]))
 
 
-def real_patches(paths: Sequence[str], count: int, size: int, seed: int) -> np.ndarray:
+def real_patches(paths: Sequence[str], count: int, size: int, seed: int,
+                 voxel_size: Sequence[float] | None = None) -> np.ndarray:
     """`count` random real EM patches [N, size, size] in [-1, 1] from the stores' whole volumes."""
-    sampler = RawPatchSampler([EMStore(p) for p in paths], size, augment=False)
+    sampler = RawPatchSampler([EMStore(p) for p in paths], size, voxel_size=voxel_size, augment=False)
     raw, _ = sampler.sample(np.random.default_rng(seed), count)
     return raw[:, 0]
 
 
 def evaluate_realism(generated: str, real: Sequence[str], *, samples: int = 256, seed: int = 0,
-                     picture: Path | None = None) -> dict:
+                     picture: Path | None = None, voxel_size: Sequence[float] | None = None) -> dict:
     """FD / KID of the generated store's EM against real patches of the same size, with the real-vs-real floor
-    from a second, independent draw. With `picture`, also a "which one is fake?" grid (answers in the report)."""
+    from a second, independent draw (real EM at `voxel_size`, default the finest). With `picture`, also a
+    "which one is fake?" grid (answers in the report)."""
     fake = generated_patches(generated, samples)
     if len(fake) < 2:
         raise ValueError(f"generated: {generated} holds {len(fake)} sample(s); realism needs at least 2")
-    both = real_patches(real, 2 * len(fake), fake.shape[-1], seed)
+    both = real_patches(real, 2 * len(fake), fake.shape[-1], seed, voxel_size)
     report = {"generated_store": generated, "real_stores": list(real), "seed": seed,
               **realism(fake, both[: len(fake)], both[len(fake):])}
     if picture is not None:

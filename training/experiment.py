@@ -56,6 +56,7 @@ class ExperimentConfig:
     mix: float = 0.5
     few_slices: int = 2
     class_groups: list[list[str]] = field(default_factory=list)
+    voxel_size: tuple[float, float, float] | None = None  # scale level of the real data (default: finest)
     seed: int = 0
     command: str = ""
 
@@ -88,10 +89,11 @@ def run_experiment(cfg: ExperimentConfig) -> Path:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     crops = training_crops(cfg)
-    held = held_out_crops(cfg.stores, cfg.classes, cfg.holdout)
+    held = held_out_crops(cfg.stores, cfg.classes, cfg.holdout, cfg.voxel_size)
     shared = {"classes": cfg.classes, "patch_size": cfg.patch_size, "width": cfg.width,
               "multipliers": tuple(cfg.multipliers), "blocks_per_level": cfg.blocks_per_level,
               "batch_size": cfg.batch_size, "lr": cfg.lr, "class_groups": cfg.class_groups, "seed": cfg.seed,
+              "voxel_size": cfg.voxel_size,
               "crops": crops, "command": cfg.command}
 
     generated = {}
@@ -123,7 +125,7 @@ def run_experiment(cfg: ExperimentConfig) -> Path:
         "training_crops": crops,
         "arms": scores,
         "realism": {name: evaluate_realism(str(path), cfg.stores, samples=cfg.samples, seed=cfg.seed,
-                                           picture=out / f"quiz-{name}.png")
+                                           picture=out / f"quiz-{name}.png", voxel_size=cfg.voxel_size)
                     for name, path in generated.items()},
         "class_balance": class_balance(cfg, out / "ddpm-full", crops),
     }
@@ -162,7 +164,7 @@ def rarest_class(cfg: ExperimentConfig, crops: dict[str, list[str]]) -> str:
     for path in cfg.stores:
         store = EMStore(path)
         for crop in crops.get(store.name, []):
-            labels = store.read_crop(crop, cfg.classes).labels == PRESENT
+            labels = store.read_crop(crop, cfg.classes, cfg.voxel_size).labels == PRESENT
             for k, name in enumerate(cfg.classes):
                 counts[name][0] += int(labels[k].any(axis=(1, 2)).sum())
                 counts[name][1] += int(labels[k].sum())
@@ -180,7 +182,8 @@ def markdown_report(report: dict) -> str:
              f"Budget: segmentation {cfg['seg_steps']} steps, DDPM {cfg['ddpm_steps']} steps, batch "
              f"{cfg['batch_size']}, patch {cfg['patch_size']}, UNet width {cfg['width']} x {cfg['multipliers']}; "
              f"{cfg['samples']} generated pairs per DDPM ({cfg['sampler']}, {cfg['sample_steps']} steps); "
-             f"mix {cfg['mix']}; few = {cfg['few_slices']} labelled slices per crop.", "",
+             f"mix {cfg['mix']}; few = {cfg['few_slices']} labelled slices per crop; real data at voxel size "
+             f"{cfg['voxel_size'] or 'finest'} nm.", "",
              "## Segmentation on the held-out crops", "",
              "| arm | mean Dice | mean IoU | mean precision | mean recall |", "|---|---|---|---|---|"]
     for arm in ARMS:
