@@ -335,7 +335,8 @@ def generate(
     present: Annotated[str, typer.Option(help="Classes the samples should contain, comma-separated.")] = "",
     absent: Annotated[str, typer.Option(help="Classes the samples should not contain.")] = "",
     dataset: Annotated[str | None, typer.Option(help="Dataset (domain) to imitate, by name.")] = None,
-    labels_from: Annotated[str, typer.Option(help="from-labels: a store whose crops give the label maps.")] = "",
+    labels_from: Annotated[str, typer.Option(help="from-labels: a store whose crops give the label maps, or PNG/"
+                                                  "TIFF index maps of CellMap class ids (file, folder or glob).")] = "",
     label_method: Annotated[str, typer.Option(help="Channels to labels: threshold (overlapping) | argmax.")] = (
         "threshold"),
     screen: Annotated[bool, typer.Option(help="Mark implausible label maps unannotated (lumen without or "
@@ -532,8 +533,7 @@ def _write_text(path: Path, text: str) -> None:
 
 def _segment_source(source: str, voxel_size: str) -> dict:
     """volume, normalize, voxel_size and translation of what `emserve segment` reads."""
-    suffix = Path(source).suffix.lower()
-    if suffix in (".png", ".tif", ".tiff"):
+    if not _is_store(source):
         from emserve.data.stacks import discover, read_stack
 
         return {"volume": read_stack(discover(source, "source"), "source")}
@@ -545,18 +545,33 @@ def _segment_source(source: str, voxel_size: str) -> dict:
             "translation": level.translation}
 
 
-def _label_source(card, store_path: str, seed: int):
-    """Label maps for from-labels: random patches of the store's crops, in the model's classes."""
+def _label_source(card, source: str, seed: int):
+    """Label maps for from-labels, sample i -> map: random patches of a store's crops (in the model's classes),
+    or PNG / TIFF index maps of CellMap class ids (a file, folder or glob), used in order and repeated."""
     from emserve.data.patches import PatchSampler, label_channels, load_crops
     from emserve.data.store import EMStore
 
-    if not store_path:
-        raise ValueError("labels_from: from-labels needs label maps; give a store with --labels-from")
-    sampler = PatchSampler(load_crops([EMStore(store_path)], card.classes), card.patch_size, augment=False)
+    if not source:
+        raise ValueError("labels_from: from-labels needs label maps; give a store or index-map images with "
+                         "--labels-from")
+    if not _is_store(source):
+        from emserve.data.stacks import discover, read_stack
+        from emserve.pipelines import label_maps_from_ids
+
+        maps = label_maps_from_ids(card, read_stack(discover(source, "labels_from"), "labels_from"))
+        return lambda start, stop: maps[np.arange(start, stop) % len(maps)]
+    sampler = PatchSampler(load_crops([EMStore(source)], card.classes), card.patch_size, augment=False)
     tiles = sampler.tiles()
     order = np.random.default_rng(seed).permutation(len(tiles))
     return lambda start, stop: label_channels(sampler.cut([tiles[order[i % len(tiles)]]
                                                           for i in range(start, stop)]).labels)
+
+
+def _is_store(path: str) -> bool:
+    """A zarr / N5 store (local or s3://), as opposed to image files."""
+    local = Path(path)
+    return (path.startswith("s3://") or local.suffix.lower() in (".zarr", ".n5")
+            or (local / ".zgroup").exists() or (local / "zarr.json").exists())
 
 
 def command_line() -> str:

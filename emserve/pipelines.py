@@ -17,7 +17,7 @@ import numpy as np
 import zarr
 
 from emserve.card import RAW, ModelCard
-from emserve.classes import ABSENT, PRESENT, UNKNOWN, check_class_names
+from emserve.classes import ABSENT, PRESENT, UNKNOWN, check_class_names, masks_from_ids
 from emserve.data.ngff import multiscales_attrs, pyramid_levels
 from emserve.data.store import EM_GROUP, EMStore
 from emserve.data.writer import EM_NAME, CropToWrite, add_crop, provenance
@@ -114,6 +114,20 @@ def conditions(card: ModelCard, request: GenerationRequest, batch: int,
     elif label_map is not None:
         raise ValueError(f"label maps: a {card.mode!r} model takes no label maps")
     return cond, null
+
+
+def label_maps_from_ids(card: ModelCard, ids: np.ndarray) -> np.ndarray:
+    """Index maps [N, H, W] of CellMap class ids (0 = none of them) -> label-map channels [N, K, H, W] of an
+    em-from-labels model: +1 where the model's class (or any member of a group class) is, -1 elsewhere."""
+    ids = np.asarray(ids)
+    size = card.patch_size
+    if ids.ndim != 3 or ids.shape[1:] != (size, size):
+        raise ValueError(f"label maps: shape {ids.shape}; this model takes [N, {size}, {size}] index maps (class ids "
+                         f"of {', '.join(card.classes)})")
+    if not np.issubdtype(ids.dtype, np.integer):
+        raise ValueError(f"label maps: dtype {ids.dtype}; index maps hold integer CellMap class ids")
+    masks = masks_from_ids(ids, card.classes)
+    return np.where(masks, 1.0, -1.0).astype(np.float32).transpose(1, 0, 2, 3)
 
 
 def check_request(card: ModelCard, request: GenerationRequest) -> None:

@@ -166,3 +166,33 @@ def test_bad_sampling_settings_are_refused_before_anything_is_written(checkpoint
                              str(tmp_path / "g.zarr"), "--steps", "0"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "steps" in result.stderr
     assert not (tmp_path / "g.zarr").exists()
+
+
+def test_png_index_maps_drive_em_from_labels_in_order(checkpoints, tmp_path):
+    from PIL import Image
+
+    from emserve.classes import get_class
+
+    maps = tmp_path / "maps"
+    maps.mkdir()
+    ids = np.zeros((2, 16, 16), np.uint8)
+    ids[0, 2:9, 2:9] = get_class("mito_mem").id
+    ids[1, 8:, :] = get_class("ld_lum").id
+    for i, plane in enumerate(ids):
+        Image.fromarray(plane).save(maps / f"map{i}.png")
+    out = tmp_path / "g.zarr"
+    result = subprocess.run([sys.executable, "-m", "emserve.cli", "generate", "from-labels",
+                             str(checkpoints["em-from-labels"]), str(out), "--samples", "3", "--steps", "2",
+                             "--labels-from", str(maps)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    store = EMStore(out)
+    labels = np.concatenate([store.read_crop(c, ["mito_mem", "ld_lum"]).labels for c in store.crops], axis=1)
+    assert labels.shape == (2, 3, 16, 16)
+    for sample, plane in zip(labels.transpose(1, 0, 2, 3), ids[[0, 1, 0]], strict=True):  # maps repeat in order
+        assert (sample[0] == PRESENT).tolist() == (plane == get_class("mito_mem").id).tolist()
+        assert (sample[1] == PRESENT).tolist() == (plane == get_class("ld_lum").id).tolist()
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(maps / "map2.png")
+    bad = subprocess.run([sys.executable, "-m", "emserve.cli", "generate", "from-labels",
+                          str(checkpoints["em-from-labels"]), str(tmp_path / "b.zarr"), "--labels-from",
+                          str(maps / "map2.png")], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "this model takes [N, 16, 16] index maps" in bad.stderr
