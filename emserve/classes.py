@@ -107,6 +107,7 @@ MEMBRANE_OF: dict[str, str] = {
 
 # Voxel values of CellMap label arrays (`cellmap.annotation` attributes).
 ABSENT, PRESENT, UNKNOWN = 0, 1, 255
+ENCODING = {"absent": ABSENT, "present": PRESENT, "unknown": UNKNOWN}  # as `cellmap.annotation` writes it
 
 
 def get_class(name: str) -> OrganelleClass:

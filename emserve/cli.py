@@ -13,6 +13,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from emserve.data.ngff import format_nm
+
 app = typer.Typer(
     help="Diffusion-generated training data for organelle segmentation in volume EM.\n\n"
     "Stores are OME-NGFF zarr in the CellMap layout (<name>.zarr/recon-1/em/fibsem-uint8, "
@@ -93,7 +95,7 @@ def data_import(
         labelled_slices=labelled_slices or None, holdout=holdout, rescale=rescale, overwrite=overwrite,
         command=command_line(),
     )
-    console.print(f"wrote {summary.path}: {summary.shape} voxels of {_nm(summary.voxel_size)} nm")
+    console.print(f"wrote {summary.path}: {summary.shape} voxels of {format_nm(summary.voxel_size, ' x ')} nm")
     for crop, info in summary.crops.items():
         console.print(f"  {crop} ({info['split']}): slices {info['slices']}")
     for name, fraction in summary.class_fractions.items():
@@ -112,8 +114,8 @@ def data_info(
     for col in ("level", "shape (z,y,x)", "voxel size nm", "offset nm"):
         table.add_column(col)
     for level in em.em_levels:
-        table.add_row(level.path, str(tuple(em.em_volume(level).shape)), _nm(level.voxel_size),
-                      _nm(level.translation))
+        table.add_row(level.path, str(tuple(em.em_volume(level).shape)), format_nm(level.voxel_size, " x "),
+                      format_nm(level.translation, " x "))
     console.print(table)
     if not em.crops:
         console.print("no ground-truth crops (raw only)")
@@ -501,18 +503,16 @@ SCORE_COLUMNS = ("dice", "iou", "precision", "recall")
 
 
 def _print_scores(report: dict) -> None:
+    from emserve.metrics import format_score
+
     table = Table(title=f"segmentation scores on {', '.join(report['crops'])}")
     for col in ("class", *SCORE_COLUMNS, "annotated voxels", "present"):
         table.add_column(col, justify="left" if col == "class" else "right")
     for row in report["classes"]:
-        table.add_row(row["name"], *(_score(row[m]) for m in SCORE_COLUMNS), str(row["annotated"]),
+        table.add_row(row["name"], *(format_score(row[m]) for m in SCORE_COLUMNS), str(row["annotated"]),
                       str(row["present"]))
-    table.add_row("mean", *(_score(report["mean"][m]) for m in SCORE_COLUMNS), "", "", style="bold")
+    table.add_row("mean", *(format_score(report["mean"][m]) for m in SCORE_COLUMNS), "", "", style="bold")
     console.print(table)
-
-
-def _score(value: float | None) -> str:
-    return "-" if value is None else f"{value:.3f}"
 
 
 def _scores_csv(report: dict) -> str:
@@ -613,10 +613,6 @@ def _annotated_classes(paths: list[str]) -> list[str]:
     stores = [EMStore(p) for p in paths]
     found = {c for s in stores for crop in s.crops for c in s.crop_classes(crop)}
     return [c.name for c in CLASS_TABLE if c.name in found]
-
-
-def _nm(values: tuple[float, ...]) -> str:
-    return " x ".join(f"{v:g}" for v in values)
 
 
 if __name__ == "__main__":

@@ -70,6 +70,11 @@ def class_scores(name: str, c: Counts) -> ClassScores:
                        _ratio(c.tp, c.tp + c.fp), _ratio(c.tp, c.tp + c.fn), c.annotated, c.tp + c.fn)
 
 
+def format_score(value: float | None) -> str:
+    """A score for tables: three decimals, "-" where undefined."""
+    return "-" if value is None else f"{value:.3f}"
+
+
 def segmentation_report(names: Sequence[str], counts: Sequence[Counts]) -> dict:
     """{"classes": [per-class scores], "mean": {metric: mean over classes where defined}} (JSON-ready)."""
     scores = [class_scores(n, c) for n, c in zip(names, counts, strict=True)]

@@ -27,6 +27,7 @@ from emserve.card import ModelCard
 from emserve.classes import PRESENT
 from emserve.data.store import EMStore
 from emserve.evaluation import evaluate_realism, evaluate_segmentation, held_out_crops
+from emserve.metrics import format_score
 from emserve.pipelines import GenerationRequest, generate_store
 from emserve.postprocess import Screening
 from emserve.runtime.load import load_runtime
@@ -188,12 +189,13 @@ def markdown_report(report: dict) -> str:
              "| arm | mean Dice | mean IoU | mean precision | mean recall |", "|---|---|---|---|---|"]
     for arm in ARMS:
         mean = arms[arm]["mean"]
-        lines.append(f"| {arm} | " + " | ".join(_fmt(mean[m]) for m in ("dice", "iou", "precision", "recall"))
+        lines.append(f"| {arm} | " + " | ".join(format_score(mean[m]) for m in ("dice", "iou", "precision", "recall"))
                      + " |")
     lines += ["", "Dice per class (- : undefined, the class is absent there and never predicted):", "",
               "| class | " + " | ".join(ARMS) + " |", "|---" * (len(ARMS) + 1) + "|"]
     for k, row in enumerate(arms["real"]["classes"]):
-        lines.append(f"| {row['name']} | " + " | ".join(_fmt(arms[a]["classes"][k]["dice"]) for a in ARMS) + " |")
+        dice = (format_score(arms[a]["classes"][k]["dice"]) for a in ARMS)
+        lines.append(f"| {row['name']} | " + " | ".join(dice) + " |")
     lines += ["", "## Realism of the generated EM", "",
               "Features: emserve's fixed filter bank; the floor is real vs real (two independent draws).", "",
               "| DDPM trained on | FD | FD real vs real | KID | KID real vs real | which is fake? |",
@@ -208,7 +210,3 @@ def markdown_report(report: dict) -> str:
               "## Pictures", "", "Generated pairs (EM beside labels): ![full](generated-full.png) "
               "![few](generated-few.png)", ""]
     return "\n".join(lines)
-
-
-def _fmt(value: float | None) -> str:
-    return "-" if value is None else f"{value:.3f}"

@@ -194,9 +194,10 @@ def select_level(levels: Sequence[ScaleLevel], voxel_size: Sequence[float] | Non
     for lv in levels:
         if np.allclose(lv.voxel_size, want, rtol=0.01):
             return lv
-    have = ", ".join(f"{lv.path}={_fmt(lv.voxel_size)}" for lv in levels)
-    raise ValueError(f"{where}: no scale level has voxel size {_fmt(want)} nm (z, y, x); available: {have}")
+    have = ", ".join(f"{lv.path}={format_nm(lv.voxel_size)}" for lv in levels)
+    raise ValueError(f"{where}: no scale level has voxel size {format_nm(want)} nm (z, y, x); available: {have}")
 
 
-def _fmt(v: Sequence[float]) -> str:
-    return "x".join(f"{x:g}" for x in v)
+def format_nm(values: Sequence[float], sep: str = "x") -> str:
+    """Voxel sizes or offsets for people: (8.0, 4.0, 4.0) -> "8x4x4"."""
+    return sep.join(f"{v:g}" for v in values)

@@ -34,6 +34,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from emserve.classes import BY_NAME, UNKNOWN, colorize, masks_from_ids
+from emserve.data.ngff import format_nm
 from emserve.pictures import save_png
 
 # The classes the phantom annotates, in CellMap id order; the default class list of models trained on it.
@@ -1006,7 +1007,7 @@ def write_montage(path: str | os.PathLike, volume: PhantomVolume, offset: Sequen
     canvas.paste(Image.fromarray(grid), (0, 0))
     draw = ImageDraw.Draw(canvas)
     top = grid.shape[0] + 2
-    vs = "x".join(f"{v:g}" for v in volume.voxel_size)
+    vs = format_nm(volume.voxel_size)
     draw.text((2, top), f"{volume.name} ({vs} nm): {volume.preset.description}", fill=(0, 0, 0))
     for i, name in enumerate(PHANTOM_CLASSES):
         x, y = (i % per_row) * cell_w + 2, top + 18 + (i // per_row) * cell_h

@@ -28,9 +28,10 @@ from typing import Any, Protocol
 import numpy as np
 import zarr
 
-from emserve.classes import ABSENT, PRESENT, UNKNOWN, atomic_members, check_class_names, get_class
+from emserve.classes import ABSENT, ENCODING, PRESENT, UNKNOWN, atomic_members, check_class_names, get_class
 from emserve.data.ngff import (
     ScaleLevel,
+    format_nm,
     level_from_transform,
     multiscales_of,
     parse_multiscales,
@@ -43,7 +44,6 @@ GROUNDTRUTH_GROUP = "recon-1/labels/groundtruth"
 PREFERRED_EM = ("fibsem-uint8", "fibsem-uint16", "fibsem-int16")
 RAW_PERCENTILES = (0.5, 99.5)
 PERCENTILE_SAMPLE = 1 << 24  # voxels read at most to estimate the contrast window (a central block)
-DEFAULT_ENCODING = {"absent": ABSENT, "present": PRESENT, "unknown": UNKNOWN}
 
 
 class Volume(Protocol):
@@ -302,8 +302,8 @@ class EMStore:
         for lv in levels:
             if any(np.allclose(lv.voxel_size, size, rtol=0.01) for size in em_sizes):
                 return lv
-        crop_have = ", ".join(f"{lv.path}={_fmt(lv.voxel_size)}" for lv in levels)
-        em_have = ", ".join(f"{lv.path}={_fmt(lv.voxel_size)}" for lv in self.em_levels)
+        crop_have = ", ".join(f"{lv.path}={format_nm(lv.voxel_size)}" for lv in levels)
+        em_have = ", ".join(f"{lv.path}={format_nm(lv.voxel_size)}" for lv in self.em_levels)
         raise ValueError(f"crop {where}: no level shares a voxel size with the EM; crop has {crop_have}, "
                          f"EM has {em_have} (nm, z-y-x)")
 
@@ -359,7 +359,7 @@ def decode_labels(data: np.ndarray, annotation_type: Mapping[str, Any] | None) -
     values), everything that is neither `absent` nor `unknown` is present. Arrays with no annotation
     attributes follow the CellMap default 0 / 1 / 255. Works for integer and float arrays (NaN is unknown).
     """
-    encoding = dict((annotation_type or {}).get("encoding") or DEFAULT_ENCODING)
+    encoding = dict((annotation_type or {}).get("encoding") or ENCODING)
     absent, present, unknown = encoding.get("absent"), encoding.get("present"), encoding.get("unknown")
     out = np.full(data.shape, UNKNOWN, dtype=np.uint8)
     if present is not None:
@@ -410,8 +410,6 @@ def _natural_key(name: str) -> tuple:
     return (name.rstrip("0123456789"), int(digits) if digits else -1, name)
 
 
-def _fmt(v: Sequence[float]) -> str:
-    return "x".join(f"{x:g}" for x in v)
 
 
 # --- N5 ------------------------------------------------------------------------------------------------------

@@ -22,14 +22,13 @@ from typing import Any
 import numpy as np
 import zarr
 
-from emserve.classes import ABSENT, PRESENT, UNKNOWN, check_class_names
+from emserve.classes import ABSENT, ENCODING, PRESENT, UNKNOWN, check_class_names
 from emserve.data.ngff import multiscales_attrs, pyramid_levels
 from emserve.data.store import EM_GROUP, GROUNDTRUTH_GROUP, is_remote
 
 EM_NAME = "fibsem-uint8"
 INFERENCE_GROUP = "recon-1/labels/inference"  # predictions of `emserve segment`, beside labels/groundtruth
 CHUNKS = 64
-ENCODING = {"absent": ABSENT, "present": PRESENT, "unknown": UNKNOWN}
 
 
 @dataclass
