@@ -20,7 +20,7 @@ from emserve.card import RAW, ModelCard
 from emserve.classes import ABSENT, PRESENT, UNKNOWN, check_class_names, masks_from_ids
 from emserve.data.ngff import multiscales_attrs, pyramid_levels
 from emserve.data.store import EM_GROUP, EMStore
-from emserve.data.writer import EM_NAME, CropToWrite, add_crop, provenance
+from emserve.data.writer import EM_NAME, CropToWrite, add_crop, atomic_directory, provenance
 from emserve.diffusion import SAMPLERS, Denoise, Guidance, make_schedule, sample
 from emserve.pictures import grid, pair_tile, raw_to_uint8, save_png
 from emserve.postprocess import LABEL_METHODS, Screening, labels_from_channels
@@ -209,16 +209,18 @@ class GeneratedStore:
             self._create()
 
     def _create(self) -> None:
+        """The empty store, made under a temporary name and renamed: a crash leaves no store a resume would trust."""
         size = self.card.patch_size
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.root = zarr.open_group(str(self.path), mode="w", zarr_format=2)
-        self.root.attrs.update(provenance(generated=self.record, complete=False))
-        em = self.root.require_group(EM_GROUP).create_group(EM_NAME)
-        em.attrs.update({**multiscales_attrs(EM_NAME, pyramid_levels(VOXEL_SIZE, (0, 0, 0), 1)),
-                         # the exact inverse of raw_to_uint8 when read back (not a percentile stretch)
-                         "omero": {"channels": [{"window": {"start": 0, "end": 255}}]}})
-        em.create_array("s0", shape=(self.request.samples, size, size), dtype=np.uint8,
-                        chunks=(1, size, size), fill_value=0)
+        with atomic_directory(self.path) as tmp:
+            root = zarr.open_group(str(tmp), mode="w", zarr_format=2)
+            root.attrs.update(provenance(generated=self.record, complete=False))
+            em = root.require_group(EM_GROUP).create_group(EM_NAME)
+            em.attrs.update({**multiscales_attrs(EM_NAME, pyramid_levels(VOXEL_SIZE, (0, 0, 0), 1)),
+                             # the exact inverse of raw_to_uint8 when read back (not a percentile stretch)
+                             "omero": {"channels": [{"window": {"start": 0, "end": 255}}]}})
+            em.create_array("s0", shape=(self.request.samples, size, size), dtype=np.uint8,
+                            chunks=(1, size, size), fill_value=0)
+        self.root = zarr.open_group(str(self.path), mode="r+")
 
     def _check_same_run(self) -> None:
         attrs = zarr.open_group(str(self.path), mode="r").attrs.asdict()
