@@ -11,12 +11,13 @@ from pathlib import Path
 
 import numpy as np
 
-from emserve.data.patches import RawPatchSampler
+from emserve.data.patches import PatchSampler, RawPatchSampler, label_channels, load_crops
 from emserve.data.store import EMStore, LabelledCrop
 from emserve.metrics import Counts, realism, segmentation_report
 from emserve.pictures import grid, raw_to_rgb, save_png
+from emserve.pipelines import GenerationRequest, generate, label_codes
 from emserve.runtime.base import Runtime
-from emserve.segmentation import masks_from_probabilities, segment_array
+from emserve.segmentation import masks_from_probabilities, probabilities, segment_array
 
 
 def held_out_crops(paths: Sequence[str], classes: Sequence[str], crops: Sequence[str] = (),
@@ -52,6 +53,36 @@ def evaluate_segmentation(runtime: Runtime, crops: Sequence[LabelledCrop], *, ax
             c.add(masks[k], crop.labels[k])
     report = segmentation_report(card.classes, counts)
     report["crops"] = [f"{c.dataset}/{c.name}" for c in crops]
+    return report
+
+
+def evaluate_label_transfer(denoiser: Runtime, segmenter: Runtime, label_store: str, *, dataset: str | None,
+                            samples: int = 64, seed: int = 0, sampler: str = "dpmpp_2m", steps: int = 25,
+                            guidance: float = 3.0) -> dict:
+    """Render label maps from one store's crops as EM (optionally of another dataset), segment that EM, and score
+    the segmentation against the label maps it was made from: do generated images carry their labels?"""
+    card = denoiser.card
+    if card.mode != "em-from-labels":
+        raise ValueError(f"model: a {card.mode!r} model does not render label maps; use an em-from-labels model")
+    missing = [c for c in card.classes if c not in segmenter.card.classes]
+    if missing:
+        raise ValueError(f"segmenter: has no output for classes {missing} of the em-from-labels model")
+    patches = PatchSampler(load_crops([EMStore(label_store)], card.classes), card.patch_size, augment=False)
+    tiles = patches.tiles()
+    chosen = [tiles[i] for i in np.random.default_rng(seed).permutation(len(tiles))[:samples]]
+    maps = label_channels(patches.cut(chosen).labels)
+    request = GenerationRequest(samples=len(maps), seed=seed, sampler=sampler, steps=steps, guidance=guidance,
+                                dataset=dataset)
+    counts = [Counts() for _ in card.classes]
+    for batch in generate(card, denoiser, request, lambda start, stop: maps[start:stop]):
+        probs = probabilities(segmenter.card, segmenter.segment(batch.samples[:, :1]))
+        for probs_one, codes in zip(probs, label_codes(card, batch.label_map, None), strict=True):
+            masks = masks_from_probabilities(segmenter.card, probs_one)
+            for k, name in enumerate(card.classes):
+                counts[k].add(masks[segmenter.card.classes.index(name)], codes[k])
+    report = segmentation_report(card.classes, counts)
+    report.update({"label_store": label_store, "dataset": dataset, "samples": len(maps), "seed": seed,
+                   "sampler": sampler, "steps": steps, "guidance": guidance})
     return report
 
 

@@ -84,3 +84,25 @@ def test_evaluate_cli_writes_json_and_csv_that_agree(toy_store, tmp_path):
         assert float(row["dice"]) == pytest.approx(scores["dice"], abs=1e-6)
         assert int(row["annotated"]) == scores["annotated"] == 8 * 64 * 64
     assert "mito_mem" in done.stdout and "mean" in done.stdout
+
+
+def test_label_transfer_scores_the_segmentation_of_rendered_labels(toy_store):
+    from emserve.card import ModelCard
+    from emserve.evaluation import evaluate_label_transfer
+    from emserve.runtime.base import CallableRuntime
+
+    unet = {"in_channels": 1, "out_channels": 1, "multipliers": [1, 2], "timestep": True, "label_channels": 2}
+    card = ModelCard(mode="em-from-labels", classes=CLASSES, patch_size=16, unet=unet, objective="x0")
+    # an oracle renderer: the clean image it predicts is the first class's label channel
+    renderer = CallableRuntime(card, lambda x, t, cond: cond["label_map"][:, :1], backend="test")
+    seg_unet = {"in_channels": 1, "out_channels": 2, "multipliers": [1, 2], "timestep": False}
+    seg_card = ModelCard(mode="segmentation", classes=CLASSES, patch_size=16, unet=seg_unet)
+    # a segmenter that finds the first class where the image is bright and never the second
+    segmenter = CallableRuntime(seg_card, lambda x, t, cond: np.concatenate([20 * x, np.full_like(x, -20)], 1),
+                                backend="test")
+    report = evaluate_label_transfer(renderer, segmenter, str(toy_store[0]), dataset=None, samples=6, steps=5,
+                                     sampler="ddim", guidance=1.0)
+    first, second = report["classes"]
+    assert first["dice"] == pytest.approx(1.0) and first["present"] > 0
+    assert second["recall"] == 0.0 or second["present"] == 0
+    assert report["samples"] == 6
