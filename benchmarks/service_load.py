@@ -1,0 +1,161 @@
+"""Load test of the BentoML service: N concurrent clients calling one endpoint for a while, against the same
+call in-process, to see what serving costs.
+
+    python benchmarks/service_load.py                                   # models/, 16 clients, 60 s
+    python benchmarks/service_load.py --clients 4 --duration 10 --steps 5 --json out/load.json
+    python benchmarks/service_load.py --url http://127.0.0.1:3000       # a server already running
+
+Without --url it starts `bentoml serve emserve.service:EMServe` on 127.0.0.1 over --models (the helper of the
+tests, tests/service_server.py) and stops it afterwards. Reported: requests and samples per second, latency
+p50/p95/p99 (one client alone, then all clients at once), errors, the server's resident memory (its process
+tree) before and after, and the same generate_pairs request run in this process with ONNX Runtime.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from contextlib import ExitStack
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+from emserve.card import ModelCard
+from emserve.pipelines import GenerationRequest, generate
+from emserve.runtime.onnx import OnnxRuntime
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def percentiles(seconds: list[float]) -> dict[str, float]:
+    if not seconds:
+        return {}
+    p50, p95, p99 = np.percentile(np.array(seconds) * 1000, [50, 95, 99])
+    return {"p50_ms": round(float(p50), 1), "p95_ms": round(float(p95), 1), "p99_ms": round(float(p99), 1)}
+
+
+def server_rss(pid: int | None) -> int | None:
+    """Resident bytes of a process and its children (BentoML runs the service in a worker process)."""
+    if pid is None:
+        return None
+    import psutil
+
+    root = psutil.Process(pid)
+    return sum(p.memory_info().rss for p in [root, *root.children(recursive=True)])
+
+
+def run_clients(url: str, body: dict, clients: int, duration: float, headers: dict[str, str]) -> dict:
+    """`clients` threads, each posting `body` in a loop until `duration` has passed; latencies of those that
+    succeeded, and the status of those that did not."""
+    latencies: list[float] = []
+    failures: list[str] = []
+    lock = threading.Lock()
+    stop = time.perf_counter() + duration
+
+    def client() -> None:
+        with httpx.Client(base_url=url, timeout=max(60.0, duration * 2), headers=headers) as session:
+            while time.perf_counter() < stop:
+                start = time.perf_counter()
+                response = session.post("/generate_pairs", json=body)
+                elapsed = time.perf_counter() - start
+                with lock:
+                    (latencies.append(elapsed) if response.status_code == 200
+                     else failures.append(f"{response.status_code} {response.text[:120]}"))
+
+    started = time.perf_counter()
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    wall = time.perf_counter() - started
+    return {"clients": clients, "wall_s": round(wall, 2), "requests": len(latencies), "errors": len(failures),
+            "first_errors": failures[:3], "requests_per_s": round(len(latencies) / wall, 3),
+            "samples_per_s": round(len(latencies) * body["samples"] / wall, 2), **percentiles(latencies)}
+
+
+def in_process(model: Path, body: dict, repeats: int, threads: int | None) -> dict:
+    """The same request through emserve.pipelines.generate on ONNX Runtime in this process."""
+    card = ModelCard.load(model)
+    request = GenerationRequest(**{k: v for k, v in body.items() if k != "model"}, batch_size=8)
+    seconds = []
+    with OnnxRuntime(model, threads=threads) as runtime:
+        list(generate(card, runtime, request))  # warm-up, as solo() does on the server
+        for _ in range(repeats):
+            start = time.perf_counter()
+            list(generate(card, runtime, request))
+            seconds.append(time.perf_counter() - start)
+    return {"repeats": repeats, "median_ms": round(statistics.median(seconds) * 1000, 1), **percentiles(seconds)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--url", help="a running server (default: start one over --models)")
+    parser.add_argument("--models", type=Path, default=REPO / "models", help="models folder to serve")
+    parser.add_argument("--model", default="phantom-pairs", help="the pairs model to call (folder name)")
+    parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--duration", type=float, default=60.0, help="seconds of concurrent load")
+    parser.add_argument("--solo", type=int, default=5, help="requests of one client alone (and in-process repeats)")
+    parser.add_argument("--samples", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--guidance", type=float, default=1.0)
+    parser.add_argument("--threads", type=int, default=2, help="EMSERVE_THREADS of a started server")
+    parser.add_argument("--ort-threads", type=int, default=1,
+                        help="ONNX Runtime intra-op threads of each session, on the server and in-process")
+    parser.add_argument("--api-key", help="sent as X-API-Key")
+    parser.add_argument("--json", type=Path, help="also write the report here")
+    args = parser.parse_args()
+
+    body = {"samples": args.samples, "steps": args.steps, "guidance": args.guidance, "seed": 0, "model": args.model}
+    headers = {"X-API-Key": args.api_key} if args.api_key else {}
+    env = {"EMSERVE_THREADS": str(args.threads), "EMSERVE_MAX_SAMPLES": str(max(32, args.samples)),
+           "EMSERVE_ORT_THREADS": str(args.ort_threads)}
+    sys.path.insert(0, str(REPO / "tests"))
+    from service_server import serve  # the tests' helper: `bentoml serve` on a free port, stopped at the end
+
+    report: dict = {"request": body, "in_process": in_process(args.models / args.model, body, max(args.solo, 1),
+                                                              args.ort_threads)}
+    with ExitStack() as stack:
+        url, pid = args.url, None
+        if url is None:
+            home = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="emserve-load-")))
+            server = stack.enter_context(serve(args.models.resolve(), home, env))
+            url, pid = server.url, server.process.pid
+        report.update(url=url, server_rss_before_mb=mb(server_rss(pid)))
+        report["one_client"] = solo(url, body, max(args.solo, 1), headers)
+        report["concurrent"] = run_clients(url, body, args.clients, args.duration, headers)
+        report["server_rss_after_mb"] = mb(server_rss(pid))
+    report["overhead_p50_ms"] = round(report["one_client"].get("p50_ms", float("nan"))
+                                      - report["in_process"]["p50_ms"], 1)
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(text + "\n")
+
+
+def solo(url: str, body: dict, requests: int, headers: dict[str, str]) -> dict:
+    """One client, `requests` calls in a row: the latency without queueing."""
+    seconds = []
+    with httpx.Client(base_url=url, timeout=300, headers=headers) as session:
+        session.post("/generate_pairs", json=body).raise_for_status()  # warm-up: first-call costs are not serving's
+        for _ in range(requests):
+            start = time.perf_counter()
+            response = session.post("/generate_pairs", json=body)
+            response.raise_for_status()
+            seconds.append(time.perf_counter() - start)
+    return {"requests": requests, **percentiles(seconds)}
+
+
+def mb(value: int | None) -> float | None:
+    return None if value is None else round(value / 2**20, 1)
+
+
+if __name__ == "__main__":
+    main()

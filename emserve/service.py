@@ -1,0 +1,509 @@
+"""The BentoML service: check a request, run it through emserve.pipelines / emserve.segmentation, return a file.
+
+    bentoml serve emserve.service:EMServe --host 127.0.0.1 --port 3000      # models from ./models
+
+Thin on purpose (BentoDiffusion style): the models load once in `__init__`; each endpoint is a typed method
+that checks its fields, calls the functions the CLI calls and encodes the result with emserve.uploads. Every
+exported model folder under the models directory is served under its folder name; an endpoint takes the first
+model of its mode unless the request names one. Every result records the model (name, mode, backend, sha256 of
+its weights and files), the per-sample seeds and all parameters.
+
+Environment (read when the service module is imported, i.e. when the server starts):
+
+    EMSERVE_MODELS          folder of exported models (default: models/ beside the emserve package, else ./models)
+    EMSERVE_TRITON_URL      http://host:port or grpc://host:port: run the graphs on that Triton server instead
+    EMSERVE_API_KEY         when set, every request but health, metrics and schema needs `Authorization: Bearer
+                            <key>` or `X-API-Key: <key>`
+    EMSERVE_THREADS         requests computed at once per worker (default 2); EMSERVE_ORT_THREADS: intra-op
+                            threads per ONNX Runtime session (default: one per core)
+    EMSERVE_MAX_*           request limits, see Limits
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hmac
+import json
+import math
+import os
+import sqlite3
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, fields
+from http import HTTPStatus
+from pathlib import Path
+from typing import Annotated, Any
+
+import bentoml
+import numpy as np
+from _bentoml_impl import serde
+from bentoml.exceptions import BadInput, BentoMLException, InvalidArgument, NotFound
+from bentoml.validators import ContentType
+from starlette.datastructures import UploadFile
+from starlette.responses import JSONResponse
+
+from emserve import __version__
+from emserve.card import CARD_NAME, ModelCard
+from emserve.data.patches import check_axis
+from emserve.diffusion import SAMPLERS
+from emserve.pictures import grid, pair_tile, raw_to_uint8
+from emserve.pipelines import (
+    GeneratedBatch,
+    GeneratedStore,
+    GenerationRequest,
+    check_request,
+    generate,
+    label_codes,
+    split_channels,
+)
+from emserve.postprocess import LABEL_METHODS, Screening
+from emserve.runtime.base import Runtime
+from emserve.runtime.load import load_runtime
+from emserve.segmentation import masks_from_probabilities, raw_to_network, segment_array, segment_store, tiling
+from emserve.uploads import UploadError, UploadLimits, decode, label_maps, npz_bytes, png_bytes, read_upload, zip_folder
+
+MODELS_ENV, TRITON_ENV, API_KEY_ENV = "EMSERVE_MODELS", "EMSERVE_TRITON_URL", "EMSERVE_API_KEY"
+FORMATS = ("npz", "zarr.zip", "png")
+SUFFIX = {"npz": ".npz", "zarr.zip": ".zarr.zip", "png": ".png"}
+SHOWN = 16  # samples or slices in a PNG preview
+BATCH_SIZE = 8  # samples per backend call; a request's samples do not depend on it
+FORM_OVERHEAD = 1 << 20  # bytes a multipart body may carry beyond its upload (other fields, part headers)
+Result = Annotated[Path, ContentType("application/octet-stream")]
+TaskResult = Annotated[bytes, ContentType("application/octet-stream")]
+
+
+def env_int(name: str, default: int) -> int:
+    """A positive integer setting from the environment; a bad value stops the server with the variable named."""
+    text = os.environ.get(name)
+    if text is None:
+        return default
+    try:
+        value = int(text)
+    except ValueError:
+        raise ValueError(f"{name}: {text!r} is not an integer") from None
+    if value < 1:
+        raise ValueError(f"{name}: {value} must be at least 1")
+    return value
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask for; each field is overridden by EMSERVE_MAX_<FIELD> (e.g. EMSERVE_MAX_SAMPLES)."""
+
+    samples: int = 32  # samples per synchronous request
+    task_samples: int = 1024  # samples per generate_pairs_task
+    steps: int = 250  # sampler steps
+    guidance: int = 20  # guidance scale in [0, guidance]
+    upload_bytes: int = 64 << 20  # bytes of one uploaded file
+    voxels: int = 1 << 24  # voxels of one uploaded array (and of a zipped upload's arrays, unzipped)
+    tile: int = 1024  # segmentation tile edge
+
+    @classmethod
+    def from_env(cls) -> Limits:
+        return cls(**{f.name: env_int(f"EMSERVE_MAX_{f.name.upper()}", f.default) for f in fields(cls)})
+
+    @property
+    def upload(self) -> UploadLimits:
+        return UploadLimits(self.upload_bytes, self.voxels)
+
+
+LIMITS = Limits.from_env()
+
+
+# ---- request checks: every refusal names the field, the value and what is allowed ---------------------------
+
+def show(value: Any) -> str:
+    """A value for an error message, cut short: clients can send anything, and messages are echoed back."""
+    text = repr(value)
+    return text if len(text) <= 80 else f"{text[:77]}..."
+
+
+def check_range(field: str, value: float, low: float, high: float, setting: str = "") -> None:
+    if not (math.isfinite(value) and low <= value <= high):
+        where = f" (the upper bound is {setting})" if setting else ""
+        raise InvalidArgument(f"{field}: {show(value)} is not allowed; allowed: {low:g} to {high:g}{where}")
+
+
+def check_choice(field: str, value: str, allowed: Sequence[str]) -> None:
+    if value not in allowed:
+        raise InvalidArgument(f"{field}: {show(value)} is not allowed; choose one of {', '.join(allowed)}")
+
+
+def check_classes(field: str, names: Sequence[str], card: ModelCard) -> tuple[str, ...]:
+    for name in names:
+        if name not in card.classes:
+            raise InvalidArgument(f"{field}: {show(name)} is not one of the model's classes; allowed: "
+                                  f"{', '.join(card.classes)}")
+    return tuple(names)
+
+
+@contextlib.contextmanager
+def client_errors(field: str = "") -> Iterator[None]:
+    """emserve's own checks raise ValueError with a message naming the field: those are the client's errors (400;
+    UploadError carries its status, 413 for sizes). `field` prefixes messages that name an inner argument (the
+    segmentation functions call the uploaded image "raw")."""
+    try:
+        yield
+    except UploadError as error:
+        raise BentoMLException(str(error), error_code=HTTPStatus(error.status)) from None
+    except ValueError as error:
+        message = str(error)
+        raise InvalidArgument(f"{field}: {message}" if field and not message.startswith(field) else message) from None
+
+
+# ---- the models ----------------------------------------------------------------------------------------------
+
+def models_dir() -> Path:
+    """EMSERVE_MODELS, else models/ of the source tree (an editable install, a bento), else ./models."""
+    if MODELS_ENV in os.environ:
+        return Path(os.environ[MODELS_ENV])
+    beside = Path(__file__).resolve().parent.parent / "models"
+    return beside if beside.is_dir() else Path("models")
+
+
+def load_models(root: Path, triton_url: str | None, ort_threads: int | None) -> dict[str, Runtime]:
+    """Every model folder (one holding card.json) under `root`, by folder name, as a Runtime: ONNX Runtime on
+    the folder, or the same-named model on a Triton server. A folder that does not load stops the server."""
+    if not root.is_dir():
+        raise FileNotFoundError(f"{MODELS_ENV}: {root} is not a folder; point it at a folder of exported models "
+                                f"(`emserve export ... models`)")
+    runtimes: dict[str, Runtime] = {}
+    for folder in sorted(p for p in root.iterdir() if (p / CARD_NAME).is_file()):
+        if triton_url:
+            runtimes[folder.name] = load_runtime(f"{triton_url.rstrip('/')}/{folder.name}", "triton", card=folder)
+        else:
+            runtimes[folder.name] = load_runtime(folder, "onnx", threads=ort_threads)
+    if not runtimes:
+        raise FileNotFoundError(f"{MODELS_ENV}: {root} holds no model folder (<name>/{CARD_NAME}); export one "
+                                f"with `emserve export CHECKPOINT {root}`")
+    return runtimes
+
+
+def describe(name: str, runtime: Runtime) -> dict[str, Any]:
+    """What a client needs to know of a served model, and what identifies its weights."""
+    card = runtime.card
+    return {"name": name, "mode": card.mode, "backend": runtime.backend, "classes": card.classes,
+            "datasets": card.datasets, "patch_size": card.patch_size, "class_condition": card.class_condition,
+            "weights": card.weights, "files": card.files}
+
+
+# ---- security in front of BentoML ------------------------------------------------------------------------------
+
+class Guard:
+    """ASGI middleware: the optional API key and the body size limit, checked on the headers before BentoML
+    reads the body. Probes, metrics and the schema stay open so that orchestrators and scrapers need no key."""
+
+    OPEN = ("/healthz", "/livez", "/readyz", "/metrics", "/docs.json")
+
+    def __init__(self, app: Any, api_key: str | None, max_body: int) -> None:
+        self.app, self.api_key, self.max_body = app, api_key, max_body
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+            refusal = self.refusal(scope["path"], scope["method"], headers)
+            if refusal is not None:
+                await JSONResponse({"error": refusal[1]}, status_code=refusal[0])(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+    def refusal(self, path: str, method: str, headers: dict[str, str]) -> tuple[int, str] | None:
+        if self.api_key and path not in self.OPEN:
+            given = headers.get("x-api-key") or headers.get("authorization", "").removeprefix("Bearer ").strip()
+            if not hmac.compare_digest(given.encode(), self.api_key.encode()):
+                return 401, f"authorization: missing or wrong API key; send `Authorization: Bearer <key>` or " \
+                            f"`X-API-Key: <key>` (the server's {API_KEY_ENV})"
+        if method in ("POST", "PUT"):
+            length = headers.get("content-length")
+            if length is None:
+                return 411, "content-length: missing; send the body with a Content-Length header (no chunked uploads)"
+            if not length.isdigit() or int(length) > self.max_body:
+                return 413, f"content-length: {show(length)} bytes; at most {self.max_body} are allowed " \
+                            f"(EMSERVE_MAX_UPLOAD_BYTES plus {FORM_OVERHEAD} for the form)"
+        return None
+
+
+class FilesOnlyJSON(serde.JSONSerde):
+    """JSON bodies, except for endpoints that take files: BentoML would fetch a URL sent in a file's place."""
+
+    async def parse_request(self, request: Any, cls: Any) -> Any:
+        if getattr(cls, "multipart_fields", None):
+            raise BadInput(f"{', '.join(sorted(cls.multipart_fields))}: send the file as multipart/form-data; "
+                           f"this service fetches no URL and reads no path a client names")
+        return await super().parse_request(request, cls)
+
+
+class FilesOnlyMultipart(serde.MultipartSerde):
+    """Forms whose file fields hold files: BentoML would fetch a URL given as text in a file field."""
+
+    async def parse_request(self, request: Any, cls: Any) -> Any:
+        form = await request.form()  # starlette keeps the parsed form: the parent parses it once
+        for name in cls.multipart_fields:
+            for value in form.getlist(name):
+                if not isinstance(value, UploadFile):
+                    raise BadInput(f"{name}: got the text {show(value)}; upload a file (a form part with a file "
+                                   f"name): this service fetches no URL and reads no path a client names")
+        return await super().parse_request(request, cls)
+
+
+serde.ALL_SERDE.update({"application/json": FilesOnlyJSON, "multipart/form-data": FilesOnlyMultipart,
+                        "application/x-www-form-urlencoded": FilesOnlyMultipart})
+
+
+# ---- long tasks ----------------------------------------------------------------------------------------------
+
+def cancel_check(ctx: bentoml.Context) -> Callable[[int, int], None]:
+    """A progress callback for generate() that stops a task its client cancelled.
+
+    `PUT /<task>/cancel` marks the task "canceled" in BentoML's task database (and answers 400 on `bentoml
+    serve`, which cannot stop a running thread); the task reads its status there between batches and stops.
+    """
+    from bentoml._internal.configuration.containers import BentoMLContainer
+
+    task_id = getattr(ctx.request.state, "task_id", None)
+    database = BentoMLContainer.result_store_file.get()
+
+    def check(done: int, total: int) -> None:
+        if task_id is None or database == ":memory:":
+            return
+        with contextlib.closing(sqlite3.connect(f"file:{database}?mode=ro", uri=True, timeout=5)) as connection:
+            row = connection.execute("SELECT status FROM result WHERE task_id = ?", (task_id,)).fetchone()
+        if row is not None and row[0] == "canceled":
+            raise BentoMLException(f"task {task_id}: canceled by the client after {done} of {total} samples",
+                                   error_code=HTTPStatus.CONFLICT)
+
+    return check
+
+
+# ---- the service ---------------------------------------------------------------------------------------------
+
+@bentoml.service(name="emserve", workers=1, threads=env_int("EMSERVE_THREADS", 2),
+                 traffic={"timeout": env_int("EMSERVE_TIMEOUT", 600)})
+class EMServe:
+    """generate_pairs, generate_pairs_task, generate_from_labels and segment over the exported models."""
+
+    def __init__(self) -> None:
+        self.limits = LIMITS
+        self.root = models_dir()
+        self.runtimes = load_models(self.root, os.environ.get(TRITON_ENV) or None,
+                                    env_int("EMSERVE_ORT_THREADS", 0) or None)
+
+    @bentoml.api
+    def models(self) -> list[dict[str, Any]]:
+        """The served models: name, mode, classes, datasets, patch size, sha256 of weights and files."""
+        return [describe(name, runtime) for name, runtime in self.runtimes.items()]
+
+    @bentoml.api
+    def generate_pairs(self, ctx: bentoml.Context, samples: int = 4, seed: int = 0, sampler: str = "dpmpp_2m",
+                       steps: int = 25, guidance: float = 1.0, rescale: float = 0.0, present: list[str] | None = None,
+                       absent: list[str] | None = None, dataset: str | None = None, model: str | None = None,
+                       label_method: str = "threshold", screen: bool = False, output: str = "npz") -> Result:
+        """EM + label pairs from a "pairs" model. `present` / `absent` steer class presence and `dataset` the
+        domain (both need guidance > 1 to matter); `output` is npz (em uint8 [N,H,W], labels uint8 [N,K,H,W]
+        1/0/255, classes, seeds, metadata), zarr.zip (a CellMap-layout store) or png (a preview)."""
+        settings = {k: v for k, v in locals().items() if k not in ("self", "ctx")}
+        return self._pairs(ctx, settings, self.limits.samples, "EMSERVE_MAX_SAMPLES", None)
+
+    @bentoml.task
+    def generate_pairs_task(self, ctx: bentoml.Context, samples: int = 64, seed: int = 0, sampler: str = "dpmpp_2m",
+                            steps: int = 25, guidance: float = 1.0, rescale: float = 0.0,
+                            present: list[str] | None = None, absent: list[str] | None = None,
+                            dataset: str | None = None, model: str | None = None, label_method: str = "threshold",
+                            screen: bool = False, output: str = "npz") -> TaskResult:
+        """generate_pairs for big batches, as a task: submit, poll the status, get the result; a cancelled task
+        stops at its next batch. Returns bytes, not a file: BentoML stores a task's response by replaying it,
+        which fails for file responses with current starlette (KeyError 'method')."""
+        settings = {k: v for k, v in locals().items() if k not in ("self", "ctx")}
+        path = self._pairs(ctx, settings, self.limits.task_samples, "EMSERVE_MAX_TASK_SAMPLES", cancel_check(ctx))
+        return path.read_bytes()
+
+    @bentoml.api
+    def generate_from_labels(self, ctx: bentoml.Context, labels: Path, classes: list[str] | None = None,
+                             seed: int = 0, sampler: str = "dpmpp_2m", steps: int = 25, guidance: float = 1.0,
+                             rescale: float = 0.0, dataset: str | None = None, model: str | None = None,
+                             output: str = "npz") -> Result:
+        """EM for uploaded label maps, one sample per map, from an "em-from-labels" model. `labels`: .npy, .npz,
+        zipped zarr or PNG holding index maps [N,H,W] (CellMap ids, or values 1..C naming `classes`) or masks
+        [N,C,H,W] (0/1/255, or float +1/-1/0) whose channels `classes` names; H = W = the model's patch size."""
+        name, runtime = self.pick("em-from-labels", model)
+        check_choice("output", output, FORMATS)
+        decoded = self.upload(labels, "labels", ("npy", "npz", "zarr", "png"), "labels")
+        with client_errors("labels"):
+            maps = label_maps(runtime.card, decoded, classes, "labels")
+        if len(maps) > self.limits.samples:
+            raise InvalidArgument(f"labels: {len(maps)} label maps; at most {self.limits.samples} per request "
+                                  f"(EMSERVE_MAX_SAMPLES), one sample each")
+        request = self.request(runtime.card, samples=len(maps), seed=seed, sampler=sampler, steps=steps,
+                               guidance=guidance, rescale=rescale, dataset=dataset)
+        upload = decoded.array
+        record = {"labels_upload": {"kind": decoded.kind, "shape": list(upload.shape), "dtype": str(upload.dtype),
+                                    "classes": list(classes or decoded.classes or [])}}
+        return self.generated(ctx, name, runtime, request, maps, output, None, "generate_from_labels", record)
+
+    @bentoml.api
+    def segment(self, ctx: bentoml.Context, image: Path, axis: str = "z", tile: int | None = None,
+                overlap: int | None = None, threshold: float = 0.5, probabilities: bool = False,
+                model: str | None = None, output: str = "npz") -> Result:
+        """Per-class masks of an uploaded EM image [Y,X] or volume [Z,Y,X] (.npy, TIFF, zipped zarr, PNG; uint8, or
+        float in [-1, 1]) from a "segmentation" model, tile by tile (slice by slice along `axis`). npz: masks
+        uint8 [K,...], classes, metadata, and with `probabilities` float16 [K,...]."""
+        name, runtime = self.pick("segmentation", model)
+        card = runtime.card
+        check_choice("output", output, FORMATS)
+        raw = self.upload(image, "image", ("npy", "tiff", "zarr", "png"), "em").array
+        if raw.ndim not in (2, 3) or 0 in raw.shape:
+            raise InvalidArgument(f"image: shape {raw.shape}; give an image [Y, X] or a volume [Z, Y, X]")
+        if tile is not None:
+            check_range("tile", tile, 1, self.limits.tile, "EMSERVE_MAX_TILE")
+        with client_errors():
+            tile, overlap = tiling(card, tile, overlap)
+            masks_from_probabilities(card, np.zeros((len(card.classes), 1), np.float32), threshold)
+            check_axis(axis)
+        axis = axis if raw.ndim == 3 else "z"  # an image is segmented as it is
+        settings = {"axis": axis, "tile": tile, "overlap": overlap, "threshold": threshold,
+                    "probabilities": probabilities, "output": output, "image": {"shape": list(raw.shape),
+                                                                                  "dtype": str(raw.dtype)}}
+        record = self.record(name, runtime, "segment", settings, [])
+        if output == "zarr.zip":
+            folder = Path(ctx.temp_dir) / "segmentation.zarr"
+            with client_errors("image"):
+                segment_store(runtime, raw if raw.ndim == 3 else raw[None], folder, axis=axis, tile=tile,
+                              overlap=overlap, threshold=threshold, keep_probabilities=probabilities, source="upload")
+            return self.result(ctx, "segmentation", output, self.zipped(folder, record))
+        with client_errors("image"):
+            probs = segment_array(runtime, raw, axis=axis, tile=tile, overlap=overlap)
+        masks = masks_from_probabilities(card, probs, threshold)
+        if output == "png":
+            return self.result(ctx, "segmentation", output, png_bytes(segmentation_picture(card, raw, masks), record))
+        arrays = {"masks": masks.astype(np.uint8), "classes": np.array(card.classes), "metadata": metadata(record)}
+        if probabilities:
+            arrays["probabilities"] = probs.astype(np.float16)
+        return self.result(ctx, "segmentation", output, npz_bytes(arrays))
+
+    # ---- the steps the endpoints share ------------------------------------------------------------------------
+
+    def pick(self, mode: str, name: str | None) -> tuple[str, Runtime]:
+        """The model the request names (a served folder name, nothing else), or the first served of `mode`."""
+        of_mode = [n for n, runtime in self.runtimes.items() if runtime.card.mode == mode]
+        if name is None:
+            if not of_mode:
+                raise NotFound(f"model: no {mode!r} model is served; export one into {self.root} ({MODELS_ENV}); "
+                               f"served: {', '.join(f'{n} ({r.card.mode})' for n, r in self.runtimes.items())}")
+            return of_mode[0], self.runtimes[of_mode[0]]
+        if name not in of_mode:
+            what = f"a {self.runtimes[name].card.mode!r} model" if name in self.runtimes else "not a served model"
+            raise InvalidArgument(f"model: {show(name)} is {what}; this endpoint takes {mode!r} models: "
+                                  f"{', '.join(of_mode) or 'none served'}")
+        return name, self.runtimes[name]
+
+    def upload(self, path: Path, field: str, kinds: Sequence[str], purpose: str) -> Any:
+        """Decode a file BentoML stored for this request (in its own temporary folder) from memory."""
+        with client_errors():
+            return decode(read_upload(path, field, self.limits.upload), field, self.limits.upload, kinds, purpose)
+
+    def request(self, card: ModelCard, *, samples: int, seed: int, sampler: str, steps: int, guidance: float,
+                rescale: float, dataset: str | None, present: Sequence[str] = (), absent: Sequence[str] = (),
+                label_method: str = "threshold") -> GenerationRequest:
+        """A GenerationRequest within the limits and accepted by the model (checked before anything runs)."""
+        check_range("seed", seed, 0, 2**63 - 1)
+        check_choice("sampler", sampler, SAMPLERS)
+        check_choice("label_method", label_method, LABEL_METHODS)
+        check_range("steps", steps, 1, min(self.limits.steps, card.timesteps), "EMSERVE_MAX_STEPS")
+        check_range("guidance", guidance, 0, self.limits.guidance, "EMSERVE_MAX_GUIDANCE")
+        check_range("rescale", rescale, 0, 1)
+        with client_errors():  # present/absent overlap, a dataset or condition the model does not know
+            request = GenerationRequest(samples=samples, seed=seed, sampler=sampler, steps=steps, guidance=guidance,
+                                        rescale=rescale, present=check_classes("present", present, card),
+                                        absent=check_classes("absent", absent, card), dataset=dataset,
+                                        batch_size=BATCH_SIZE, label_method=label_method)
+            check_request(card, request)
+        return request
+
+    def _pairs(self, ctx: bentoml.Context, settings: dict[str, Any], limit: int, setting: str,
+               progress: Callable[[int, int], None] | None) -> Path:
+        name, runtime = self.pick("pairs", settings["model"])
+        check_choice("output", settings["output"], FORMATS)
+        check_range("samples", settings["samples"], 1, limit, setting)
+        request = self.request(runtime.card, samples=settings["samples"], seed=settings["seed"],
+                               sampler=settings["sampler"], steps=settings["steps"], guidance=settings["guidance"],
+                               rescale=settings["rescale"], dataset=settings["dataset"],
+                               present=settings["present"] or (), absent=settings["absent"] or (),
+                               label_method=settings["label_method"])
+        screening = Screening() if settings["screen"] else None
+        return self.generated(ctx, name, runtime, request, None, settings["output"], screening, "generate_pairs", {},
+                              progress)
+
+    def generated(self, ctx: bentoml.Context, name: str, runtime: Runtime, request: GenerationRequest,
+                  maps: np.ndarray | None, output: str, screening: Screening | None, endpoint: str,
+                  extra: dict[str, Any], progress: Callable[[int, int], None] | None = None) -> Path:
+        """Generate the request and encode it as `output`, with the model, seeds and parameters recorded."""
+        card = runtime.card
+        source = None if maps is None else (lambda start, stop: maps[start:stop])
+        with client_errors():
+            batches = list(generate(card, runtime, request, source, progress=progress))
+        parts = [split_channels(card, batch, request.label_method) for batch in batches]
+        codes = [label_codes(card, labels, screening) for _, labels in parts]
+        seeds = [seed for batch in batches for seed in batch.seeds]
+        settings = {**asdict(request), "output": output, **extra}
+        record = self.record(name, runtime, endpoint, settings, seeds)
+        if screening is not None:
+            record["screening"] = screening.summary()
+        if output == "zarr.zip":
+            return self.result(ctx, endpoint, output, self.generated_store(ctx, card, request, batches, parts, codes,
+                                                                           record))
+        raw = raw_to_uint8(np.concatenate([r for r, _ in parts]))
+        if output == "png":
+            tiles = [pair_tile(r, m > 0, card.classes) for (rs, ms) in parts for r, m in zip(rs, ms, strict=True)]
+            return self.result(ctx, endpoint, output, png_bytes(grid(tiles[:SHOWN], min(4, len(tiles))), record))
+        arrays = {"em": raw, "labels": np.concatenate(codes), "classes": np.array(card.classes),
+                  "seeds": np.array(seeds, np.int64), "metadata": metadata(record)}
+        return self.result(ctx, endpoint, output, npz_bytes(arrays))
+
+    def generated_store(self, ctx: bentoml.Context, card: ModelCard, request: GenerationRequest,
+                        batches: list[GeneratedBatch], parts: list[tuple[np.ndarray | None, np.ndarray]],
+                        codes: list[np.ndarray], record: dict[str, Any]) -> bytes:
+        """The batches as the CLI writes them (a CellMap-layout store, one crop per batch), zipped."""
+        folder = Path(ctx.temp_dir) / "generated.zarr"
+        store = GeneratedStore(folder, card, request)
+        for batch, (raw, _), code in zip(batches, parts, codes, strict=True):
+            store.write(batch, raw, code)
+        store.finish()
+        return self.zipped(folder, record)
+
+    @staticmethod
+    def zipped(folder: Path, record: dict[str, Any]) -> bytes:
+        import zarr
+
+        zarr.open_group(str(folder), mode="r+").attrs.update({"service": json.loads(json.dumps(record))})
+        return zip_folder(folder)
+
+    @staticmethod
+    def record(name: str, runtime: Runtime, endpoint: str, settings: dict[str, Any], seeds: list[int]
+               ) -> dict[str, Any]:
+        return {"endpoint": endpoint, "emserve": __version__, "model": describe(name, runtime),
+                "parameters": settings, "seeds": seeds}
+
+    @staticmethod
+    def result(ctx: bentoml.Context, stem: str, output: str, data: bytes) -> Path:
+        """The result as a file in the request's own temporary folder, which BentoML sends and then deletes."""
+        path = Path(ctx.temp_dir) / f"{stem}{SUFFIX[output]}"
+        path.write_bytes(data)
+        return path
+
+
+def metadata(record: dict[str, Any]) -> np.ndarray:
+    """The record as a 0-d string array: np.load(..., allow_pickle=False)["metadata"].item() gives the JSON."""
+    return np.array(json.dumps(record, sort_keys=True))
+
+
+def segmentation_picture(card: ModelCard, raw: np.ndarray, masks: np.ndarray) -> np.ndarray:
+    """EM beside coloured masks, for an image or up to SHOWN evenly spaced slices of a volume (along z)."""
+    network = raw_to_network(raw)
+    if raw.ndim == 2:
+        return grid([pair_tile(network, masks, card.classes)], 1)
+    picked = np.unique(np.linspace(0, raw.shape[0] - 1, min(SHOWN, raw.shape[0])).astype(int))
+    tiles = [pair_tile(network[z], masks[:, z], card.classes) for z in picked]
+    return grid(tiles, min(4, len(tiles)))
+
+
+EMServe.add_asgi_middleware(Guard, api_key=os.environ.get(API_KEY_ENV) or None,
+                            max_body=LIMITS.upload_bytes + FORM_OVERHEAD)

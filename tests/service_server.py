@@ -1,0 +1,101 @@
+"""A real `bentoml serve` of emserve.service on 127.0.0.1, over a models folder of tiny exported models.
+
+Used by tests/test_service.py and benchmarks/service_load.py. The server runs in its own process group with a
+temporary BENTOML_HOME, no tracking, one ONNX Runtime thread, and is stopped with SIGTERM (SIGKILL after 20 s).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parent.parent
+BENTOML = Path(sys.executable).with_name("bentoml")
+
+
+def make_models(root: Path) -> Path:
+    """root/models with tiny random-weight models of the three served modes (patch 16, classes mito_mem, ld_lum):
+    phantom-pairs (class presence + datasets a, b), phantom-from-labels (label maps + datasets), phantom-seg."""
+    from checkpoints import make_checkpoint  # beside this file (tests/ is on sys.path for pytest and the benchmark)
+
+    from training.export import export_model
+
+    models = root / "models"
+    specs = {"tiny-pairs": ("pairs", {"num_classes": 2, "num_datasets": 2}),
+             "tiny-from-labels": ("em-from-labels", {"label_channels": 2, "num_datasets": 2}),
+             "tiny-seg": ("segmentation", {})}
+    for seed, (name, (mode, unet)) in enumerate(specs.items()):
+        checkpoint = make_checkpoint(root / "runs" / name, mode, seed=seed, **unet)
+        export_model(checkpoint, models, name=name, exporter="legacy")
+    return models
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Server:
+    url: str
+    process: subprocess.Popen
+    log: Path
+
+    def tail(self, lines: int = 30) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+
+
+@contextmanager
+def serve(models: Path, home: Path, env: Mapping[str, str] | None = None, timeout: float = 90.0) -> Iterator[Server]:
+    """`bentoml serve emserve.service:EMServe` until the block ends; ready when /readyz answers 200."""
+    port = free_port()
+    environment = {**os.environ, "BENTOML_HOME": str(home / "bentoml"), "BENTOML_DO_NOT_TRACK": "true",
+                   "EMSERVE_MODELS": str(models), "EMSERVE_ORT_THREADS": "1", "OMP_NUM_THREADS": "1",
+                   **(env or {})}
+    log = home / f"server-{port}.log"
+    command = [str(BENTOML), "serve", "emserve.service:EMServe", "--host", "127.0.0.1", "--port", str(port)]
+    with open(log, "w") as out:
+        process = subprocess.Popen(command, cwd=REPO, env=environment, stdout=out, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+    server = Server(f"http://127.0.0.1:{port}", process, log)
+    try:
+        wait_ready(server, timeout)
+        yield server
+    finally:
+        stop(process)
+
+
+def wait_ready(server: Server, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.process.poll() is not None:
+            raise RuntimeError(f"bentoml serve exited with {server.process.returncode}:\n{server.tail()}")
+        try:
+            if httpx.get(f"{server.url}/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    raise TimeoutError(f"bentoml serve was not ready within {timeout:.0f} s:\n{server.tail()}")
+
+
+def stop(process: subprocess.Popen) -> None:
+    if process.poll() is not None:
+        return
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()

@@ -1,0 +1,117 @@
+"""The benchmark scripts, run as a user runs them (subprocess, tiny model, one thread, one or two repeats).
+
+What is checked is the report, not the speed: one row per backend and batch (or sampler setting), positive
+finite numbers, and a FLOP count that agrees with an independent count from the layer shapes.
+"""
+
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from training.unet import Attention, UNet
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["--model", "tiny", "--threads", "1", "--exporter", "legacy"]  # legacy: a faster export, same graph inputs
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """Shared by both scripts, so the second reuses the tiny model the first exported."""
+    return tmp_path_factory.mktemp("bench")
+
+
+def run(module: str, *args: str) -> str:
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    done = subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def table(report: str) -> list[dict[str, str]]:
+    """The Markdown table of a report as one dict per row."""
+    lines = [line for line in report.splitlines() if line.startswith("|")]
+    headers = [cell.strip() for cell in lines[0].strip("|").split("|")]
+    return [dict(zip(headers, (c.strip() for c in line.strip("|").split("|")), strict=True)) for line in lines[2:]]
+
+
+def fact(report: str, name: str) -> str:
+    return next(line.split(": ", 1)[1] for line in report.splitlines() if line.startswith(f"- {name}: "))
+
+
+def counted_flops(model: nn.Module, inputs: dict) -> int:
+    """FLOPs from the layer shapes (a multiply-add counts 2): convs, linears and the two attention matmuls."""
+    total = 0
+
+    def conv(module, _, out):
+        nonlocal total
+        kh, kw = module.kernel_size
+        total += 2 * out.numel() * module.in_channels // module.groups * kh * kw
+
+    def linear(module, _, out):
+        nonlocal total
+        total += 2 * out.numel() * module.in_features
+
+    def attention(_, args, __):
+        nonlocal total
+        b, c, h, w = args[0].shape
+        total += 2 * 2 * b * (h * w) ** 2 * c  # scores q k^T and the weighted sum of v, over all heads
+
+    hooks = {nn.Conv2d: conv, nn.Linear: linear, Attention: attention}
+    handles = [m.register_forward_hook(hooks[type(m)]) for m in model.modules() if type(m) in hooks]
+    with torch.no_grad():
+        model(**inputs)
+    for handle in handles:
+        handle.remove()
+    return total
+
+
+def positive(text: str) -> float:
+    value = float(text)
+    assert math.isfinite(value) and value > 0, text
+    return value
+
+
+def test_denoiser_report(workdir):
+    out = workdir / "report.md"
+    report = run("benchmarks.denoiser", *TINY, "--workdir", str(workdir), "--batches", "1,2", "--warmup", "1",
+                 "--repeats", "2", "--peak-size", "64", "--out", str(out))
+    assert out.read_text().strip() == report.strip()
+    rows = table(report)
+    assert [(r["backend"], int(r["batch"])) for r in rows] == [
+        (b, n) for b in ("onnx", "torchscript", "torch", "torch-bf16") for n in (1, 2)]
+    flops = int(fact(report, "FLOPs per sample").split()[0])
+    torch.manual_seed(0)
+    tiny = UNet(3, 3, width=8, multipliers=(1, 2), blocks_per_level=1, num_classes=2, num_datasets=2).eval()
+    assert flops == counted_flops(tiny, tiny.example_inputs(1, 16))
+    for row in rows:
+        per_call, per_sample = positive(row["ms per call"]), positive(row["ms per sample"])
+        gflops = positive(row["GFLOP/s"])
+        positive(row["% of peak"])
+        assert per_sample == pytest.approx(per_call / int(row["batch"]), rel=0.02)
+        assert gflops == pytest.approx(flops * int(row["batch"]) / (per_call * 1e6), rel=0.02)
+    assert fact(report, "threads") == "1"
+    assert fact(report, "command").startswith("`python -m benchmarks.denoiser --model tiny")
+
+
+def test_sampling_report(workdir):
+    report = run("benchmarks.sampling", *TINY, "--workdir", str(workdir), "--backends", "onnx,torch",
+                 "--samplers", "ddim:250,dpmpp_2m:3", "--estimate", "10", "--estimate-steps", "2", "--batch", "1")
+    rows = table(report)
+    assert [(r["backend"], r["sampler"], int(r["steps"]), r["guided"]) for r in rows] == [
+        (b, s, n, g) for b in ("onnx", "torch") for s, n in (("ddim", 250), ("dpmpp_2m", 3)) for g in ("yes", "no")]
+    for row in rows:
+        positive(row["s per sample"])
+        positive(row["GFLOP/s"])
+        positive(row["speed-up vs study"])
+        assert int(row["evaluations per sample"]) == int(row["steps"]) * (2 if row["guided"] == "yes" else 1)
+        assert row["how"] == ("estimated from 2 steps" if int(row["steps"]) > 10 else "measured")
+    reference = next(r for r in rows if (r["backend"], r["sampler"], r["steps"], r["guided"]) ==
+                     ("torch", "ddim", "250", "yes"))
+    assert float(reference["speed-up vs study"]) == 1

