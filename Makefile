@@ -8,32 +8,48 @@ OUT    ?= out
 # No GPU: the CPU build of torch (~200 MB) instead of a multi-GB CUDA build, and onnxruntime instead of -gpu.
 HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo yes)
 ifeq ($(HAS_GPU),yes)
-TORCH   := torch==2.13.0
 ORT     := gpu
+TORCH_INSTALL := $(BIN)/pip install -q torch==2.13.0
 else
-TORCH   := torch==2.13.0+cpu
 ORT     := cpu
+# The CPU build (+cpu) from pip's configured indexes or PyTorch's CPU index; failing both (offline), plain 2.13.0
+# from the configured indexes, which on CI is a local CPU build. Installed first, so `.[train]` adds no other torch.
+TORCH_INSTALL := $(BIN)/pip install -q torch==2.13.0+cpu 2>/dev/null \
+	|| $(BIN)/pip install -q torch==2.13.0+cpu --extra-index-url https://download.pytorch.org/whl/cpu 2>/dev/null \
+	|| $(BIN)/pip install -q torch==2.13.0
 endif
 
-.PHONY: setup demo test lint clean
+PORT   ?= 3000
+.PHONY: setup demo serve test lint clean
 
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	# The CPU wheel comes from pip's configured indexes when they carry it, else from PyTorch's CPU index.
-	$(BIN)/pip install -q $(TORCH) || $(BIN)/pip install -q $(TORCH) --extra-index-url https://download.pytorch.org/whl/cpu
+	$(TORCH_INSTALL)
 	$(BIN)/pip install -q -e ".[$(ORT),train,dev]"
 	touch $@
 
-# The main job: write the embedded phantom data, then generate EM + label pairs with the default model
-# (models/phantom-pairs, trained on that data by the commands in models/README.md).
+# The main job: write the embedded phantom data, generate EM + label pairs with the default model, score the default
+# segmentation model on a crop, then start `bentoml serve` over models/, ask it for pairs over HTTP, and stop it.
+# Default models (models/README.md records how each was made): phantom-pairs, phantom-from-labels, phantom-seg.
 demo: setup
 	$(BIN)/emserve data phantom $(OUT)/phantom --overwrite
 	rm -rf $(OUT)/generated.zarr
 	$(BIN)/emserve generate pairs models/phantom-pairs $(OUT)/generated.zarr --samples 16 --dataset phantom_a
 	$(BIN)/emserve data info $(OUT)/generated.zarr
+	$(BIN)/emserve evaluate seg models/phantom-seg $(OUT)/phantom/phantom_b.zarr --crops crop4
+	BENTOML_DO_NOT_TRACK=true $(BIN)/bentoml serve emserve.service:EMServe --host 127.0.0.1 --port $(PORT) & \
+	pid=$$!; trap "kill $$pid" EXIT; \
+	for i in $$(seq 120); do curl -sf http://127.0.0.1:$(PORT)/readyz >/dev/null && break; sleep 1; done; \
+	curl -sf -X POST http://127.0.0.1:$(PORT)/generate_pairs -H 'content-type: application/json' \
+	    -d '{"samples": 4, "present": ["mito_mem", "mito_lum"], "guidance": 3}' -o $(OUT)/served-pairs.npz \
+	&& echo "bentoml serve answered generate_pairs: $(OUT)/served-pairs.npz (run it yourself: make serve)"
+
+# The service on its own (docs/SERVICE.md): generate_pairs, generate_from_labels, segment over models/.
+serve: setup
+	BENTOML_DO_NOT_TRACK=true $(BIN)/bentoml serve emserve.service:EMServe --host 127.0.0.1 --port $(PORT)
 
 lint: setup
 	$(BIN)/ruff check .
