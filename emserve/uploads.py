@@ -31,6 +31,7 @@ from zarr.storage import MemoryStore
 
 from emserve.card import ModelCard
 from emserve.classes import ABSENT, PRESENT, UNKNOWN, get_class
+from emserve.data.patches import label_channels
 from emserve.data.store import EM_GROUP, GROUNDTRUTH_GROUP, PREFERRED_EM
 from emserve.pipelines import label_maps_from_ids
 
@@ -360,7 +361,7 @@ def _condition_values(masks: np.ndarray, field: str) -> np.ndarray:
         if bad.any():
             raise UploadError(f"{field}: integer masks hold {sorted(np.unique(masks[bad]).tolist())[:5]}; allowed: "
                               f"1 present, 0 absent, 255 unannotated")
-        return np.where(masks == PRESENT, 1.0, np.where(masks == ABSENT, -1.0, 0.0)).astype(np.float32)
+        return label_channels(masks)
     if not np.issubdtype(masks.dtype, np.floating):
         raise UploadError(f"{field}: dtype {masks.dtype}; masks are integer / bool (0/1/255) or float in [-1, 1]")
     if not np.isfinite(masks).all():
