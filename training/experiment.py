@@ -136,12 +136,14 @@ def run_experiment(cfg: ExperimentConfig) -> Path:
     return path
 
 
-def _generate(cfg: ExperimentConfig, checkpoint: Path, store: Path, present: tuple[str, ...] = ()) -> Path:
-    """Generate `cfg.samples` screened pairs from a DDPM checkpoint into `store` (resuming if it exists)."""
+def _generate(cfg: ExperimentConfig, checkpoint: Path, store: Path, present: tuple[str, ...] = (),
+              screen: bool = True) -> Path:
+    """Generate `cfg.samples` pairs (screened, for training) from a DDPM checkpoint into `store` (resuming)."""
     request = GenerationRequest(samples=cfg.samples, seed=cfg.seed, sampler=cfg.sampler, steps=cfg.sample_steps,
                                 present=present)
     with load_runtime(checkpoint, "torch") as runtime:
-        generate_store(runtime.card, runtime, request, store, screening=Screening(), resume=store.exists())
+        generate_store(runtime.card, runtime, request, store, screening=Screening() if screen else None,
+                       resume=store.exists())
     return store
 
 
@@ -152,7 +154,8 @@ def class_balance(cfg: ExperimentConfig, ddpm_run: Path, crops: dict[str, list[s
     rare = rarest_class(cfg, crops)
     shares = {}
     for name, present in (("unguided", ()), ("guided", (rare,))):
-        store = _generate(cfg, checkpoint, ddpm_run.parent / f"balance-{name}.zarr", present)
+        # unscreened: the question is what the model draws, not what survives screening
+        store = _generate(cfg, checkpoint, ddpm_run.parent / f"balance-{name}.zarr", present, screen=False)
         root = EMStore(store)
         found = [root.read_crop(c, [rare]).labels[0] for c in root.crops]
         shares[name] = float(np.mean([(plane == PRESENT).any() for crop in found for plane in crop]))
