@@ -575,23 +575,17 @@ def _segment_source(source: str, voxel_size: str) -> dict:
 def _label_source(card, source: str, seed: int):
     """Label maps for from-labels, sample i -> map: random patches of a store's crops (in the model's classes),
     or PNG / TIFF index maps of CellMap class ids (a file, folder or glob), used in order and repeated."""
-    from emserve.data.patches import PatchSampler, label_channels, load_crops
-    from emserve.data.store import EMStore
+    from emserve.pipelines import label_maps_from_ids, store_label_maps
 
     if not source:
         raise ValueError("labels_from: from-labels needs label maps; give a store or index-map images with "
                          "--labels-from")
     if not _is_store(source):
         from emserve.data.stacks import discover, read_stack
-        from emserve.pipelines import label_maps_from_ids
 
         maps = label_maps_from_ids(card, read_stack(discover(source, "labels_from"), "labels_from"))
         return lambda start, stop: maps[np.arange(start, stop) % len(maps)]
-    sampler = PatchSampler(load_crops([EMStore(source)], card.classes), card.patch_size, augment=False)
-    tiles = sampler.tiles()
-    order = np.random.default_rng(seed).permutation(len(tiles))
-    return lambda start, stop: label_channels(sampler.cut([tiles[order[i % len(tiles)]]
-                                                          for i in range(start, stop)]).labels)
+    return store_label_maps(card, source, seed)
 
 
 def _is_store(path: str) -> bool:

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import numpy as np
 
-from emserve.data.patches import PatchSampler, RawPatchSampler, label_channels, load_crops
+from emserve.data.patches import RawPatchSampler
 from emserve.data.store import EMStore, LabelledCrop
 from emserve.metrics import Counts, realism, segmentation_report
 from emserve.pictures import grid, raw_to_rgb, save_png
-from emserve.pipelines import GenerationRequest, generate, label_codes
+from emserve.pipelines import GenerationRequest, generate, label_codes, store_label_maps
 from emserve.runtime.base import Runtime
 from emserve.segmentation import masks_from_probabilities, probabilities, segment_array
 
@@ -67,10 +67,7 @@ def evaluate_label_transfer(denoiser: Runtime, segmenter: Runtime, label_store: 
     missing = [c for c in card.classes if c not in segmenter.card.classes]
     if missing:
         raise ValueError(f"segmenter: has no output for classes {missing} of the em-from-labels model")
-    patches = PatchSampler(load_crops([EMStore(label_store)], card.classes), card.patch_size, augment=False)
-    tiles = patches.tiles()
-    chosen = [tiles[i] for i in np.random.default_rng(seed).permutation(len(tiles))[:samples]]
-    maps = label_channels(patches.cut(chosen).labels)
+    maps = store_label_maps(card, label_store, seed)(0, samples)
     request = GenerationRequest(samples=len(maps), seed=seed, sampler=sampler, steps=steps, guidance=guidance,
                                 dataset=dataset)
     counts = [Counts() for _ in card.classes]

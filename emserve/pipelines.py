@@ -19,6 +19,7 @@ import zarr
 from emserve.card import RAW, ModelCard
 from emserve.classes import ABSENT, PRESENT, UNKNOWN, check_class_names, masks_from_ids
 from emserve.data.ngff import multiscales_attrs, pyramid_levels
+from emserve.data.patches import PatchSampler, label_channels, load_crops
 from emserve.data.store import EM_GROUP, EMStore
 from emserve.data.writer import EM_NAME, CropToWrite, add_crop, atomic_directory, provenance
 from emserve.diffusion import SAMPLERS, Denoise, Guidance, make_schedule, sample
@@ -128,6 +129,16 @@ def label_maps_from_ids(card: ModelCard, ids: np.ndarray) -> np.ndarray:
         raise ValueError(f"label maps: dtype {ids.dtype}; index maps hold integer CellMap class ids")
     masks = masks_from_ids(ids, card.classes)
     return np.where(masks, 1.0, -1.0).astype(np.float32).transpose(1, 0, 2, 3)
+
+
+def store_label_maps(card: ModelCard, store: str, seed: int) -> LabelSource:
+    """Label maps from a store's crops, in the model's classes: patch-sized tiles in an order shuffled by `seed`,
+    sample i -> tile i (repeating when the request asks for more samples than there are tiles)."""
+    sampler = PatchSampler(load_crops([EMStore(store)], card.classes), card.patch_size, augment=False)
+    tiles = sampler.tiles()
+    order = np.random.default_rng(seed).permutation(len(tiles))
+    return lambda start, stop: label_channels(sampler.cut([tiles[order[i % len(tiles)]]
+                                                          for i in range(start, stop)]).labels)
 
 
 def check_request(card: ModelCard, request: GenerationRequest) -> None:

@@ -76,13 +76,18 @@ def probabilities(card: ModelCard, logits: np.ndarray) -> np.ndarray:
     return (shifted / shifted.sum(axis=1, keepdims=True))[:, 1:]
 
 
+def check_threshold(threshold: float) -> float:
+    """The probability threshold of multi-label masks, refused outside (0, 1) before any work is done."""
+    if not 0 < threshold < 1:
+        raise ValueError(f"threshold: {threshold} must be in (0, 1)")
+    return threshold
+
+
 def masks_from_probabilities(card: ModelCard, probs: np.ndarray, threshold: float = 0.5) -> np.ndarray:
     """Bool masks [K, ...] from class probabilities [K, ...]: above `threshold` per class (multi-label), or the
     most probable of background + classes (exclusive; `threshold` does not apply)."""
     if not card.exclusive:
-        if not 0 < threshold < 1:
-            raise ValueError(f"threshold: {threshold} must be in (0, 1)")
-        return probs > threshold
+        return probs > check_threshold(threshold)
     background = 1.0 - probs.sum(axis=0)
     best = probs.argmax(axis=0)
     return (np.arange(len(probs)).reshape(-1, *[1] * best.ndim) == best) & (probs.max(axis=0) > background)
@@ -165,7 +170,7 @@ def segment_store(runtime: Runtime, volume: Any, out: str | Path, *,
     card = runtime.card
     along = check_axis(axis)
     tile, overlap = tiling(card, tile, overlap)
-    masks_from_probabilities(card, np.zeros((len(card.classes), 1)), threshold)  # a bad threshold fails now
+    check_threshold(threshold)
     chunks = [OUT_CHUNK] * 3
     chunks[along] = 1  # one slice per chunk: each slice is written once, never read back
     settings = {"source": source, "axis": axis, "tile": tile, "overlap": overlap, "threshold": threshold,

@@ -58,7 +58,14 @@ from emserve.pipelines import (
 from emserve.postprocess import LABEL_METHODS, Screening
 from emserve.runtime.base import Runtime
 from emserve.runtime.load import load_runtime
-from emserve.segmentation import masks_from_probabilities, raw_to_network, segment_array, segment_store, tiling
+from emserve.segmentation import (
+    check_threshold,
+    masks_from_probabilities,
+    raw_to_network,
+    segment_array,
+    segment_store,
+    tiling,
+)
 from emserve.uploads import UploadError, UploadLimits, decode, label_maps, npz_bytes, png_bytes, read_upload, zip_folder
 
 MODELS_ENV, TRITON_ENV, API_KEY_ENV = "EMSERVE_MODELS", "EMSERVE_TRITON_URL", "EMSERVE_API_KEY"
@@ -356,7 +363,7 @@ class EMServe:
             check_range("tile", tile, 1, self.limits.tile, "EMSERVE_MAX_TILE")
         with client_errors():
             tile, overlap = tiling(card, tile, overlap)
-            masks_from_probabilities(card, np.zeros((len(card.classes), 1), np.float32), threshold)
+            check_threshold(threshold)
             check_axis(axis)
         axis = axis if raw.ndim == 3 else "z"  # an image is segmented as it is
         settings = {"axis": axis, "tile": tile, "overlap": overlap, "threshold": threshold,
