@@ -28,7 +28,9 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(TORCH_INSTALL)
-	$(BIN)/pip install -q -e ".[$(ORT),train,dev]"
+	# The torch just installed is pinned: left free, pip's resolver swaps the +cpu build for a newer CUDA one.
+	$(BIN)/pip install -q -e ".[$(ORT),train,dev]" \
+	    "torch==$$($(BIN)/python -c 'import importlib.metadata as m; print(m.version("torch"))')"
 	touch $@
 
 # The main job: write the embedded phantom data, generate EM + label pairs with the default model, score the default
