@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from emserve.data.ngff import format_nm
+from emserve.runtime.memory import DEFAULT_MEMORY_BUDGET, parse_bytes
 
 app = typer.Typer(
     help="Diffusion-generated training data for organelle segmentation in volume EM.\n\n"
@@ -130,6 +131,8 @@ ClassList = Annotated[str, typer.Option(help="Comma-separated class names (defau
                                              "the stores).")]
 PatchSize = Annotated[int, typer.Option(help="Square 2D patch size in voxels.")]
 BatchSize = Annotated[int, typer.Option(help="Patches per optimizer step (split across torchrun processes).")]
+MemoryBudget = Annotated[str, typer.Option(help="Most memory one model call may take, e.g. 4GiB or 512MB; larger "
+                                                "batches are split into calls that fit (same results).")]
 Steps = Annotated[int, typer.Option(help="Optimizer steps in all (a resumed run stops here too).")]
 LearningRate = Annotated[float, typer.Option(help="AdamW learning rate.")]
 Width = Annotated[int, typer.Option(help="UNet base channels (the study: 64).")]
@@ -345,6 +348,7 @@ def generate(
                                               "outside its membrane, specks).")] = True,
     min_size: Annotated[int, typer.Option(help="Screening: smallest object in pixels (0: any).")] = 0,
     batch_size: Annotated[int, typer.Option(help="Samples per model batch (memory is bounded by it).")] = 8,
+    memory_budget: MemoryBudget = DEFAULT_MEMORY_BUDGET,
     resume: Annotated[bool, typer.Option(help="Continue an interrupted run into the same --out.")] = False,
     backend: Annotated[str, typer.Option(help="auto | onnx | torchscript | torch | triton (auto: by what the "
                                               "model folder holds).")] = "auto",
@@ -366,7 +370,7 @@ def generate(
     from emserve.runtime.load import load_runtime
 
     options = {"card": served_card} if served_card else {}
-    denoise = load_runtime(model, backend, device=device, **options)
+    denoise = load_runtime(model, backend, device=device, memory_budget=parse_bytes(memory_budget), **options)
     try:
         card = denoise.card
         if card.mode != GENERATE_MODES[what]:
@@ -404,6 +408,7 @@ def segment(
     probabilities: Annotated[bool, typer.Option(help="Also write per-class probabilities (x255, uint8).")] = False,
     voxel_size: Annotated[str, typer.Option(help="Stores: the scale level, 'Z,Y,X' in nm (default: the finest).")] = "",
     batch_size: Annotated[int, typer.Option(help="Tiles per model call.")] = 8,
+    memory_budget: MemoryBudget = DEFAULT_MEMORY_BUDGET,
     backend: Annotated[str, typer.Option(help="auto | onnx | torchscript | torch | triton.")] = "auto",
     served_card: Annotated[str, typer.Option("--card", help="triton: the exported folder whose card the "
                                                            "server's model has.")] = "",
@@ -419,7 +424,7 @@ def segment(
     from emserve.segmentation import segment_store
 
     options = {"card": served_card} if served_card else {}
-    runtime = load_runtime(model, backend, device=device, **options)
+    runtime = load_runtime(model, backend, device=device, memory_budget=parse_bytes(memory_budget), **options)
     try:
         if runtime.card.mode != "segmentation":
             raise ValueError(f"model: {model} is a {runtime.card.mode!r} model, not a segmentation network")

@@ -16,6 +16,8 @@ Environment (read when the service module is imported, i.e. when the server star
                             <key>` or `X-API-Key: <key>`
     EMSERVE_THREADS         requests computed at once per worker (default 2); EMSERVE_ORT_THREADS: intra-op
                             threads per ONNX Runtime session (default: one per core)
+    EMSERVE_MEMORY_BUDGET   most memory one model call may take, e.g. 4GiB (the default): bigger batches are split
+                            into calls that fit, with the same results (emserve.runtime.memory)
     EMSERVE_MAX_*           request limits, see Limits
 """
 
@@ -58,6 +60,7 @@ from emserve.pipelines import (
 from emserve.postprocess import LABEL_METHODS, Screening
 from emserve.runtime.base import Runtime
 from emserve.runtime.load import load_runtime
+from emserve.runtime.memory import DEFAULT_MEMORY_BUDGET, parse_bytes
 from emserve.segmentation import (
     check_threshold,
     masks_from_probabilities,
@@ -69,6 +72,7 @@ from emserve.segmentation import (
 from emserve.uploads import UploadError, UploadLimits, decode, label_maps, npz_bytes, png_bytes, read_upload, zip_folder
 
 MODELS_ENV, TRITON_ENV, API_KEY_ENV = "EMSERVE_MODELS", "EMSERVE_TRITON_URL", "EMSERVE_API_KEY"
+MEMORY_ENV = "EMSERVE_MEMORY_BUDGET"
 FORMATS = ("npz", "zarr.zip", "png")
 SUFFIX = {"npz": ".npz", "zarr.zip": ".zarr.zip", "png": ".png"}
 SHOWN = 16  # samples or slices in a PNG preview
@@ -167,18 +171,21 @@ def models_dir() -> Path:
     return beside if beside.is_dir() else Path("models")
 
 
-def load_models(root: Path, triton_url: str | None, ort_threads: int | None) -> dict[str, Runtime]:
+def load_models(root: Path, triton_url: str | None, ort_threads: int | None,
+                memory_budget: int | None = None) -> dict[str, Runtime]:
     """Every model folder (one holding card.json) under `root`, by folder name, as a Runtime: ONNX Runtime on
-    the folder, or the same-named model on a Triton server. A folder that does not load stops the server."""
+    the folder, or the same-named model on a Triton server; each splits calls to fit `memory_budget` bytes.
+    A folder that does not load stops the server."""
     if not root.is_dir():
         raise FileNotFoundError(f"{MODELS_ENV}: {root} is not a folder; point it at a folder of exported models "
                                 f"(`emserve export ... models`)")
     runtimes: dict[str, Runtime] = {}
     for folder in sorted(p for p in root.iterdir() if (p / CARD_NAME).is_file()):
         if triton_url:
-            runtimes[folder.name] = load_runtime(f"{triton_url.rstrip('/')}/{folder.name}", "triton", card=folder)
+            runtimes[folder.name] = load_runtime(f"{triton_url.rstrip('/')}/{folder.name}", "triton", card=folder,
+                                                 memory_budget=memory_budget)
         else:
-            runtimes[folder.name] = load_runtime(folder, "onnx", threads=ort_threads)
+            runtimes[folder.name] = load_runtime(folder, "onnx", threads=ort_threads, memory_budget=memory_budget)
     if not runtimes:
         raise FileNotFoundError(f"{MODELS_ENV}: {root} holds no model folder (<name>/{CARD_NAME}); export one "
                                 f"with `emserve export CHECKPOINT {root}`")
@@ -292,7 +299,8 @@ class EMServe:
         self.limits = LIMITS
         self.root = models_dir()
         self.runtimes = load_models(self.root, os.environ.get(TRITON_ENV) or None,
-                                    env_int("EMSERVE_ORT_THREADS", 0) or None)
+                                    env_int("EMSERVE_ORT_THREADS", 0) or None,
+                                    parse_bytes(os.environ.get(MEMORY_ENV, DEFAULT_MEMORY_BUDGET), MEMORY_ENV))
 
     @bentoml.api
     def models(self) -> list[dict[str, Any]]:

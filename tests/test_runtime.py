@@ -1,4 +1,5 @@
-"""Runtimes: one sampling loop over eager torch, ONNX Runtime and TorchScript; card checks; max_batch splitting.
+"""Runtimes: one sampling loop over eager torch, ONNX Runtime and TorchScript; card checks; splitting calls by
+max_batch and memory budget.
 
 Tiny UNets (width 8, multipliers 1,2, one block per level, patch 16) with random weights, saved as training
 checkpoints and exported; the em-from-labels model with the default (dynamo) exporter, the pairs model with
@@ -17,6 +18,7 @@ from checkpoints import make_checkpoint
 from emserve.pipelines import GenerationRequest, generate
 from emserve.runtime.base import CallableRuntime, Runtime
 from emserve.runtime.load import BACKENDS, load_runtime, pick_backend
+from emserve.runtime.memory import activation_bytes
 from emserve.runtime.onnx import ONNX_FILE, OnnxRuntime, providers
 from emserve.runtime.torchscript import TORCHSCRIPT_FILE, TorchScriptRuntime
 from training.export import export_model
@@ -135,6 +137,30 @@ def test_max_batch_splits_calls_and_gives_the_same_samples(models):
                                atol=1e-6, rtol=0)
     with pytest.raises(ValueError, match="max_batch: 0 must be at least 1"):
         OnnxRuntime(folder, max_batch=0)
+
+
+def test_a_memory_budget_splits_calls_to_what_fits_and_gives_the_same_samples(models):
+    folder = models["pairs"][1]
+    onnx = OnnxRuntime(folder, threads=1)
+    size = onnx.card.patch_size
+    per_sample = activation_bytes(onnx.card.unet, size, size)
+    calls = []
+
+    def recording(x, t, cond):
+        calls.append(len(x))
+        return onnx(x, t, cond)
+
+    budget = 3 * per_sample + per_sample // 2  # room for 3 samples, not 4
+    split = CallableRuntime(onnx.card, recording, memory_budget=budget)
+    assert split.samples_per_call(size, size) == 3 and split.samples_per_call(2 * size, 2 * size) == 1
+    request = GenerationRequest(**{**REQUESTS["pairs"].__dict__, "samples": 4, "batch_size": 4})
+    assert np.array_equal(samples(split, request, "pairs"), samples(onnx, request, "pairs"))
+    assert calls == [3, 3, 2] * request.steps
+    both = OnnxRuntime(folder, threads=1, max_batch=2, memory_budget=budget)
+    assert both.samples_per_call(size, size) == 2  # the tighter of the two caps
+    assert load_runtime(folder, "torchscript", memory_budget=budget).samples_per_call(size, size) == 3
+    with pytest.raises(ValueError, match="memory_budget: 0 must be at least 1"):
+        OnnxRuntime(folder, memory_budget=0)
 
 
 def test_load_runtime_picks_the_backend_by_name_url_or_what_the_folder_holds(models):

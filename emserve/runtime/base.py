@@ -2,7 +2,8 @@
 
 A Runtime is a model card plus something that runs the UNet graph. Calling it, `runtime(x, t, cond)`, checks
 the arrays against the card (shapes, channels, conditions, dataset ids), casts them to the graph's dtypes, splits
-the batch into calls of at most `max_batch` samples and returns the output as float32 numpy. `runtime.denoise`
+the batch into calls of at most `max_batch` samples that fit `memory_budget` bytes (emserve.runtime.memory) and
+returns the output as float32 numpy. `runtime.denoise`
 is the `Denoise` callable of emserve.diffusion and emserve.pipelines.generate (the runtime itself is one too);
 `runtime.segment(x)` is the same call for segmentation networks (no timestep). Backends implement `_run`.
 """
@@ -15,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from emserve.card import ModelCard, sha256_file
+from emserve.runtime.memory import samples_within
 
 INPUT_NAMES = ("x", "t", "classes", "dataset", "label_map")  # the exported graph's input names, in order
 OUTPUT_NAME = "out"
@@ -89,20 +91,30 @@ def verified_file(folder: str | Path, relative: str, card: ModelCard) -> Path:
 class Runtime:
     """A model card and a backend that runs its graph; see the module docstring.
 
-    `max_batch` caps the samples per backend call (None: no cap). Guided sampling doubles the batch (the
-    conditional and unconditional halves go in one call), so a request of B samples asks for 2B; with a cap,
-    the call is split and the outputs concatenated, which gives the same samples because every sample is
-    computed independently of the others in its batch (GroupNorm, no BatchNorm).
+    `max_batch` caps the samples per backend call (None: no cap); `memory_budget` (bytes, None: no limit) caps
+    them further to what fits by the estimate of emserve.runtime.memory for the call's spatial size. Guided
+    sampling doubles the batch (the conditional and unconditional halves go in one call), so a request of B
+    samples asks for 2B; with a cap, the call is split and the outputs concatenated, which gives the same samples
+    because every sample is computed independently of the others in its batch (GroupNorm, no BatchNorm).
     """
 
     backend = "base"
 
-    def __init__(self, card: ModelCard, max_batch: int | None = None) -> None:
-        if max_batch is not None and int(max_batch) < 1:
-            raise ValueError(f"max_batch: {max_batch} must be at least 1 (or None for no limit)")
+    def __init__(self, card: ModelCard, max_batch: int | None = None, memory_budget: int | None = None) -> None:
+        for name, value in (("max_batch", max_batch), ("memory_budget", memory_budget)):
+            if value is not None and int(value) < 1:
+                raise ValueError(f"{name}: {value} must be at least 1 (or None for no limit)")
         self.card = card
         self.max_batch = None if max_batch is None else int(max_batch)
+        self.memory_budget = None if memory_budget is None else int(memory_budget)
         self.inputs = graph_inputs(card)
+
+    def samples_per_call(self, height: int, width: int) -> int | None:
+        """The most samples of this spatial size one backend call gets (None: no limit)."""
+        limits = [self.max_batch] if self.max_batch else []
+        if self.memory_budget:
+            limits.append(samples_within(self.memory_budget, self.card.unet, height, width))
+        return min(limits) if limits else None
 
     def __call__(self, x: np.ndarray, t: np.ndarray | None = None,
                  cond: Mapping[str, np.ndarray] | None = None) -> np.ndarray:
@@ -113,7 +125,7 @@ class Runtime:
         arrays = {"x": x, "t": t, **cond}
         inputs = {name: _cast(name, arrays[name], dtype) for name, dtype in self.inputs.items()}
         batch = x.shape[0]
-        step = self.max_batch or max(batch, 1)
+        step = self.samples_per_call(x.shape[2], x.shape[3]) or max(batch, 1)
         if batch <= step:
             out = self._checked(self._run(inputs), x.shape)
         else:
@@ -156,7 +168,8 @@ class Runtime:
         self.close()
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(mode={self.card.mode!r}, backend={self.backend!r}, max_batch={self.max_batch})"
+        return (f"{type(self).__name__}(mode={self.card.mode!r}, backend={self.backend!r}, "
+                f"max_batch={self.max_batch}, memory_budget={self.memory_budget})")
 
 
 class CallableRuntime(Runtime):
@@ -164,8 +177,9 @@ class CallableRuntime(Runtime):
     eager torch during training, or a client of a remote server."""
 
     def __init__(self, card: ModelCard, fn: Callable[..., np.ndarray], backend: str = "callable",
-                 max_batch: int | None = None, close: Callable[[], None] | None = None) -> None:
-        super().__init__(card, max_batch)
+                 max_batch: int | None = None, close: Callable[[], None] | None = None,
+                 memory_budget: int | None = None) -> None:
+        super().__init__(card, max_batch, memory_budget)
         self.fn, self.backend, self._close = fn, backend, close
 
     def _run(self, inputs: dict[str, np.ndarray]) -> np.ndarray:

@@ -24,7 +24,8 @@ from typing import Any
 from emserve.card import ModelCard
 from emserve.runtime.base import CallableRuntime, Runtime, check_device
 
-#: loader(model: str, **options) -> Runtime; options are the backend's keyword arguments (device, max_batch, ...).
+#: loader(model: str, **options) -> Runtime; options are the backend's keyword arguments (device, max_batch,
+#: memory_budget, ...).
 Loader = Callable[..., Runtime]
 
 
@@ -56,8 +57,8 @@ def pick_backend(model: str | Path) -> str:
 def load_runtime(model: str | Path, backend: str = "auto", **options: Any) -> Runtime:
     """A Runtime for `model` (a model folder, checkpoint folder or URL) on `backend` ("auto": pick_backend).
 
-    Options go to the backend: device ("auto" | "cuda" | "cpu"), max_batch (samples per call), verify
-    (sha256 check), threads (onnx only).
+    Options go to the backend: device ("auto" | "cuda" | "cpu"), max_batch (samples per call), memory_budget
+    (bytes per call, emserve.runtime.memory), verify (sha256 check), threads (onnx only).
     """
     name = pick_backend(model) if backend == "auto" else backend
     if name not in _LOADERS:
@@ -81,7 +82,8 @@ def _load_torchscript(model: str, **options: Any) -> Runtime:
     return TorchScriptRuntime(model, **options)
 
 
-def _load_torch(model: str, *, device: str = "auto", max_batch: int | None = None, weights: str = "ema") -> Runtime:
+def _load_torch(model: str, *, device: str = "auto", max_batch: int | None = None, memory_budget: int | None = None,
+                weights: str = "ema") -> Runtime:
     """Eager torch on a training checkpoint (EMA weights unless weights="model"); imports the training code."""
     try:
         import torch
@@ -94,7 +96,8 @@ def _load_torch(model: str, *, device: str = "auto", max_batch: int | None = Non
                           f"'emserve[train]', or export the model and use the onnx backend") from None
     target = pick_device() if check_device(device) == "auto" else torch.device(device)
     card, module, _ = load_module(model, weights)
-    return CallableRuntime(card, module_denoiser(module.to(target), target), backend="torch", max_batch=max_batch)
+    return CallableRuntime(card, module_denoiser(module.to(target), target), backend="torch", max_batch=max_batch,
+                           memory_budget=memory_budget)
 
 
 def _load_triton(model: str, **options: Any) -> Runtime:

@@ -53,10 +53,10 @@ class OnnxRuntime(Runtime):
     backend = "onnx"
 
     def __init__(self, model: str | Path, *, device: str = "auto", max_batch: int | None = None,
-                 threads: int | None = None, verify: bool = True) -> None:
+                 memory_budget: int | None = None, threads: int | None = None, verify: bool = True) -> None:
         folder = Path(model)
         card = ModelCard.load(folder)
-        super().__init__(card, max_batch)
+        super().__init__(card, max_batch, memory_budget)
         path = verified_file(folder, ONNX_FILE, card) if verify else folder / ONNX_FILE
         ort = _onnxruntime()
         options = ort.SessionOptions()

@@ -33,11 +33,11 @@ class TorchScriptRuntime(Runtime):
     backend = "torchscript"
 
     def __init__(self, model: str | Path, *, device: str = "auto", max_batch: int | None = None,
-                 verify: bool = True) -> None:
+                 memory_budget: int | None = None, verify: bool = True) -> None:
         check_device(device)
         folder = Path(model)
         card = ModelCard.load(folder)
-        super().__init__(card, max_batch)
+        super().__init__(card, max_batch, memory_budget)
         path = verified_file(folder, TORCHSCRIPT_FILE, card) if verify else folder / TORCHSCRIPT_FILE
         torch = _torch()
         if device == "cuda" and not torch.cuda.is_available():

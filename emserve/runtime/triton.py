@@ -50,11 +50,11 @@ class TritonRuntime(Runtime):
     backend = "triton"
 
     def __init__(self, url: str, model_name: str, card: ModelCard, protocol: str = "http", *,
-                 model_version: str = "", max_batch: int | None = None, timeout: float = 60.0,
-                 connect_timeout: float = 10.0) -> None:
+                 model_version: str = "", max_batch: int | None = None, memory_budget: int | None = None,
+                 timeout: float = 60.0, connect_timeout: float = 10.0) -> None:
         if protocol not in PROTOCOLS:
             raise ValueError(f"protocol: {protocol!r} is not allowed; choose one of {', '.join(PROTOCOLS)}")
-        super().__init__(card, max_batch)
+        super().__init__(card, max_batch, memory_budget)
         self.url, self.model_name, self.model_version, self.protocol = url, model_name, model_version, protocol
         self.timeout, self.connect_timeout = timeout, connect_timeout
         self.where = f"model {model_name!r} on the Triton server at {url} ({protocol})"
@@ -126,8 +126,9 @@ class TritonRuntime(Runtime):
         self._client.close()
 
 
-def from_url(url: str, *, card: ModelCard | str | Path, max_batch: int | None = None, timeout: float = 60.0,
-             connect_timeout: float = 10.0, device: str = "auto") -> TritonRuntime:
+def from_url(url: str, *, card: ModelCard | str | Path, max_batch: int | None = None,
+             memory_budget: int | None = None, timeout: float = 60.0, connect_timeout: float = 10.0,
+             device: str = "auto") -> TritonRuntime:
     """A TritonRuntime for "http://host:port/model[/version]" or "grpc://host:port/model[/version]" (the
     signature of a load_runtime loader). card: a ModelCard, or a model folder / card.json path. device is
     ignored: the server places the model."""
@@ -138,8 +139,8 @@ def from_url(url: str, *, card: ModelCard | str | Path, max_batch: int | None = 
         raise ValueError(f"model: {url!r} is not a Triton model URL; expected http://host:port/model[/version] "
                          f"or grpc://host:port/model[/version]")
     card = card if isinstance(card, ModelCard) else ModelCard.load(card)
-    return TritonRuntime(host, model, card, scheme, model_version=version, max_batch=max_batch, timeout=timeout,
-                         connect_timeout=connect_timeout)
+    return TritonRuntime(host, model, card, scheme, model_version=version, max_batch=max_batch,
+                         memory_budget=memory_budget, timeout=timeout, connect_timeout=connect_timeout)
 
 
 def _show(spec: tuple[str, list[int]]) -> str:

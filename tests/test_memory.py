@@ -1,0 +1,71 @@
+"""The memory estimate that splits calls to fit a budget: measured against real backends, and budget parsing.
+
+Each measurement runs in a fresh Python process on a shipped default model (models/), so the peak resident size
+(ru_maxrss) belongs to that run alone: calls at batch 1, 9 and 33 in turn, and the peak's growth from 9 to 33 over
+24 is the memory each extra sample takes (what comes before batch 9 is loading and one-off buffers). glibc's mmap
+threshold is fixed, or its sliding default makes the peak depend on what was freed before (TorchScript at 64x64
+measured 7-12 MB per sample from run to run without it, 5.9 MB every time with it). The growth must stay within
+the estimate (else a budget would be overrun) and above a third of it (else budgets would waste most of the
+memory they are given).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from emserve.card import ModelCard
+from emserve.runtime.memory import activation_bytes, parse_bytes, samples_within
+
+MODEL = Path(__file__).resolve().parent.parent / "models" / "phantom-seg"
+
+PROBE = """
+import json, resource, sys
+import numpy as np
+from emserve.runtime.load import load_runtime
+
+model, backend, size = sys.argv[1], sys.argv[2], int(sys.argv[3])
+runtime = load_runtime(model, backend, **({"threads": 1} if backend == "onnx" else {}))
+x = np.random.default_rng(0).standard_normal((33, 1, size, size), dtype=np.float32)
+peaks = []
+for batch in (1, 9, 33):
+    runtime.segment(x[:batch])
+    peaks.append(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+print(json.dumps({"per_sample": (peaks[2] - peaks[1]) / 24}))
+"""
+
+
+@pytest.mark.parametrize("backend", ["onnx", "torchscript"])
+@pytest.mark.parametrize("size", [64, 128])
+def test_the_estimate_bounds_the_memory_a_backend_takes_per_sample(backend, size):
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
+    done = subprocess.run([sys.executable, "-c", PROBE, str(MODEL), backend, str(size)], capture_output=True,
+                          text=True, timeout=300, check=True, env=env)
+    measured = json.loads(done.stdout.strip().splitlines()[-1])["per_sample"]
+    estimate = activation_bytes(ModelCard.load(MODEL).unet, size, size)
+    assert measured <= estimate <= 3 * measured, (backend, size, measured, estimate)
+
+
+def test_attention_makes_the_estimate_grow_faster_than_the_pixels():
+    unet = ModelCard.load(MODEL).unet
+    small, large = activation_bytes(unet, 64, 64), activation_bytes(unet, 256, 256)
+    assert large > 16 * small  # 16x the pixels; the attention scores grow with their square
+    assert samples_within(large * 3, unet, 256, 256) == 3 and samples_within(1, unet, 64, 64) == 1
+
+
+@pytest.mark.parametrize(("text", "value"), [("4GiB", 4 * 2**30), ("512MB", 512 * 10**6), ("1.5 gib", 3 * 2**29),
+                                             ("100000", 100000), (2048, 2048)])
+def test_budgets_are_read_as_bytes_or_sizes_with_units(text, value):
+    assert parse_bytes(text) == value
+
+
+@pytest.mark.parametrize("text", ["4 parsecs", "GiB", "-1GB", "0"])
+def test_a_budget_that_is_not_a_size_is_refused_naming_the_field_and_value(text):
+    with pytest.raises(ValueError, match=rf"EMSERVE_MEMORY_BUDGET: '{text}' (is not a size; use bytes or a number "
+                                         rf"with one of KB, MB, GB, KiB, MiB, GiB|must be at least 1 byte)"):
+        parse_bytes(text, "EMSERVE_MEMORY_BUDGET")
