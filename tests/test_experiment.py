@@ -7,10 +7,10 @@ import sys
 import numpy as np
 from checkpoints import CLASSES
 
-from emserve.classes import UNKNOWN
+from emserve.classes import PRESENT, UNKNOWN
 from emserve.data.patches import load_crops
 from emserve.data.store import EMStore
-from training.experiment import ARMS
+from training.experiment import ARMS, plane_object_sizes
 
 
 def test_the_smoke_experiment_scores_every_arm_and_resumes(toy_store, tmp_path):
@@ -32,7 +32,7 @@ def test_the_smoke_experiment_scores_every_arm_and_resumes(toy_store, tmp_path):
     for name in ("full", "few"):
         assert report["realism"][name]["generated"] == 8
         assert (out / f"quiz-{name}.png").exists() and (out / f"generated-{name}.png").exists()
-    assert report["class_balance"]["class"] in CLASSES
+    assert report["class_balance"]["class"] in CLASSES and report["class_balance"]["min_object_pixels"] >= 1
     markdown = (out / "report.md").read_text()
     assert all(f"| {arm} |" in markdown for arm in ARMS)
 
@@ -52,3 +52,13 @@ def test_few_labelled_slices_keep_raw_everywhere_and_labels_on_evenly_spaced_pla
     assert annotated == [0, 4, 7]  # 8 planes: linspace(0, 7, 3) rounded
     np.testing.assert_array_equal(few.labels[:, annotated], full.labels[:, annotated])
     np.testing.assert_array_equal(few.raw, full.raw)
+
+
+def test_objects_are_counted_per_plane_with_4_connectivity():
+    labels = np.zeros((2, 8, 8), np.uint8)
+    labels[0, 1:4, 1:4] = PRESENT  # a 3x3 object
+    labels[0, 6, 6] = labels[0, 7, 7] = PRESENT  # two specks touching only at a corner
+    labels[1, 0, :] = PRESENT  # a line in the next plane: not joined to the square above it
+    labels[1, 5, 5] = UNKNOWN  # unannotated is no object
+    assert sorted(plane_object_sizes(labels).tolist()) == [1, 1, 8, 9]
+    assert plane_object_sizes(np.zeros((0, 4, 4), np.uint8)).size == 0

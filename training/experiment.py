@@ -18,10 +18,12 @@ Budgets are options, so the same command is a minutes-long smoke test or a works
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+from scipy import ndimage
 
 from emserve.card import ModelCard
 from emserve.classes import PRESENT
@@ -148,30 +150,50 @@ def _generate(cfg: ExperimentConfig, checkpoint: Path, store: Path, present: tup
 
 
 def class_balance(cfg: ExperimentConfig, ddpm_run: Path, crops: dict[str, list[str]]) -> dict:
-    """Share of generated samples containing the rarest training class, unguided vs guided to contain it."""
+    """Share of generated samples containing the rarest training class, unguided vs guided to contain it.
+
+    A sample contains the class only if one of its objects is at least as large as the smallest tenth of the
+    real ones (2D connected pixels): an undertrained model sprinkles specks of every class everywhere, and
+    counting specks would call every sample a hit, guided or not.
+    """
     checkpoint = sorted(ddpm_run.glob("step-*"))[-1]
     card = ModelCard.load(checkpoint)
     rare = rarest_class(cfg, crops)
+    real = np.concatenate([plane_object_sizes(labels) for labels in _training_labels(cfg, crops, [rare])])
+    min_pixels = max(1, int(np.percentile(real, 10)))
     shares = {}
     for name, present in (("unguided", ()), ("guided", (rare,))):
         # unscreened: the question is what the model draws, not what survives screening
         store = _generate(cfg, checkpoint, ddpm_run.parent / f"balance-{name}.zarr", present, screen=False)
         root = EMStore(store)
         found = [root.read_crop(c, [rare]).labels[0] for c in root.crops]
-        shares[name] = float(np.mean([(plane == PRESENT).any() for crop in found for plane in crop]))
-    return {"class": rare, "model_classes": card.classes, **shares}
+        shares[name] = float(np.mean([(plane_object_sizes(crop[i:i + 1]) >= min_pixels).any()
+                                      for crop in found for i in range(len(crop))]))
+    return {"class": rare, "model_classes": card.classes, "min_object_pixels": min_pixels, **shares}
+
+
+def plane_object_sizes(labels: np.ndarray) -> np.ndarray:
+    """Pixel counts of the 2D connected objects (4-connected, PRESENT voxels) of each z-plane of `labels`."""
+    sizes = [np.bincount(ndimage.label(plane == PRESENT)[0].ravel())[1:] for plane in labels]
+    return np.concatenate(sizes) if sizes else np.zeros(0, np.int64)
+
+
+def _training_labels(cfg: ExperimentConfig, crops: dict[str, list[str]], classes: list[str],
+                     ) -> Iterator[np.ndarray]:
+    """Label arrays [K, Z, Y, X] of `classes` in every training crop, one crop at a time."""
+    for path in cfg.stores:
+        store = EMStore(path)
+        for crop in crops.get(store.name, []):
+            yield store.read_crop(crop, classes, cfg.voxel_size).labels
 
 
 def rarest_class(cfg: ExperimentConfig, crops: dict[str, list[str]]) -> str:
     """The class present in the fewest training slices (ties: the fewest voxels)."""
     counts = {name: [0, 0] for name in cfg.classes}
-    for path in cfg.stores:
-        store = EMStore(path)
-        for crop in crops.get(store.name, []):
-            labels = store.read_crop(crop, cfg.classes, cfg.voxel_size).labels == PRESENT
-            for k, name in enumerate(cfg.classes):
-                counts[name][0] += int(labels[k].any(axis=(1, 2)).sum())
-                counts[name][1] += int(labels[k].sum())
+    for labels in _training_labels(cfg, crops, cfg.classes):
+        for k, name in enumerate(cfg.classes):
+            counts[name][0] += int((labels[k] == PRESENT).any(axis=(1, 2)).sum())
+            counts[name][1] += int((labels[k] == PRESENT).sum())
     present = {n: c for n, c in counts.items() if c[1]}
     return min(present or counts, key=lambda n: tuple(counts[n]))
 
@@ -208,7 +230,8 @@ def markdown_report(report: dict) -> str:
                      f"{r['kid_real_vs_real']:.4f} | ![quiz]({Path(r['quiz']['picture']).name}) |")
     balance = report["class_balance"]
     lines += ["", "## Class-presence guidance", "",
-              f"Rarest training class: `{balance['class']}`. Share of generated samples containing it: "
+              f"Rarest training class: `{balance['class']}`. Share of generated samples containing it (an "
+              f"object of at least {balance['min_object_pixels']} pixels, the smallest tenth of the real ones): "
               f"{balance['unguided']:.2f} unguided, {balance['guided']:.2f} guided to contain it.", "",
               "## Pictures", "", "Generated pairs (EM beside labels): ![full](generated-full.png) "
               "![few](generated-few.png)", ""]
