@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import statistics
 import sys
 import tempfile
@@ -118,6 +119,9 @@ def main() -> None:
            "EMSERVE_ORT_THREADS": str(args.ort_threads)}
     sys.path.insert(0, str(REPO / "tests"))
     from service_server import serve  # the tests' helper: `bentoml serve` on a free port, stopped at the end
+
+    # SIGTERM (e.g. `timeout`) unwinds like Ctrl-C, so the started server is stopped; SIGKILL: see service_server.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
 
     report: dict = {"request": body, "in_process": in_process(args.models / args.model, body, max(args.solo, 1),
                                                               args.ort_threads)}

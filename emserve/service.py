@@ -118,6 +118,7 @@ class Limits:
 
 
 LIMITS = Limits.from_env()
+MEMORY_BUDGET = parse_bytes(os.environ.get(MEMORY_ENV, DEFAULT_MEMORY_BUDGET), MEMORY_ENV)  # bad: no server
 
 
 # ---- request checks: every refusal names the field, the value and what is allowed ---------------------------
@@ -299,8 +300,7 @@ class EMServe:
         self.limits = LIMITS
         self.root = models_dir()
         self.runtimes = load_models(self.root, os.environ.get(TRITON_ENV) or None,
-                                    env_int("EMSERVE_ORT_THREADS", 0) or None,
-                                    parse_bytes(os.environ.get(MEMORY_ENV, DEFAULT_MEMORY_BUDGET), MEMORY_ENV))
+                                    env_int("EMSERVE_ORT_THREADS", 0) or None, MEMORY_BUDGET)
 
     @bentoml.api
     def models(self) -> list[dict[str, Any]]:

@@ -2,10 +2,13 @@
 
 Used by tests/test_service.py and benchmarks/service_load.py. The server runs in its own process group with a
 temporary BENTOML_HOME, no tracking, one ONNX Runtime thread, and is stopped with SIGTERM (SIGKILL after 20 s).
+On Linux it also gets SIGTERM when the process that started it dies, even by SIGKILL, so no server outlives its
+test run or benchmark.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import socket
@@ -67,13 +70,19 @@ def serve(models: Path, home: Path, env: Mapping[str, str] | None = None, timeou
     command = [str(BENTOML), "serve", "emserve.service:EMServe", "--host", "127.0.0.1", "--port", str(port)]
     with open(log, "w") as out:
         process = subprocess.Popen(command, cwd=REPO, env=environment, stdout=out, stderr=subprocess.STDOUT,
-                                   start_new_session=True)
+                                   start_new_session=True, preexec_fn=_die_with_parent)
     server = Server(f"http://127.0.0.1:{port}", process, log)
     try:
         wait_ready(server, timeout)
         yield server
     finally:
         stop(process)
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: ask Linux for SIGTERM when the parent dies (prctl PR_SET_PDEATHSIG)."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
 
 
 def wait_ready(server: Server, timeout: float) -> None:

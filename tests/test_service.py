@@ -9,6 +9,7 @@ clients, `bentoml build` offline and hadolint on the Dockerfile.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -464,6 +465,47 @@ def test_api_key_and_a_mode_without_a_model(models, tmp_path):
                                headers={"Authorization": "Bearer s3cret"})
         assert missing.status_code == 404
         assert f"no 'segmentation' model is served; export one into {only_pairs} (EMSERVE_MODELS)" in error(missing)
+
+
+STARTER = """
+import sys, time
+from pathlib import Path
+sys.path.insert(0, sys.argv[1])
+from service_server import serve
+with serve(Path(sys.argv[2]), Path(sys.argv[3])) as server:
+    print(server.process.pid, flush=True)
+    time.sleep(600)
+"""
+
+
+def test_a_server_does_not_outlive_a_starter_killed_by_sigkill(models, tmp_path):
+    import psutil
+
+    starter = subprocess.Popen([sys.executable, "-c", STARTER, str(REPO / "tests"), str(models), str(tmp_path)],
+                               stdout=subprocess.PIPE, text=True)
+    group = int(starter.stdout.readline())  # the server's pid, leader of its own process group
+    assert psutil.Process(group).is_running()
+    starter.kill()  # no cleanup code runs in the starter
+    starter.wait()
+
+    def left() -> list[int]:
+        procs = []
+        for proc in psutil.process_iter(["status"]):
+            with contextlib.suppress(psutil.Error, ProcessLookupError):
+                if os.getpgid(proc.pid) == group and proc.info["status"] != psutil.STATUS_ZOMBIE:
+                    procs.append(proc.pid)
+        return procs
+
+    deadline = time.monotonic() + 60
+    while left() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not left(), "bentoml serve (or a worker) outlived the process that started it"
+
+
+def test_a_memory_budget_that_is_not_a_size_stops_the_server_saying_so(models, tmp_path):
+    with pytest.raises(RuntimeError, match=r"EMSERVE_MEMORY_BUDGET: 'lots' is not a size"), \
+            serve(models, tmp_path, {"EMSERVE_MEMORY_BUDGET": "lots"}):
+        pass
 
 
 def test_a_triton_url_that_does_not_answer_stops_the_server_saying_where(models):
