@@ -115,3 +115,21 @@ def test_sampling_report(workdir):
     reference = next(r for r in rows if (r["backend"], r["sampler"], r["steps"], r["guided"]) ==
                      ("torch", "ddim", "250", "yes"))
     assert float(reference["speed-up vs study"]) == 1
+
+
+def test_sampler_quality_report(workdir):
+    from benchmarks.common import prepare_model
+
+    model = prepare_model("tiny", workdir, "legacy").exported  # the export the other reports share
+    report = run("benchmarks.sampler_quality", "--model", str(model), "--threads", "1", "--reference", "ddim:8",
+                 "--samplers", "ddim:8,ddim:2,dpmpp_2m:3", "--samples", "24", "--batch", "12")
+    rows = table(report)
+    assert [(r["sampler"], int(r["steps"])) for r in rows] == [("ddim", 8), ("ddim", 2), ("dpmpp_2m", 3)]
+    floor = rows[0]
+    assert floor["FD / floor"] == "1" and float(floor["FD to reference"]) > 0  # two draws differ by chance
+    for row in rows:
+        positive(row["s per sample"])
+        assert float(row["samples/s"]) == pytest.approx(1 / float(row["s per sample"]), rel=0.02)
+        ratio = float(row["FD to reference"]) / float(floor["FD to reference"])
+        assert float(row["FD / floor"]) == pytest.approx(ratio, rel=0.02)
+    assert "request seed 0" in fact(report, "reference")

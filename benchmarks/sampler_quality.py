@@ -1,0 +1,107 @@
+"""Which samplers give the study's quality, and at what speed? Frechet distance to DDIM-250 samples of the same model.
+
+    python -m benchmarks.sampler_quality --model models/phantom-pairs --samples 64 --out docs/BENCHMARKS.md
+
+"Equal quality" measured, not assumed: the reference is one draw of `--samples` samples with the study's sampler
+(DDIM, 250 steps; request seed 0); a second DDIM-250 draw with other seeds (request seed 1) gives the floor, the
+distance two draws of the same sampler have by chance. Every other sampler draws from the same noise as that second
+draw (request seed 1), so its distance to the reference is the floor plus what the sampler changes. Distances are
+Frechet distances of the EM channel on emserve's fixed filter-bank features (emserve.metrics, as `emserve evaluate
+realism`), standardised by the reference's features. The model must be trained: the weights decide quality, so a
+folder of exported weights is required (no random-weight sizes here). Each row is also timed (seconds per sample,
+through emserve.pipelines.generate as served), so the table gives samples per second at each quality.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.common import command_line, emit, header, machine_facts, markdown_table, number, set_threads
+from benchmarks.sampling import parse_samplers
+from emserve.metrics import frechet_distance, patch_features, standardize
+from emserve.pipelines import GenerationRequest, generate
+from emserve.runtime.base import Runtime
+from emserve.runtime.load import load_runtime
+
+MODULE = "benchmarks.sampler_quality"
+DEFAULT_SAMPLERS = "ddim:50,dpmpp_2m:10,dpmpp_2m:15,dpmpp_2m:20,dpmpp_2m:25"
+COLUMNS = ("sampler", "steps", "evaluations per sample", "s per sample", "samples/s", "FD to reference",
+           "FD / floor")
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog=f"python -m {MODULE}", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--model", type=Path, default=Path("models/phantom-pairs"),
+                        help="an exported pairs or em model folder (trained weights)")
+    parser.add_argument("--backend", default="onnx", help="runtime backend (emserve.runtime.load)")
+    parser.add_argument("--reference", type=parse_samplers, default="ddim:250",
+                        help="the study's sampler:steps, drawn twice (reference and floor)")
+    parser.add_argument("--samplers", type=parse_samplers, default=DEFAULT_SAMPLERS, help="sampler:steps, ...")
+    parser.add_argument("--samples", type=int, default=64, help="samples per draw (more: a lower, steadier floor)")
+    parser.add_argument("--batch", type=int, default=32, help="samples per generate call")
+    parser.add_argument("--guidance", type=float, default=1.0, help="guidance scale (1: unguided)")
+    parser.add_argument("--threads", type=int, default=None, help="intra-op threads (None: one per core)")
+    parser.add_argument("--out", type=Path, default=None, help="also append the report to this Markdown file")
+    args = parser.parse_args(argv)
+    if len(args.reference) != 1:
+        parser.error("--reference: give one sampler:steps")
+    if args.samples < 2 or args.batch < 1:
+        parser.error("--samples must be at least 2 and --batch at least 1")
+    return args
+
+
+def draw(runtime: Runtime, args: argparse.Namespace, sampler: str, steps: int, seed: int) -> tuple[np.ndarray, float]:
+    """(EM channel [N, H, W] of `args.samples` samples, seconds per sample)."""
+    card = runtime.card
+    request = GenerationRequest(samples=args.samples, seed=seed, sampler=sampler, steps=steps,
+                                guidance=args.guidance, batch_size=args.batch,
+                                dataset=card.datasets[0] if card.datasets else None)
+    start = time.perf_counter()
+    raw = np.concatenate([batch.samples[:, 0] for batch in generate(card, runtime, request)])
+    return raw, (time.perf_counter() - start) / args.samples
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv)
+    threads = set_threads(args.threads)
+    facts = machine_facts()
+    runtime = load_runtime(args.model, args.backend, **({"threads": threads} if args.backend == "onnx" else {}))
+    if runtime.card.mode not in ("pairs", "em"):
+        raise SystemExit(f"--model: {args.model} is a {runtime.card.mode!r} model; give a pairs or em model")
+    (ref_sampler, ref_steps), = args.reference
+    reference, _ = draw(runtime, args, ref_sampler, ref_steps, seed=0)
+    rows_spec = [(ref_sampler, ref_steps), *[s for s in args.samplers if s != (ref_sampler, ref_steps)]]
+    features, seconds = {}, {}
+    for sampler, steps in rows_spec:
+        raw, seconds[sampler, steps] = draw(runtime, args, sampler, steps, seed=1)
+        features[sampler, steps] = patch_features(raw)
+    ref_features, *others = standardize(patch_features(reference), *features.values())
+    distances = {key: frechet_distance(f, ref_features) for key, f in zip(features, others, strict=True)}
+    floor = distances[ref_sampler, ref_steps]
+    rows = []
+    for (sampler, steps), fd in distances.items():
+        evaluations = steps * (2 if args.guidance != 1.0 else 1)
+        per_sample = seconds[sampler, steps]
+        rows.append([sampler, steps, evaluations, number(per_sample), number(1 / per_sample), number(fd),
+                     number(fd / floor) if floor > 0 else "-"])
+    facts.update({"threads": str(threads), "model": f"{args.model} ({runtime.card.mode}, sha256 "
+                  f"{runtime.card.files.get('1/model.onnx', '?')[:12]})", "backend": args.backend,
+                  "request": f"{args.samples} samples per draw, batch {args.batch}, guidance {args.guidance}, "
+                             f"dataset {runtime.card.datasets[0] if runtime.card.datasets else None}",
+                  "reference": f"{ref_sampler} {ref_steps} steps, request seed 0; every row draws with request "
+                               f"seed 1, so the {ref_sampler} {ref_steps} row is the floor (FD / floor = 1)"})
+    runtime.close()
+    emit(header(f"Sampler quality: {args.model.name}", command_line(MODULE, argv), facts) + "\n"
+         + markdown_table(COLUMNS, rows), args.out)
+
+
+if __name__ == "__main__":
+    main()
