@@ -133,3 +133,19 @@ def test_sampler_quality_report(workdir):
         ratio = float(row["FD to reference"]) / float(floor["FD to reference"])
         assert float(row["FD / floor"]) == pytest.approx(ratio, rel=0.02)
     assert "request seed 0" in fact(report, "reference")
+
+
+def test_segmentation_report():
+    report = run("benchmarks.segmentation", "--model", str(REPO / "models" / "phantom-seg"), "--volume", "2,96,80",
+                 "--backends", "onnx", "--repeats", "1", "--threads", "1", "--tiles", "32,64")
+    rows = table(report)
+    assert [(r["path"], r["tile"], r["overlap"]) for r in rows] == [
+        ("plain torch loop", "32", "0"), ("emserve segment", "32", "8"), ("emserve segment", "32", "0"),
+        ("plain torch loop", "64", "0"), ("emserve segment", "64", "16"), ("emserve segment", "64", "0")]
+    for row in rows:
+        positive(row["Mvoxel/s"])
+        seconds = float(row["s per volume"])
+        assert float(row["Mvoxel/s"]) == pytest.approx(2 * 96 * 80 / seconds / 1e6, rel=0.02)
+    # 96 = 3 tiles of 32; 80 = 3 tiles of 32 (the last flush with the edge, overlapping by 16): 9 tiles of 1024
+    assert float(rows[0]["tile pixels per voxel"]) == pytest.approx(9 * 32 * 32 / (96 * 80), rel=0.01)
+    assert float(rows[1]["tile pixels per voxel"]) > float(rows[2]["tile pixels per voxel"])  # overlap costs
