@@ -246,6 +246,38 @@ def test_inputs_that_disagree_with_the_card_are_refused_before_any_request(serve
     runtime.close()
 
 
+@pytest.mark.parametrize("scheme", ["http", "grpc"])
+def test_the_service_runs_its_models_on_the_triton_server_of_its_url(served, tmp_path, scheme):
+    import io
+
+    import httpx
+    from service_server import serve
+
+    from emserve.pictures import raw_to_uint8
+    from emserve.pipelines import split_channels
+    from emserve.runtime.onnx import OnnxRuntime
+
+    body = {"samples": REQUEST.samples, "seed": REQUEST.seed, "steps": REQUEST.steps, "guidance": REQUEST.guidance,
+            "present": list(REQUEST.present), "absent": list(REQUEST.absent), "dataset": REQUEST.dataset,
+            "model": BATCHED}
+    env = {"EMSERVE_TRITON_URL": f"{scheme}://{served.urls[scheme]}"}
+    with serve(served.repository, tmp_path, env) as server, httpx.Client(base_url=server.url, timeout=120) as client:
+        described = {m["name"]: m for m in client.post("/models", json={}).json()}
+        response = client.post("/generate_pairs", json=body)
+    assert {n: m["backend"] for n, m in described.items()} == {BATCHED: "triton", UNBATCHED: "triton"}
+    assert response.status_code == 200, response.text
+    with np.load(io.BytesIO(response.content), allow_pickle=False) as data:
+        em, labels = data["em"], data["labels"]
+
+    with OnnxRuntime(served.repository / BATCHED, device="cpu") as runtime:  # the same graph, in-process
+        raw, masks = zip(*(split_channels(served.card, batch, "threshold")
+                           for batch in generate(served.card, runtime, REQUEST)), strict=True)
+    local_em = raw_to_uint8(np.concatenate(raw))
+    assert em.shape == local_em.shape == (REQUEST.samples, 16, 16)
+    assert np.abs(em.astype(int) - local_em).max() <= 1  # float32 on two runtimes, rounded to uint8
+    assert (labels == np.concatenate(masks)).mean() > 0.999
+
+
 def test_a_served_model_that_disagrees_with_the_card_is_refused_at_connection(served):
     unet = {**served.card.unet, "in_channels": 4, "out_channels": 4, "num_classes": 3}
     other = ModelCard(mode="pairs", classes=[*CLASSES, "er_lum"], patch_size=16, unet=unet, class_condition=True)

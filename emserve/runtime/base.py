@@ -3,9 +3,9 @@
 A Runtime is a model card plus something that runs the UNet graph. Calling it, `runtime(x, t, cond)`, checks
 the arrays against the card (shapes, channels, conditions, dataset ids), casts them to the graph's dtypes, splits
 the batch into calls of at most `max_batch` samples that fit `memory_budget` bytes (emserve.runtime.memory) and
-returns the output as float32 numpy. `runtime.denoise`
-is the `Denoise` callable of emserve.diffusion and emserve.pipelines.generate (the runtime itself is one too);
-`runtime.segment(x)` is the same call for segmentation networks (no timestep). Backends implement `_run`.
+returns the output as float32 numpy. `runtime.denoise` is the `Denoise` callable of emserve.diffusion and
+emserve.pipelines.generate (the runtime itself is one too); `runtime.segment(x)` is the same call for
+segmentation networks (no timestep). Backends implement `_run`.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ attention levels). `activation_bytes` estimates that per sample from the card's 
 every backend (ONNX Runtime, TorchScript, Triton behind its own budget) and needs no trial run. The constant
 `WORKING_MAPS` is calibrated on this project's exported models: ONNX Runtime and TorchScript on CPU took 10-11 MB
 per 64x64 sample and 62 MB per 128x128 sample of phantom-pairs (peak RSS growth from batch 1 to 9 and 33), and the
-estimate is 12.8 MB and 76 MB; tests/test_memory.py measures it again for every backend.
+estimate is 12.7 MB and 76 MB; tests/test_memory.py measures it again for every backend.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Any
 
 WORKING_MAPS = 16  # feature maps of a level's width, at its resolution, alive at once while it is computed
 BYTES_PER_VALUE = 4  # the graphs compute in float32
-DEFAULT_MEMORY_BUDGET = "4GiB"  # of `emserve generate` / `segment` and the service: ~300 samples of 64x64 per call
+DEFAULT_MEMORY_BUDGET = "4GiB"  # of `emserve generate` / `segment` and the service: ~330 samples of 64x64 per call
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
 
 
