@@ -11,11 +11,13 @@ construction the runtime checks, once and within `connect_timeout`, that the ser
 ready and that its metadata (input and output names, datatypes, shapes) is what the card describes, in either
 layout emserve.triton_config writes: max_batch_size 0 (the graph's shapes) or > 0 (t and dataset sent as
 [B, 1]; calls split to the server's max_batch_size). Each call is checked against the card (Runtime) before
-anything is sent; each inference is bounded by `timeout`.
+anything is sent; each inference is bounded by `timeout`. The runtime may be called from several threads at once
+(the service does): each thread gets its own HTTP client.
 """
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -59,13 +61,32 @@ class TritonRuntime(Runtime):
         self.timeout, self.connect_timeout = timeout, connect_timeout
         self.where = f"model {model_name!r} on the Triton server at {url} ({protocol})"
         self._tc, self._error = _tritonclient(protocol)
-        self._client = (self._tc.InferenceServerClient(url, connection_timeout=connect_timeout, network_timeout=timeout)
-                        if protocol == "http" else self._tc.InferenceServerClient(url))
+        self._clients: list[Any] = []
+        self._local = threading.local()
+        self._lock = threading.Lock()
         try:
             self._check_model()
         except BaseException:
             self.close()
             raise
+
+    @property
+    def _client(self) -> Any:
+        """This thread's tritonclient client. The HTTP client runs on gevent and fails when used from a thread other
+        than the one that made it ("Cannot switch to a different thread"), as in a server's worker threads, so each
+        thread gets its own; the gRPC client is thread-safe and shared."""
+        client = getattr(self._local, "client", None)
+        if client is None:
+            with self._lock:
+                if self.protocol == "grpc" and self._clients:
+                    client = self._clients[0]
+                else:
+                    client = (self._tc.InferenceServerClient(self.url, connection_timeout=self.connect_timeout,
+                                                             network_timeout=self.timeout)
+                              if self.protocol == "http" else self._tc.InferenceServerClient(self.url))
+                    self._clients.append(client)
+            self._local.client = client
+        return client
 
     def _ask(self, method: str, *args: Any, **kwargs: Any) -> Any:
         """A health, metadata or config call within connect_timeout; an unreachable server is a ConnectionError."""
@@ -123,7 +144,10 @@ class TritonRuntime(Runtime):
         return result.as_numpy(OUTPUT_NAME)
 
     def close(self) -> None:
-        self._client.close()
+        with self._lock:
+            clients, self._clients = self._clients, []
+        for client in clients:
+            client.close()
 
 
 def from_url(url: str, *, card: ModelCard | str | Path, max_batch: int | None = None,
