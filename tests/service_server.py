@@ -60,16 +60,18 @@ class Server:
 
 
 @contextmanager
-def serve(models: Path, home: Path, env: Mapping[str, str] | None = None, timeout: float = 90.0) -> Iterator[Server]:
-    """`bentoml serve emserve.service:EMServe` until the block ends; ready when /readyz answers 200."""
+def serve(models: Path, home: Path, env: Mapping[str, str] | None = None, timeout: float = 90.0,
+          bentoml: Path = BENTOML, cwd: Path = REPO) -> Iterator[Server]:
+    """`bentoml serve emserve.service:EMServe` until the block ends; ready when /readyz answers 200. `bentoml`
+    and `cwd` choose another installation (a virtualenv laid out like the container's) and working folder."""
     port = free_port()
     environment = {**os.environ, "BENTOML_HOME": str(home / "bentoml"), "BENTOML_DO_NOT_TRACK": "true",
                    "EMSERVE_MODELS": str(models), "EMSERVE_ORT_THREADS": "1", "OMP_NUM_THREADS": "1",
                    **(env or {})}
     log = home / f"server-{port}.log"
-    command = [str(BENTOML), "serve", "emserve.service:EMServe", "--host", "127.0.0.1", "--port", str(port)]
+    command = [str(bentoml), "serve", "emserve.service:EMServe", "--host", "127.0.0.1", "--port", str(port)]
     with open(log, "w") as out:
-        process = subprocess.Popen(command, cwd=REPO, env=environment, stdout=out, stderr=subprocess.STDOUT,
+        process = subprocess.Popen(command, cwd=cwd, env=environment, stdout=out, stderr=subprocess.STDOUT,
                                    start_new_session=True, preexec_fn=_die_with_parent)
     server = Server(f"http://127.0.0.1:{port}", process, log)
     try:

@@ -4,12 +4,14 @@ HTTP with httpx, over a models folder of tiny exported models (tests/service_ser
 Covers every endpoint (shapes, dtypes, classes, seeds, recorded model), the same samples as the pipeline run
 in-process, bad input of every kind (4xx naming the field, and the server keeps serving), the API key, a model
 mode that is not served, tasks with cancellation, schemathesis over the OpenAPI schema (no 5xx), concurrent
-clients, `bentoml build` offline and hadolint on the Dockerfile.
+clients, `bentoml build` offline, hadolint on the Dockerfile, and the container's virtualenv (built as its build
+stage builds it, without Docker, which this machine lacks) serving the default models without torch or training/.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import os
@@ -547,3 +549,52 @@ def test_dockerfile_is_lint_clean_multistage_and_runs_the_service_unprivileged()
     final = text[text.rindex("\nFROM "):]
     assert "USER 10001" in final and "/readyz" in final and "pip" not in final and "training" not in final
     assert '"bentoml", "serve", "emserve.service:EMServe", "--host", "0.0.0.0", "--port", "3000"' in final
+
+
+def image_virtualenv(root: Path) -> Path:
+    """The container's virtualenv, made as the Dockerfile's build stage makes it: the package from a copy of
+    pyproject.toml, README.md and emserve/ only (no training/), `pip install ".[gpu,serve,triton]"`, `pip check`.
+    The packages are cached by the pyproject's hash (~/.cache/emserve-test-image-venv); emserve itself is
+    reinstalled from this checkout every time, without dependencies."""
+    key = hashlib.sha256((REPO / "pyproject.toml").read_bytes() + sys.version.encode()).hexdigest()[:12]
+    cache = Path(os.environ.get("EMSERVE_IMAGE_VENV_CACHE", "~/.cache/emserve-test-image-venv")).expanduser()
+    venv = cache / f"venv-{key}"
+    source = root / "src"
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, source / name)
+    shutil.copytree(REPO / "emserve", source / "emserve", ignore=shutil.ignore_patterns("__pycache__"))
+    pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
+    if not (venv / "complete").exists():
+        shutil.rmtree(venv, ignore_errors=True)
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+        done = subprocess.run([*pip, f"{source}[gpu,serve,triton]"], capture_output=True, text=True, timeout=900)
+        if done.returncode != 0:
+            pytest.skip(f"the container's packages cannot be installed here: {done.stderr[-500:]}")
+        (venv / "complete").touch()
+    subprocess.run([*pip, "--no-deps", "--force-reinstall", str(source)], check=True, timeout=300)
+    check = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "check"], capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
+    return venv
+
+
+def test_the_containers_virtualenv_serves_the_default_models_without_torch_or_training_code(tmp_path):
+    venv = image_virtualenv(tmp_path)
+    python = str(venv / "bin" / "python")
+    probe = ("import importlib.util as u, emserve.service, onnxruntime; "
+             "print(u.find_spec('torch') is None, u.find_spec('training') is None, onnxruntime.get_device())")
+    app = tmp_path / "app"  # the image's WORKDIR: models/ and nothing else from the repository
+    shutil.copytree(REPO / "models", app / "models")
+    done = subprocess.run([python, "-c", probe], cwd=app, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "EMSERVE_MODELS": str(app / "models")})
+    assert done.returncode == 0, done.stderr[-2000:]
+    no_torch, no_training, device = done.stdout.split()
+    assert (no_torch, no_training) == ("True", "True")  # the image has neither
+    assert device in ("GPU", "CPU")  # onnxruntime-gpu: CUDA where present, else its CPU provider
+    with serve(app / "models", tmp_path, bentoml=venv / "bin" / "bentoml", cwd=app) as server, \
+            httpx.Client(base_url=server.url, timeout=120) as session:
+        served = {m["name"]: m["mode"] for m in session.post("/models", json={}).json()}
+        assert served == {"phantom-pairs": "pairs", "phantom-from-labels": "em-from-labels",
+                          "phantom-seg": "segmentation"}
+        result = unpack(session.post("/generate_pairs", json={"samples": 2, "steps": 3, "present": ["mito_mem"]}))
+    assert result["em"].shape == (2, 64, 64) and result["labels"].shape == (2, 18, 64, 64)
