@@ -347,6 +347,8 @@ def generate(
     screen: Annotated[bool, typer.Option(help="Mark implausible label maps unannotated (lumen without or "
                                               "outside its membrane, specks).")] = True,
     min_size: Annotated[int, typer.Option(help="Screening: smallest object in pixels (0: any).")] = 0,
+    despeckle: Annotated[int, typer.Option(help="Drop label objects smaller than this many pixels before "
+                                                "screening (0: keep all).")] = 0,
     batch_size: Annotated[int, typer.Option(help="Samples per model batch (memory is bounded by it).")] = 8,
     memory_budget: MemoryBudget = DEFAULT_MEMORY_BUDGET,
     resume: Annotated[bool, typer.Option(help="Continue an interrupted run into the same --out.")] = False,
@@ -377,7 +379,8 @@ def generate(
             raise ValueError(f"model: {model} is a {card.mode!r} model; it cannot generate {what!r}")
         request = GenerationRequest(samples=samples, seed=seed, sampler=sampler, steps=steps, guidance=guidance,
                                     rescale=rescale, present=tuple(_csv(present)), absent=tuple(_csv(absent)),
-                                    dataset=dataset, batch_size=batch_size, label_method=label_method)
+                                    dataset=dataset, batch_size=batch_size, label_method=label_method,
+                                    despeckle=despeckle)
         labels = _label_source(card, labels_from, seed) if what == "from-labels" else None
         screening = Screening(min_size=min_size) if screen and card.mode in ("pairs", "labels") else None
 

@@ -45,6 +45,7 @@ class GenerationRequest:
     dataset: str | None = None
     batch_size: int = 8
     label_method: str = "threshold"
+    despeckle: int = 0  # label objects smaller than this many pixels are dropped (before screening)
 
     def __post_init__(self) -> None:
         if self.samples < 1:
@@ -56,6 +57,8 @@ class GenerationRequest:
         if self.label_method not in LABEL_METHODS:
             raise ValueError(f"label_method: {self.label_method!r} is not allowed; choose one of "
                              f"{', '.join(LABEL_METHODS)}")
+        if self.despeckle < 0:
+            raise ValueError(f"despeckle: {self.despeckle} must be 0 (keep every object) or a size in pixels")
         if not np.isfinite(self.guidance):
             raise ValueError(f"guidance: {self.guidance} is not a finite number (1 = no guidance)")
         if not 0 <= self.rescale <= 1:
@@ -174,7 +177,8 @@ def generate(card: ModelCard, denoise: Denoise, request: GenerationRequest, labe
             progress(stop, request.samples)
 
 
-def split_channels(card: ModelCard, batch: GeneratedBatch, method: str) -> tuple[np.ndarray | None, np.ndarray]:
+def split_channels(card: ModelCard, batch: GeneratedBatch, request: GenerationRequest,
+                   ) -> tuple[np.ndarray | None, np.ndarray]:
     """(raw [B,H,W] or None, labels [B,K,H,W]) of a generated batch: bool masks made from generated channels,
     or for em-from-labels the conditioning channels as given (+1 present, -1 absent, 0 unannotated)."""
     has_raw = card.channels[0] == RAW
@@ -182,7 +186,7 @@ def split_channels(card: ModelCard, batch: GeneratedBatch, method: str) -> tuple
     if batch.label_map is not None:
         return raw, batch.label_map
     channels = batch.samples[:, 1:] if has_raw else batch.samples
-    return raw, labels_from_channels(channels, method)
+    return raw, labels_from_channels(channels, request.label_method, despeckle=request.despeckle)
 
 
 def label_codes(card: ModelCard, masks: np.ndarray, screening: Screening | None) -> np.ndarray:
@@ -266,7 +270,7 @@ def generate_store(card: ModelCard, denoise: Denoise, request: GenerationRequest
     raws: list[np.ndarray | None] = []
     masks: list[np.ndarray] = []
     for batch in generate(card, denoise, request, labels, skip=store.done(), progress=progress):
-        raw, labelled = split_channels(card, batch, request.label_method)
+        raw, labelled = split_channels(card, batch, request)
         store.write(batch, raw, label_codes(card, labelled, screening))
         room = shown - len(masks)
         raws += list(raw[:room]) if raw is not None else [None] * min(room, len(labelled))

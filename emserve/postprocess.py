@@ -2,8 +2,9 @@
 
 A diffusion model emits one channel per class in [-1, 1]. `labels_from_channels` turns them into masks either
 per class (threshold: classes may overlap, as group classes do) or exclusively (argmax with background: the
-strongest class wins where it clears the threshold). Screening then checks what biology guarantees: a lumen is
-enclosed by its membrane (unless it leaves the patch), no lumen lacks a membrane, objects are not specks.
+strongest class wins where it clears the threshold), optionally without specks below a size. Screening then
+checks what biology guarantees: a lumen is enclosed by its membrane (unless it leaves the patch), no lumen lacks
+a membrane, objects are not specks.
 """
 
 from __future__ import annotations
@@ -20,16 +21,36 @@ from emserve.classes import MEMBRANE_OF
 LABEL_METHODS = ("threshold", "argmax")
 
 
-def labels_from_channels(channels: np.ndarray, method: str = "threshold", threshold: float = 0.0) -> np.ndarray:
-    """Bool masks [..., K, H, W] from channels [..., K, H, W] in [-1, 1]."""
+def labels_from_channels(channels: np.ndarray, method: str = "threshold", threshold: float = 0.0,
+                         despeckle: int = 0) -> np.ndarray:
+    """Bool masks [..., K, H, W] from channels [..., K, H, W] in [-1, 1], without objects smaller than
+    `despeckle` pixels (0: all kept)."""
     if method not in LABEL_METHODS:
         raise ValueError(f"labels: method {method!r} is not allowed; choose one of {', '.join(LABEL_METHODS)}")
     if method == "threshold":
-        return channels > threshold
-    winner = channels.argmax(axis=-3)
-    best = np.take_along_axis(channels, winner[..., None, :, :], axis=-3)[..., 0, :, :]
-    k = channels.shape[-3]
-    return (winner[..., None, :, :] == np.arange(k)[:, None, None]) & (best > threshold)[..., None, :, :]
+        masks = channels > threshold
+    else:
+        winner = channels.argmax(axis=-3)
+        best = np.take_along_axis(channels, winner[..., None, :, :], axis=-3)[..., 0, :, :]
+        k = channels.shape[-3]
+        masks = (winner[..., None, :, :] == np.arange(k)[:, None, None]) & (best > threshold)[..., None, :, :]
+    return remove_specks(masks, despeckle) if despeckle else masks
+
+
+def remove_specks(masks: np.ndarray, min_pixels: int) -> np.ndarray:
+    """Masks [..., H, W] without their objects (4-connected) of fewer than `min_pixels` pixels.
+
+    A diffusion model that is not fully trained sprinkles few-pixel specks of small classes over its label maps,
+    with nothing under them in the EM; each speck is a lumen without its membrane, so screening would reject the
+    whole map for them. Dropping them first keeps the maps whose real objects are plausible.
+    """
+    out = masks.copy()
+    for index in np.ndindex(masks.shape[:-2]):
+        labelled, n = ndimage.label(masks[index])
+        if n:
+            out[index] = np.bincount(labelled.ravel())[labelled] >= min_pixels
+            out[index] &= masks[index]  # the background's count is large: keep it background
+    return out
 
 
 @dataclass

@@ -311,9 +311,11 @@ class EMServe:
     def generate_pairs(self, ctx: bentoml.Context, samples: int = 4, seed: int = 0, sampler: str = "dpmpp_2m",
                        steps: int = 25, guidance: float = 1.0, rescale: float = 0.0, present: list[str] | None = None,
                        absent: list[str] | None = None, dataset: str | None = None, model: str | None = None,
-                       label_method: str = "threshold", screen: bool = False, output: str = "npz") -> Result:
+                       label_method: str = "threshold", despeckle: int = 0, screen: bool = False,
+                       output: str = "npz") -> Result:
         """EM + label pairs from a "pairs" model. `present` / `absent` steer class presence and `dataset` the
-        domain (both need guidance > 1 to matter); `output` is npz (em uint8 [N,H,W], labels uint8 [N,K,H,W]
+        domain (both need guidance > 1 to matter); `despeckle` drops label objects smaller than that many pixels
+        (before screening, with `screen`); `output` is npz (em uint8 [N,H,W], labels uint8 [N,K,H,W]
         1/0/255, classes, seeds, metadata), zarr.zip (a CellMap-layout store) or png (a preview)."""
         settings = {k: v for k, v in locals().items() if k not in ("self", "ctx")}
         return self._pairs(ctx, settings, self.limits.samples, "EMSERVE_MAX_SAMPLES", None)
@@ -323,7 +325,7 @@ class EMServe:
                             steps: int = 25, guidance: float = 1.0, rescale: float = 0.0,
                             present: list[str] | None = None, absent: list[str] | None = None,
                             dataset: str | None = None, model: str | None = None, label_method: str = "threshold",
-                            screen: bool = False, output: str = "npz") -> TaskResult:
+                            despeckle: int = 0, screen: bool = False, output: str = "npz") -> TaskResult:
         """generate_pairs for big batches, as a task: submit, poll the status, get the result; a cancelled task
         stops at its next batch. Returns bytes, not a file: BentoML stores a task's response by replaying it,
         which fails for file responses with current starlette (KeyError 'method')."""
@@ -417,11 +419,12 @@ class EMServe:
 
     def request(self, card: ModelCard, *, samples: int, seed: int, sampler: str, steps: int, guidance: float,
                 rescale: float, dataset: str | None, present: Sequence[str] = (), absent: Sequence[str] = (),
-                label_method: str = "threshold") -> GenerationRequest:
+                label_method: str = "threshold", despeckle: int = 0) -> GenerationRequest:
         """A GenerationRequest within the limits and accepted by the model (checked before anything runs)."""
         check_range("seed", seed, 0, 2**63 - 1)
         check_choice("sampler", sampler, SAMPLERS)
         check_choice("label_method", label_method, LABEL_METHODS)
+        check_range("despeckle", despeckle, 0, card.patch_size**2)
         check_range("steps", steps, 1, min(self.limits.steps, card.timesteps), "EMSERVE_MAX_STEPS")
         check_range("guidance", guidance, 0, self.limits.guidance, "EMSERVE_MAX_GUIDANCE")
         check_range("rescale", rescale, 0, 1)
@@ -429,7 +432,7 @@ class EMServe:
             request = GenerationRequest(samples=samples, seed=seed, sampler=sampler, steps=steps, guidance=guidance,
                                         rescale=rescale, present=check_classes("present", present, card),
                                         absent=check_classes("absent", absent, card), dataset=dataset,
-                                        batch_size=BATCH_SIZE, label_method=label_method)
+                                        batch_size=BATCH_SIZE, label_method=label_method, despeckle=despeckle)
             check_request(card, request)
         return request
 
@@ -442,7 +445,7 @@ class EMServe:
                                sampler=settings["sampler"], steps=settings["steps"], guidance=settings["guidance"],
                                rescale=settings["rescale"], dataset=settings["dataset"],
                                present=settings["present"] or (), absent=settings["absent"] or (),
-                               label_method=settings["label_method"])
+                               label_method=settings["label_method"], despeckle=settings["despeckle"])
         screening = Screening() if settings["screen"] else None
         return self.generated(ctx, name, runtime, request, None, settings["output"], screening, "generate_pairs", {},
                               progress)
@@ -455,7 +458,7 @@ class EMServe:
         source = None if maps is None else (lambda start, stop: maps[start:stop])
         with client_errors():
             batches = list(generate(card, runtime, request, source, progress=progress))
-        parts = [split_channels(card, batch, request.label_method) for batch in batches]
+        parts = [split_channels(card, batch, request) for batch in batches]
         codes = [label_codes(card, labels, screening) for _, labels in parts]
         seeds = [seed for batch in batches for seed in batch.seeds]
         settings = {**asdict(request), "output": output, **extra}

@@ -78,7 +78,7 @@ def test_interrupted_generation_resumes_without_redoing_batches(checkpoints, tmp
         store = GeneratedStore(path, card, request, resume=resume)
         computed = []
         for batch in generate(card, denoise, request, skip=store.done()):
-            raw, masks = split_channels(card, batch, "threshold")
+            raw, masks = split_channels(card, batch, request)
             store.write(batch, raw, label_codes(card, masks, None))
             computed.append(batch.index)
             if stop_after is not None and len(computed) == stop_after:
@@ -135,7 +135,7 @@ def test_rejected_samples_keep_their_em_and_lose_their_labels(checkpoints, tmp_p
     request = GenerationRequest(samples=2, seed=1, steps=2, batch_size=2)
     store = GeneratedStore(tmp_path / "s.zarr", card, request)
     (batch,) = generate(card, denoise, request)
-    raw, masks = split_channels(card, batch, "threshold")
+    raw, masks = split_channels(card, batch, request)
     masks[0] = False
     masks[0, 0, 4:8, 4:8] = True  # a lone 4x4 object: too small for min_size 17
     masks[1] = False

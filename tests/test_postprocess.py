@@ -51,3 +51,21 @@ def test_min_size_rejects_specks():
     masks[2, 3, 3] = True
     assert Screening(min_size=4).check(masks, CLASSES) == ["ld_lum: object smaller than 4 px"]
     assert Screening(min_size=0).check(masks, CLASSES) == []
+
+
+def test_despeckling_drops_small_objects_so_a_plausible_map_passes_screening():
+    membrane, lumen = ring()
+    channels = np.where(np.stack([membrane, lumen, np.zeros_like(lumen)]), 1.0, -1.0)
+    channels[1, 0:2, 25:27] = 1.0  # a 2x2 mito_lum speck with no membrane: the map is rejected for it
+    channels[2, 28:30, 2:4] = 1.0  # a 2x2 ld_lum speck
+    channels[0, 31, 10:13] = 1.0  # a 3-pixel mito_mem sliver
+    channels = np.stack([channels, channels])  # a batch of two: despeckling works per sample and class
+    kept = labels_from_channels(channels, "threshold")
+    assert Screening().check(kept[0], CLASSES) == ["mito_lum: lumen without membrane"]
+    cleaned = labels_from_channels(channels, "threshold", despeckle=5)
+    assert not cleaned[:, 2].any() and not cleaned[:, 0, 31].any()
+    assert np.array_equal(cleaned[:, 0], np.stack([membrane, membrane]))  # the ring (96 px) stays whole
+    assert np.array_equal(cleaned[:, 1], np.stack([lumen, lumen]))
+    assert Screening().check(cleaned[0], CLASSES) == []
+    exclusive = labels_from_channels(channels, "argmax", despeckle=5)
+    assert not exclusive[:, 2].any() and exclusive[:, 1].sum() == 2 * lumen.sum()

@@ -11,6 +11,7 @@ stage builds it, without Docker, which this machine lacks) serving the default m
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import io
 import json
@@ -140,11 +141,16 @@ def test_generate_pairs_gives_the_pipelines_samples_and_records_how(client, mode
     local = GenerationRequest(samples=3, seed=7, steps=4, guidance=2.0, present=("mito_mem",), dataset="b")
     with OnnxRuntime(models / "tiny-pairs", threads=1) as runtime:
         batches = list(generate(card, runtime, local))
-    raw, masks = split_channels(card, batches[0], "threshold")
+    raw, masks = split_channels(card, batches[0], local)
     assert np.array_equal(result["em"], raw_to_uint8(raw))
     assert np.array_equal(result["labels"], label_codes(card, masks, None))
 
     assert post(client, "generate_pairs", **request).content == response.content  # same seed: same bytes
+    despeckled = unpack(post(client, "generate_pairs", **request, despeckle=20))
+    _, kept = split_channels(card, batches[0], dataclasses.replace(local, despeckle=20))
+    assert np.array_equal(despeckled["em"], result["em"])  # the EM is untouched
+    assert np.array_equal(despeckled["labels"], label_codes(card, kept, None))
+    assert (despeckled["labels"] <= result["labels"]).all() and despeckled["labels"].sum() < result["labels"].sum()
     other = unpack(post(client, "generate_pairs", **{**request, "seed": 8}))
     assert np.abs(other["em"].astype(int) - result["em"]).mean() > 5
 
@@ -254,6 +260,7 @@ BAD_JSON = [
     ({"model": "tiny-seg"}, "model: 'tiny-seg' is a 'segmentation' model; this endpoint takes 'pairs' models"),
     ({"output": "/tmp/x"}, "output: '/tmp/x' is not allowed; choose one of npz, zarr.zip, png"),
     ({"label_method": "max"}, "label_method: 'max' is not allowed; choose one of threshold, argmax"),
+    ({"despeckle": -3}, "despeckle: -3 is not allowed; allowed: 0 to 256"),
 ]
 
 

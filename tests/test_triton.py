@@ -270,7 +270,7 @@ def test_the_service_runs_its_models_on_the_triton_server_of_its_url(served, tmp
         em, labels = data["em"], data["labels"]
 
     with OnnxRuntime(served.repository / BATCHED, device="cpu") as runtime:  # the same graph, in-process
-        raw, masks = zip(*(split_channels(served.card, batch, "threshold")
+        raw, masks = zip(*(split_channels(served.card, batch, REQUEST)
                            for batch in generate(served.card, runtime, REQUEST)), strict=True)
     local_em = raw_to_uint8(np.concatenate(raw))
     assert em.shape == local_em.shape == (REQUEST.samples, 16, 16)
