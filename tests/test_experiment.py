@@ -10,7 +10,7 @@ from checkpoints import CLASSES
 from emserve.classes import PRESENT, UNKNOWN
 from emserve.data.patches import load_crops
 from emserve.data.store import EMStore
-from training.experiment import ARMS, plane_object_sizes
+from training.experiment import ARMS, ExperimentConfig, plane_object_sizes, real_object_sizes
 
 
 def test_the_smoke_experiment_scores_every_arm_and_resumes(toy_store, tmp_path):
@@ -62,3 +62,13 @@ def test_objects_are_counted_per_plane_with_4_connectivity():
     labels[1, 5, 5] = UNKNOWN  # unannotated is no object
     assert sorted(plane_object_sizes(labels).tolist()) == [1, 1, 8, 9]
     assert plane_object_sizes(np.zeros((0, 4, 4), np.uint8)).size == 0
+
+
+def test_real_object_sizes_are_2d_per_plane_of_every_training_crop(toy_store, tmp_path):
+    cfg = ExperimentConfig(stores=[str(p) for p in toy_store], out=str(tmp_path), holdout=["toy_b/crop1"],
+                           classes=list(CLASSES))
+    crops = {"toy_a": ["crop1"], "toy_b": []}
+    labels = EMStore(toy_store[0]).read_crop("crop1", [CLASSES[0]]).labels[0]  # [Z, Y, X]
+    expected = np.concatenate([plane_object_sizes(labels[z:z + 1]) for z in range(len(labels))])
+    got = real_object_sizes(cfg, crops, CLASSES[0])
+    assert sorted(got.tolist()) == sorted(expected.tolist()) and got.size > len(labels) > 1

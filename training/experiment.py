@@ -159,8 +159,8 @@ def class_balance(cfg: ExperimentConfig, ddpm_run: Path, crops: dict[str, list[s
     checkpoint = sorted(ddpm_run.glob("step-*"))[-1]
     card = ModelCard.load(checkpoint)
     rare = rarest_class(cfg, crops)
-    real = np.concatenate([plane_object_sizes(labels) for labels in _training_labels(cfg, crops, [rare])])
-    min_pixels = max(1, int(np.percentile(real, 10)))
+    real = real_object_sizes(cfg, crops, rare)
+    min_pixels = max(1, int(np.percentile(real, 10))) if real.size else 1
     shares = {}
     for name, present in (("unguided", ()), ("guided", (rare,))):
         # unscreened: the question is what the model draws, not what survives screening
@@ -170,6 +170,12 @@ def class_balance(cfg: ExperimentConfig, ddpm_run: Path, crops: dict[str, list[s
         shares[name] = float(np.mean([(plane_object_sizes(crop[i:i + 1]) >= min_pixels).any()
                                       for crop in found for i in range(len(crop))]))
     return {"class": rare, "model_classes": card.classes, "min_object_pixels": min_pixels, **shares}
+
+
+def real_object_sizes(cfg: ExperimentConfig, crops: dict[str, list[str]], name: str) -> np.ndarray:
+    """Pixel counts of the 2D objects of class `name` in every z-plane of the training crops."""
+    sizes = [plane_object_sizes(labels[0]) for labels in _training_labels(cfg, crops, [name])]
+    return np.concatenate(sizes) if sizes else np.zeros(0, np.int64)
 
 
 def plane_object_sizes(labels: np.ndarray) -> np.ndarray:
