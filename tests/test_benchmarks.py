@@ -118,9 +118,12 @@ def test_sampling_report(workdir):
 
 
 def test_sampler_quality_report(workdir):
-    from benchmarks.common import prepare_model
-
-    model = prepare_model("tiny", workdir, "legacy").exported  # the export the other reports share
+    export = ("import sys; from benchmarks.common import prepare_model; "
+              "print(prepare_model('tiny', __import__('pathlib').Path(sys.argv[1]), 'legacy').exported)")
+    done = subprocess.run([sys.executable, "-c", export, str(workdir)], cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    model = done.stdout.strip().splitlines()[-1]  # the export the other reports share
     report = run("benchmarks.sampler_quality", "--model", str(model), "--threads", "1", "--reference", "ddim:8",
                  "--samplers", "ddim:8,ddim:2,dpmpp_2m:3", "--samples", "24", "--batch", "12")
     rows = table(report)

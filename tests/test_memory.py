@@ -1,8 +1,9 @@
 """The memory estimate that splits calls to fit a budget: measured against real backends, and budget parsing.
 
-Each measurement runs in a fresh Python process on a shipped default model (models/), so the peak resident size
-(ru_maxrss) belongs to that run alone: calls at batch 1, 9 and 33 in turn, and the peak's growth from 9 to 33 over
-24 is the memory each extra sample takes (what comes before batch 9 is loading and one-off buffers). glibc's mmap
+Each measurement runs in a fresh Python process on a shipped default model (models/): a call at batch 1 warms
+up, then the peak resident size of a call at batch 9 and of one at batch 33 (Linux's VmHWM, reset before each call
+through /proc/self/clear_refs, so loading's own peak does not hide them); the growth from 9 to 33 over 24 is the
+memory each extra sample takes. glibc's mmap
 threshold is fixed, or its sliding default makes the peak depend on what was freed before (TorchScript at 64x64
 measured 7-12 MB per sample from run to run without it, 5.9 MB every time with it). The growth must stay within
 the estimate (else a budget would be overrun) and above a third of it (else budgets would waste most of the
@@ -25,18 +26,23 @@ from emserve.runtime.memory import activation_bytes, parse_bytes, samples_within
 MODEL = Path(__file__).resolve().parent.parent / "models" / "phantom-seg"
 
 PROBE = """
-import json, resource, sys
+import json, sys
 import numpy as np
 from emserve.runtime.load import load_runtime
+
+def peak_of(call):
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the peak resident size (VmHWM) to the current one
+    call()
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
 
 model, backend, size = sys.argv[1], sys.argv[2], int(sys.argv[3])
 runtime = load_runtime(model, backend, **({"threads": 1} if backend == "onnx" else {}))
 x = np.random.default_rng(0).standard_normal((33, 1, size, size), dtype=np.float32)
-peaks = []
-for batch in (1, 9, 33):
-    runtime.segment(x[:batch])
-    peaks.append(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-print(json.dumps({"per_sample": (peaks[2] - peaks[1]) / 24}))
+runtime.segment(x[:1])
+peaks = [peak_of(lambda b=batch: runtime.segment(x[:b])) for batch in (9, 33)]
+print(json.dumps({"per_sample": (peaks[1] - peaks[0]) / 24}))
 """
 
 

@@ -4,9 +4,9 @@ A UNet's inference memory grows linearly with the batch: the skip tensors the do
 the working tensors of the level being computed, and the attention scores (quadratic in the pixels of the
 attention levels). `activation_bytes` estimates that per sample from the card's UNet config alone, so it holds for
 every backend (ONNX Runtime, TorchScript, Triton behind its own budget) and needs no trial run. The constant
-`WORKING_MAPS` is calibrated on this project's exported models: ONNX Runtime and TorchScript on CPU took 10-11 MB
-per 64x64 sample and 62 MB per 128x128 sample of phantom-pairs (peak RSS growth from batch 1 to 9 and 33), and the
-estimate is 12.7 MB and 76 MB; tests/test_memory.py measures it again for every backend.
+`WORKING_MAPS` is calibrated on this project's exported models: on CPU, ONNX Runtime took 11.4 MB per 64x64
+sample and 67 MB per 128x128 sample of phantom-seg, TorchScript 5.9 and 47 MB (peak resident size growth from a
+call of 9 samples to one of 33), and the estimate is 12.4 and 75 MB; tests/test_memory.py measures it again.
 """
 
 from __future__ import annotations
