@@ -3,11 +3,10 @@
 Each measurement runs in a fresh Python process on a shipped default model (models/): a call at batch 1 warms
 up, then the peak resident size of a call at batch 9 and of one at batch 33 (Linux's VmHWM, reset before each call
 through /proc/self/clear_refs, so loading's own peak does not hide them); the growth from 9 to 33 over 24 is the
-memory each extra sample takes. glibc's mmap
-threshold is fixed, or its sliding default makes the peak depend on what was freed before (TorchScript at 64x64
-measured 7-12 MB per sample from run to run without it, 5.9 MB every time with it). The growth must stay within
-the estimate (else a budget would be overrun) and above a third of it (else budgets would waste most of the
-memory they are given).
+memory each extra sample takes. glibc's mmap threshold is fixed, or its sliding default makes the peak depend on
+what was freed before (TorchScript at 64x64 measured 7-12 MB per sample from run to run without it, 5.9 MB every
+time with it). The growth must stay within the estimate (else a budget would be overrun) and above a third of it
+(else budgets would waste most of the memory they are given).
 """
 
 from __future__ import annotations

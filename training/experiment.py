@@ -197,11 +197,12 @@ def rarest_class(cfg: ExperimentConfig, crops: dict[str, list[str]]) -> str:
     """The class present in the fewest training slices (ties: the fewest voxels)."""
     counts = {name: [0, 0] for name in cfg.classes}
     for labels in _training_labels(cfg, crops, cfg.classes):
+        present = labels == PRESENT
         for k, name in enumerate(cfg.classes):
-            counts[name][0] += int((labels[k] == PRESENT).any(axis=(1, 2)).sum())
-            counts[name][1] += int((labels[k] == PRESENT).sum())
-    present = {n: c for n, c in counts.items() if c[1]}
-    return min(present or counts, key=lambda n: tuple(counts[n]))
+            counts[name][0] += int(present[k].any(axis=(1, 2)).sum())
+            counts[name][1] += int(present[k].sum())
+    found = {n: c for n, c in counts.items() if c[1]}
+    return min(found or counts, key=lambda n: tuple(counts[n]))
 
 
 def markdown_report(report: dict) -> str:
