@@ -24,15 +24,31 @@ import numpy as np
 
 from benchmarks.common import command_line, emit, header, machine_facts, markdown_table, number, set_threads
 from benchmarks.sampling import parse_samplers
+from emserve.diffusion import SPACINGS
 from emserve.metrics import frechet_distance, patch_features, standardize
 from emserve.pipelines import GenerationRequest, generate
 from emserve.runtime.base import Runtime
 from emserve.runtime.load import load_runtime
 
 MODULE = "benchmarks.sampler_quality"
-DEFAULT_SAMPLERS = "ddim:50,dpmpp_2m:10,dpmpp_2m:15,dpmpp_2m:20,dpmpp_2m:25"
-COLUMNS = ("sampler", "steps", "evaluations per sample", "s per sample", "samples/s", "FD to reference",
+# The rows that picked the defaults (docs/BENCHMARKS.md): each spacing for DDIM-50 and the default solver.
+DEFAULT_SAMPLERS = ("ddim:50,ddim:50:karras,dpmpp_2m:25,dpmpp_2m:10:karras,dpmpp_2m:15:karras,dpmpp_2m:20:karras,"
+                    "dpmpp_2m:25:karras")
+COLUMNS = ("sampler", "steps", "spacing", "evaluations per sample", "s per sample", "samples/s", "FD to reference",
            "FD / floor")
+
+
+def parse_settings(text: str) -> list[tuple[str, int, str]]:
+    """"ddim:250,dpmpp_2m:20:karras" -> [("ddim", 250, "trailing"), ("dpmpp_2m", 20, "karras")]."""
+    out = []
+    for item in (i.strip() for i in text.split(",") if i.strip()):
+        head, _, spacing = item.rpartition(":") if item.count(":") == 2 else (item, ":", "trailing")
+        if spacing not in SPACINGS:
+            raise argparse.ArgumentTypeError(f"{item!r}: the spacing after sampler:steps must be one of "
+                                             f"{', '.join(SPACINGS)}, e.g. dpmpp_2m:20:karras")
+        (sampler, steps), = parse_samplers(head)
+        out.append((sampler, steps, spacing))
+    return out
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
@@ -41,9 +57,10 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--model", type=Path, default=Path("models/phantom-pairs"),
                         help="an exported pairs or em model folder (trained weights)")
     parser.add_argument("--backend", default="onnx", help="runtime backend (emserve.runtime.load)")
-    parser.add_argument("--reference", type=parse_samplers, default="ddim:250",
-                        help="the study's sampler:steps, drawn twice (reference and floor)")
-    parser.add_argument("--samplers", type=parse_samplers, default=DEFAULT_SAMPLERS, help="sampler:steps, ...")
+    parser.add_argument("--reference", type=parse_settings, default="ddim:250",
+                        help="the study's sampler:steps[:spacing], drawn twice (reference and floor)")
+    parser.add_argument("--samplers", type=parse_settings, default=DEFAULT_SAMPLERS,
+                        help=f"sampler:steps[:spacing], ... (spacing: {' or '.join(SPACINGS)}; default trailing)")
     parser.add_argument("--samples", type=int, default=64, help="samples per draw (more: a lower, steadier floor)")
     parser.add_argument("--batch", type=int, default=32, help="samples per generate call")
     parser.add_argument("--guidance", type=float, default=1.0, help="guidance scale (1: unguided)")
@@ -51,16 +68,18 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=None, help="also append the report to this Markdown file")
     args = parser.parse_args(argv)
     if len(args.reference) != 1:
-        parser.error("--reference: give one sampler:steps")
+        parser.error("--reference: give one sampler:steps[:spacing]")
     if args.samples < 2 or args.batch < 1:
         parser.error("--samples must be at least 2 and --batch at least 1")
     return args
 
 
-def draw(runtime: Runtime, args: argparse.Namespace, sampler: str, steps: int, seed: int) -> tuple[np.ndarray, float]:
-    """(EM channel [N, H, W] of `args.samples` samples, seconds per sample)."""
+def draw(runtime: Runtime, args: argparse.Namespace, setting: tuple[str, int, str], seed: int
+         ) -> tuple[np.ndarray, float]:
+    """(EM channel [N, H, W] of `args.samples` samples drawn with (sampler, steps, spacing), seconds per sample)."""
     card = runtime.card
-    request = GenerationRequest(samples=args.samples, seed=seed, sampler=sampler, steps=steps,
+    sampler, steps, spacing = setting
+    request = GenerationRequest(samples=args.samples, seed=seed, sampler=sampler, steps=steps, spacing=spacing,
                                 guidance=args.guidance, batch_size=args.batch,
                                 dataset=card.datasets[0] if card.datasets else None)
     start = time.perf_counter()
@@ -76,28 +95,27 @@ def main(argv: Sequence[str] | None = None) -> None:
     runtime = load_runtime(args.model, args.backend, **({"threads": threads} if args.backend == "onnx" else {}))
     if runtime.card.mode not in ("pairs", "em"):
         raise SystemExit(f"--model: {args.model} is a {runtime.card.mode!r} model; give a pairs or em model")
-    (ref_sampler, ref_steps), = args.reference
-    reference, _ = draw(runtime, args, ref_sampler, ref_steps, seed=0)
-    rows_spec = [(ref_sampler, ref_steps), *[s for s in args.samplers if s != (ref_sampler, ref_steps)]]
+    ref_setting, = args.reference
+    reference, _ = draw(runtime, args, ref_setting, seed=0)
     features, seconds = {}, {}
-    for sampler, steps in rows_spec:
-        raw, seconds[sampler, steps] = draw(runtime, args, sampler, steps, seed=1)
-        features[sampler, steps] = patch_features(raw)
+    for setting in dict.fromkeys([ref_setting, *args.samplers]):
+        raw, seconds[setting] = draw(runtime, args, setting, seed=1)
+        features[setting] = patch_features(raw)
     ref_features, *others = standardize(patch_features(reference), *features.values())
     distances = {key: frechet_distance(f, ref_features) for key, f in zip(features, others, strict=True)}
-    floor = distances[ref_sampler, ref_steps]
+    floor = distances[ref_setting]
     rows = []
-    for (sampler, steps), fd in distances.items():
+    for (sampler, steps, spacing), fd in distances.items():
         evaluations = steps * (2 if args.guidance != 1.0 else 1)
-        per_sample = seconds[sampler, steps]
-        rows.append([sampler, steps, evaluations, number(per_sample), number(1 / per_sample), number(fd),
+        per_sample = seconds[sampler, steps, spacing]
+        rows.append([sampler, steps, spacing, evaluations, number(per_sample), number(1 / per_sample), number(fd),
                      number(fd / floor) if floor > 0 else "-"])
     facts.update({"threads": str(threads), "model": f"{args.model} ({runtime.card.mode}, sha256 "
                   f"{runtime.card.files.get('1/model.onnx', '?')[:12]})", "backend": args.backend,
                   "request": f"{args.samples} samples per draw, batch {args.batch}, guidance {args.guidance}, "
                              f"dataset {runtime.card.datasets[0] if runtime.card.datasets else None}",
-                  "reference": f"{ref_sampler} {ref_steps} steps, request seed 0; every row draws with request "
-                               f"seed 1, so the {ref_sampler} {ref_steps} row is the floor (FD / floor = 1)"})
+                  "reference": f"{' '.join(map(str, ref_setting))}, request seed 0; every row draws with request "
+                               f"seed 1, so the reference's row is the floor (FD / floor = 1)"})
     runtime.close()
     emit(header(f"Sampler quality: {args.model.name}", command_line(MODULE, argv), facts) + "\n"
          + markdown_table(COLUMNS, rows), args.out)

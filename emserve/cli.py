@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from emserve.data.ngff import format_nm
+from emserve.diffusion import DEFAULT_SAMPLER, DEFAULT_SPACING, DEFAULT_STEPS, SAMPLERS, SPACINGS
 from emserve.runtime.memory import DEFAULT_MEMORY_BUDGET, parse_bytes
 
 app = typer.Typer(
@@ -145,6 +146,11 @@ PatchAxis = Annotated[str, typer.Option(help="Axis the 2D patches are normal to:
 VoxelSize = Annotated[str, typer.Option(help="Scale level to train on, 'Z,Y,X' in nm (default: finest).")]
 Precision = Annotated[str, typer.Option(help="auto | fp32 | bf16 (auto: bf16 where the hardware has it).")]
 Seed = Annotated[int, typer.Option(help="Seeds weights, batches and dropout; a run is reproducible from it.")]
+Sampler = Annotated[str, typer.Option(help=" | ".join(SAMPLERS) + ".")]
+Despeckle = Annotated[int, typer.Option(help="Drop generated label objects smaller than this many pixels before "
+                                             "screening (0: keep all).")]
+Spacing = Annotated[str, typer.Option(help=f"Which timesteps the steps visit: {' | '.join(SPACINGS)} (trailing: "
+                                           "evenly spaced; karras: crowded at low noise, ends at noise 0).")]
 CheckpointEvery = Annotated[int, typer.Option(help="Steps between checkpoints.")]
 PreviewEvery = Annotated[int, typer.Option(help="Steps between PNG previews (samples/).")]
 Resume = Annotated[bool, typer.Option(help="Continue from the newest checkpoint in --out.")]
@@ -272,8 +278,10 @@ def experiment(
     seg_steps: Annotated[int, typer.Option(help="Training steps of each segmentation arm.")] = 1000,
     ddpm_steps: Annotated[int, typer.Option(help="Training steps of each pairs DDPM.")] = 4000,
     samples: Annotated[int, typer.Option(help="Generated pairs per DDPM.")] = 256,
-    sampler: Annotated[str, typer.Option(help="ddpm | ddim | dpmpp_2m.")] = "dpmpp_2m",
-    sample_steps: Annotated[int, typer.Option(help="Denoising steps per sample.")] = 25,
+    sampler: Sampler = DEFAULT_SAMPLER,
+    sample_steps: Annotated[int, typer.Option(help="Denoising steps per sample.")] = DEFAULT_STEPS,
+    spacing: Spacing = DEFAULT_SPACING,
+    despeckle: Despeckle = 0,
     mix: Annotated[float, typer.Option(help="Mixed arms: share of generated patches per batch.")] = 0.5,
     few_slices: Annotated[int, typer.Option(help="Low-label arms: labelled slices kept per crop.")] = 2,
     class_groups: ClassGroups = "",
@@ -291,7 +299,8 @@ def experiment(
         stores=stores, out=str(out), holdout=_csv(holdout), classes=_csv(classes) or _annotated_classes(stores),
         patch_size=patch_size, width=width, multipliers=_ints("multipliers", multipliers),
         blocks_per_level=blocks_per_level, batch_size=batch_size, lr=lr, seg_steps=seg_steps, ddpm_steps=ddpm_steps,
-        samples=samples, sampler=sampler, sample_steps=sample_steps, mix=mix, few_slices=few_slices,
+        samples=samples, sampler=sampler, sample_steps=sample_steps, spacing=spacing, despeckle=despeckle, mix=mix,
+        few_slices=few_slices,
         class_groups=_groups(class_groups), voxel_size=_voxel_size(voxel_size), seed=seed, command=command_line(),
     )
     console.print(f"report: {run_experiment(cfg)}")
@@ -333,8 +342,9 @@ def generate(
     out: Annotated[Path, typer.Argument(help="The store to write, e.g. out/generated.zarr (+ a .png grid).")],
     samples: Annotated[int, typer.Option(help="How many 2D samples.")] = 16,
     seed: Annotated[int, typer.Option(help="Request seed; sample i always gets the same per-sample seed.")] = 0,
-    sampler: Annotated[str, typer.Option(help="ddpm | ddim | dpmpp_2m.")] = "dpmpp_2m",
-    steps: Annotated[int, typer.Option(help="Denoising steps (the study: DDIM 250).")] = 25,
+    sampler: Sampler = DEFAULT_SAMPLER,
+    steps: Annotated[int, typer.Option(help="Denoising steps (the study: DDIM 250).")] = DEFAULT_STEPS,
+    spacing: Spacing = DEFAULT_SPACING,
     guidance: Annotated[float, typer.Option(help="Classifier-free guidance scale (1 = none; the study: 6).")] = 1.0,
     rescale: Annotated[float, typer.Option(help="Guidance rescale in [0, 1] (the study: 0.7).")] = 0.0,
     present: Annotated[str, typer.Option(help="Classes the samples should contain, comma-separated.")] = "",
@@ -347,8 +357,7 @@ def generate(
     screen: Annotated[bool, typer.Option(help="Mark implausible label maps unannotated (lumen without or "
                                               "outside its membrane, specks).")] = True,
     min_size: Annotated[int, typer.Option(help="Screening: smallest object in pixels (0: any).")] = 0,
-    despeckle: Annotated[int, typer.Option(help="Drop label objects smaller than this many pixels before "
-                                                "screening (0: keep all).")] = 0,
+    despeckle: Despeckle = 0,
     batch_size: Annotated[int, typer.Option(help="Samples per model batch (memory is bounded by it).")] = 8,
     memory_budget: MemoryBudget = DEFAULT_MEMORY_BUDGET,
     resume: Annotated[bool, typer.Option(help="Continue an interrupted run into the same --out.")] = False,
@@ -377,10 +386,10 @@ def generate(
         card = denoise.card
         if card.mode != GENERATE_MODES[what]:
             raise ValueError(f"model: {model} is a {card.mode!r} model; it cannot generate {what!r}")
-        request = GenerationRequest(samples=samples, seed=seed, sampler=sampler, steps=steps, guidance=guidance,
-                                    rescale=rescale, present=tuple(_csv(present)), absent=tuple(_csv(absent)),
-                                    dataset=dataset, batch_size=batch_size, label_method=label_method,
-                                    despeckle=despeckle)
+        request = GenerationRequest(samples=samples, seed=seed, sampler=sampler, steps=steps, spacing=spacing,
+                                    guidance=guidance, rescale=rescale, present=tuple(_csv(present)),
+                                    absent=tuple(_csv(absent)), dataset=dataset, batch_size=batch_size,
+                                    label_method=label_method, despeckle=despeckle)
         labels = _label_source(card, labels_from, seed) if what == "from-labels" else None
         screening = Screening(min_size=min_size) if screen and card.mode in ("pairs", "labels") else None
 
@@ -515,8 +524,9 @@ def evaluate_transfer(
     dataset: Annotated[str | None, typer.Option(help="Render the labels as EM of this dataset (domain).")] = None,
     samples: Annotated[int, typer.Option(help="Label maps to render.")] = 64,
     seed: Seed = 0,
-    sampler: Annotated[str, typer.Option(help="ddpm | ddim | dpmpp_2m.")] = "dpmpp_2m",
-    steps: Annotated[int, typer.Option(help="Denoising steps.")] = 25,
+    sampler: Sampler = DEFAULT_SAMPLER,
+    steps: Annotated[int, typer.Option(help="Denoising steps.")] = DEFAULT_STEPS,
+    spacing: Spacing = DEFAULT_SPACING,
     guidance: Annotated[float, typer.Option(help="Classifier-free guidance scale.")] = 3.0,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the report as JSON here.")] = None,
 ) -> None:
@@ -527,7 +537,7 @@ def evaluate_transfer(
 
     with load_runtime(model) as denoiser, load_runtime(segmenter) as seg:
         report = evaluate_label_transfer(denoiser, seg, labels_from, dataset=dataset, samples=samples, seed=seed,
-                                         sampler=sampler, steps=steps, guidance=guidance)
+                                         sampler=sampler, steps=steps, spacing=spacing, guidance=guidance)
     report["crops"] = [f"{labels_from} rendered as {dataset or 'any dataset'}"]
     _print_scores(report)
     if json_out is not None:

@@ -13,6 +13,7 @@ import numpy as np
 
 from emserve.data.patches import RawPatchSampler
 from emserve.data.store import EMStore, LabelledCrop
+from emserve.diffusion import DEFAULT_SAMPLER, DEFAULT_SPACING, DEFAULT_STEPS
 from emserve.metrics import Counts, realism, segmentation_report
 from emserve.pictures import grid, raw_to_rgb, save_png
 from emserve.pipelines import GenerationRequest, generate, label_codes, store_label_maps
@@ -57,8 +58,8 @@ def evaluate_segmentation(runtime: Runtime, crops: Sequence[LabelledCrop], *, ax
 
 
 def evaluate_label_transfer(denoiser: Runtime, segmenter: Runtime, label_store: str, *, dataset: str | None,
-                            samples: int = 64, seed: int = 0, sampler: str = "dpmpp_2m", steps: int = 25,
-                            guidance: float = 3.0) -> dict:
+                            samples: int = 64, seed: int = 0, sampler: str = DEFAULT_SAMPLER,
+                            steps: int = DEFAULT_STEPS, spacing: str = DEFAULT_SPACING, guidance: float = 3.0) -> dict:
     """Render label maps from one store's crops as EM (optionally of another dataset), segment that EM, and score
     the segmentation against the label maps it was made from: do generated images carry their labels?"""
     card = denoiser.card
@@ -68,8 +69,8 @@ def evaluate_label_transfer(denoiser: Runtime, segmenter: Runtime, label_store: 
     if missing:
         raise ValueError(f"segmenter: has no output for classes {missing} of the em-from-labels model")
     maps = store_label_maps(card, label_store, seed)(0, samples)
-    request = GenerationRequest(samples=len(maps), seed=seed, sampler=sampler, steps=steps, guidance=guidance,
-                                dataset=dataset)
+    request = GenerationRequest(samples=len(maps), seed=seed, sampler=sampler, steps=steps, spacing=spacing,
+                                guidance=guidance, dataset=dataset)
     counts = [Counts() for _ in card.classes]
     for batch in generate(card, denoiser, request, lambda start, stop: maps[start:stop]):
         probs = probabilities(segmenter.card, segmenter.segment(batch.samples[:, :1]))
@@ -79,7 +80,7 @@ def evaluate_label_transfer(denoiser: Runtime, segmenter: Runtime, label_store: 
                 counts[k].add(masks[segmenter.card.classes.index(name)], codes[k])
     report = segmentation_report(card.classes, counts)
     report.update({"label_store": label_store, "dataset": dataset, "samples": len(maps), "seed": seed,
-                   "sampler": sampler, "steps": steps, "guidance": guidance})
+                   "sampler": sampler, "steps": steps, "spacing": spacing, "guidance": guidance})
     return report
 
 

@@ -22,12 +22,24 @@ from emserve.data.ngff import multiscales_attrs, pyramid_levels
 from emserve.data.patches import PatchSampler, label_channels, load_crops
 from emserve.data.store import EM_GROUP, EMStore
 from emserve.data.writer import EM_NAME, CropToWrite, add_crop, atomic_directory, provenance
-from emserve.diffusion import SAMPLERS, Denoise, Guidance, make_schedule, sample
+from emserve.diffusion import (
+    DEFAULT_SAMPLER,
+    DEFAULT_SPACING,
+    DEFAULT_STEPS,
+    SAMPLERS,
+    SPACINGS,
+    Denoise,
+    Guidance,
+    make_schedule,
+    sample,
+)
 from emserve.pictures import grid, pair_tile, raw_to_uint8, save_png
 from emserve.postprocess import LABEL_METHODS, Screening, labels_from_channels
 
 LabelSource = Callable[[int, int], np.ndarray]  # (start, stop) -> label-map channels [stop-start, K, H, W]
 VOXEL_SIZE = (1.0, 1.0, 1.0)  # generated patches have no physical size of their own; the card says what they mimic
+# What a stored request without these fields was made with (they were added later): a resume compares like with like.
+FIELDS_ADDED_LATER = {"despeckle": 0, "spacing": "trailing"}
 
 
 @dataclass(frozen=True)
@@ -36,8 +48,9 @@ class GenerationRequest:
 
     samples: int
     seed: int = 0
-    sampler: str = "dpmpp_2m"
-    steps: int = 25
+    sampler: str = DEFAULT_SAMPLER
+    steps: int = DEFAULT_STEPS
+    spacing: str = DEFAULT_SPACING
     guidance: float = 1.0
     rescale: float = 0.0
     present: tuple[str, ...] = ()
@@ -54,6 +67,8 @@ class GenerationRequest:
             raise ValueError(f"batch_size: {self.batch_size} must be at least 1")
         if self.sampler not in SAMPLERS:
             raise ValueError(f"sampler: {self.sampler!r} is not allowed; choose one of {', '.join(SAMPLERS)}")
+        if self.spacing not in SPACINGS:
+            raise ValueError(f"spacing: {self.spacing!r} is not allowed; choose one of {', '.join(SPACINGS)}")
         if self.label_method not in LABEL_METHODS:
             raise ValueError(f"label_method: {self.label_method!r} is not allowed; choose one of "
                              f"{', '.join(LABEL_METHODS)}")
@@ -171,7 +186,7 @@ def generate(card: ModelCard, denoise: Denoise, request: GenerationRequest, labe
         cond, null = conditions(card, request, stop - start, label_map)
         guidance = Guidance(null, request.guidance, request.rescale) if request.guidance != 1.0 else None
         samples = sample(denoise, schedule, card.objective, shape, seeds, cond, sampler=request.sampler,
-                         steps=request.steps, guidance=guidance)
+                         steps=request.steps, spacing=request.spacing, guidance=guidance)
         yield GeneratedBatch(index, start, seeds, samples, label_map)
         if progress is not None:
             progress(stop, request.samples)
@@ -239,7 +254,9 @@ class GeneratedStore:
 
     def _check_same_run(self) -> None:
         attrs = zarr.open_group(str(self.path), mode="r").attrs.asdict()
-        before = attrs.get("emserve", {}).get("generated")
+        before = attrs.get("emserve", {}).get("generated") or {}
+        if "request" in before:
+            before["request"] = {**FIELDS_ADDED_LATER, **before["request"]}
         if before != self.record:
             raise ValueError(f"resume: {self.path} was generated with a different model or request; "
                              f"choose another output path")

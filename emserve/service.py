@@ -46,7 +46,7 @@ from starlette.responses import JSONResponse
 from emserve import __version__
 from emserve.card import CARD_NAME, ModelCard
 from emserve.data.patches import check_axis
-from emserve.diffusion import SAMPLERS
+from emserve.diffusion import DEFAULT_SAMPLER, DEFAULT_SPACING, DEFAULT_STEPS, SAMPLERS, SPACINGS
 from emserve.pictures import grid, pair_tile, raw_to_uint8
 from emserve.pipelines import (
     GeneratedBatch,
@@ -308,11 +308,11 @@ class EMServe:
         return [describe(name, runtime) for name, runtime in self.runtimes.items()]
 
     @bentoml.api
-    def generate_pairs(self, ctx: bentoml.Context, samples: int = 4, seed: int = 0, sampler: str = "dpmpp_2m",
-                       steps: int = 25, guidance: float = 1.0, rescale: float = 0.0, present: list[str] | None = None,
-                       absent: list[str] | None = None, dataset: str | None = None, model: str | None = None,
-                       label_method: str = "threshold", despeckle: int = 0, screen: bool = False,
-                       output: str = "npz") -> Result:
+    def generate_pairs(self, ctx: bentoml.Context, samples: int = 4, seed: int = 0, sampler: str = DEFAULT_SAMPLER,
+                       steps: int = DEFAULT_STEPS, spacing: str = DEFAULT_SPACING, guidance: float = 1.0,
+                       rescale: float = 0.0, present: list[str] | None = None, absent: list[str] | None = None,
+                       dataset: str | None = None, model: str | None = None, label_method: str = "threshold",
+                       despeckle: int = 0, screen: bool = False, output: str = "npz") -> Result:
         """EM + label pairs from a "pairs" model. `present` / `absent` steer class presence and `dataset` the
         domain (both need guidance > 1 to matter); `despeckle` drops label objects smaller than that many pixels
         (before screening, with `screen`); `output` is npz (em uint8 [N,H,W], labels uint8 [N,K,H,W]
@@ -321,8 +321,9 @@ class EMServe:
         return self._pairs(ctx, settings, self.limits.samples, "EMSERVE_MAX_SAMPLES", None)
 
     @bentoml.task
-    def generate_pairs_task(self, ctx: bentoml.Context, samples: int = 64, seed: int = 0, sampler: str = "dpmpp_2m",
-                            steps: int = 25, guidance: float = 1.0, rescale: float = 0.0,
+    def generate_pairs_task(self, ctx: bentoml.Context, samples: int = 64, seed: int = 0,
+                            sampler: str = DEFAULT_SAMPLER, steps: int = DEFAULT_STEPS,
+                            spacing: str = DEFAULT_SPACING, guidance: float = 1.0, rescale: float = 0.0,
                             present: list[str] | None = None, absent: list[str] | None = None,
                             dataset: str | None = None, model: str | None = None, label_method: str = "threshold",
                             despeckle: int = 0, screen: bool = False, output: str = "npz") -> TaskResult:
@@ -335,9 +336,9 @@ class EMServe:
 
     @bentoml.api
     def generate_from_labels(self, ctx: bentoml.Context, labels: Path, classes: list[str] | None = None,
-                             seed: int = 0, sampler: str = "dpmpp_2m", steps: int = 25, guidance: float = 1.0,
-                             rescale: float = 0.0, dataset: str | None = None, model: str | None = None,
-                             output: str = "npz") -> Result:
+                             seed: int = 0, sampler: str = DEFAULT_SAMPLER, steps: int = DEFAULT_STEPS,
+                             spacing: str = DEFAULT_SPACING, guidance: float = 1.0, rescale: float = 0.0,
+                             dataset: str | None = None, model: str | None = None, output: str = "npz") -> Result:
         """EM for uploaded label maps, one sample per map, from an "em-from-labels" model. `labels`: .npy, .npz,
         zipped zarr or PNG holding index maps [N,H,W] (CellMap ids, or values 1..C naming `classes`) or masks
         [N,C,H,W] (0/1/255, or float +1/-1/0) whose channels `classes` names; H = W = the model's patch size."""
@@ -350,7 +351,7 @@ class EMServe:
             raise InvalidArgument(f"labels: {len(maps)} label maps; at most {self.limits.samples} per request "
                                   f"(EMSERVE_MAX_SAMPLES), one sample each")
         request = self.request(runtime.card, samples=len(maps), seed=seed, sampler=sampler, steps=steps,
-                               guidance=guidance, rescale=rescale, dataset=dataset)
+                               spacing=spacing, guidance=guidance, rescale=rescale, dataset=dataset)
         upload = decoded.array
         record = {"labels_upload": {"kind": decoded.kind, "shape": list(upload.shape), "dtype": str(upload.dtype),
                                     "classes": list(classes or decoded.classes or [])}}
@@ -417,20 +418,22 @@ class EMServe:
         with client_errors():
             return decode(read_upload(path, field, self.limits.upload), field, self.limits.upload, kinds, purpose)
 
-    def request(self, card: ModelCard, *, samples: int, seed: int, sampler: str, steps: int, guidance: float,
-                rescale: float, dataset: str | None, present: Sequence[str] = (), absent: Sequence[str] = (),
-                label_method: str = "threshold", despeckle: int = 0) -> GenerationRequest:
+    def request(self, card: ModelCard, *, samples: int, seed: int, sampler: str, steps: int, spacing: str,
+                guidance: float, rescale: float, dataset: str | None, present: Sequence[str] = (),
+                absent: Sequence[str] = (), label_method: str = "threshold", despeckle: int = 0) -> GenerationRequest:
         """A GenerationRequest within the limits and accepted by the model (checked before anything runs)."""
         check_range("seed", seed, 0, 2**63 - 1)
         check_choice("sampler", sampler, SAMPLERS)
+        check_choice("spacing", spacing, SPACINGS)
         check_choice("label_method", label_method, LABEL_METHODS)
         check_range("despeckle", despeckle, 0, card.patch_size**2)
         check_range("steps", steps, 1, min(self.limits.steps, card.timesteps), "EMSERVE_MAX_STEPS")
         check_range("guidance", guidance, 0, self.limits.guidance, "EMSERVE_MAX_GUIDANCE")
         check_range("rescale", rescale, 0, 1)
         with client_errors():  # present/absent overlap, a dataset or condition the model does not know
-            request = GenerationRequest(samples=samples, seed=seed, sampler=sampler, steps=steps, guidance=guidance,
-                                        rescale=rescale, present=check_classes("present", present, card),
+            request = GenerationRequest(samples=samples, seed=seed, sampler=sampler, steps=steps, spacing=spacing,
+                                        guidance=guidance, rescale=rescale,
+                                        present=check_classes("present", present, card),
                                         absent=check_classes("absent", absent, card), dataset=dataset,
                                         batch_size=BATCH_SIZE, label_method=label_method, despeckle=despeckle)
             check_request(card, request)
@@ -442,8 +445,8 @@ class EMServe:
         check_choice("output", settings["output"], FORMATS)
         check_range("samples", settings["samples"], 1, limit, setting)
         request = self.request(runtime.card, samples=settings["samples"], seed=settings["seed"],
-                               sampler=settings["sampler"], steps=settings["steps"], guidance=settings["guidance"],
-                               rescale=settings["rescale"], dataset=settings["dataset"],
+                               sampler=settings["sampler"], steps=settings["steps"], spacing=settings["spacing"],
+                               guidance=settings["guidance"], rescale=settings["rescale"], dataset=settings["dataset"],
                                present=settings["present"] or (), absent=settings["absent"] or (),
                                label_method=settings["label_method"], despeckle=settings["despeckle"])
         screening = Screening() if settings["screen"] else None

@@ -128,6 +128,28 @@ def test_all_timesteps_is_the_full_chain() -> None:
     np.testing.assert_array_equal(make_schedule("cosine", 50).timesteps(50), np.arange(49, -1, -1))
 
 
+@pytest.mark.parametrize("name", SCHEDULES)
+@pytest.mark.parametrize("n", [1, 2, 5, 10, 25, 100, 999, 1000])
+def test_karras_timesteps_run_from_pure_noise_to_the_data_and_crowd_at_low_noise(name: str, n: int) -> None:
+    schedule = make_schedule(name, 1000)
+    ts = schedule.timesteps(n, "karras")
+    assert ts.dtype == np.int64 and ts.shape == (n,)
+    assert ts[0] == 999 and np.all(np.diff(ts) < 0)
+    assert ts[-1] == (0 if n > 1 else 999)
+    if 5 <= n <= 100:  # more steps at low noise (sigma < 0.3, fine texture) than evenly spaced steps put there
+        ab = schedule.alphas_cumprod
+        low_noise = int(np.searchsorted(np.sqrt((1 - ab) / ab), 0.3))  # first timestep with sigma >= 0.3
+        trailing = schedule.timesteps(n, "trailing")
+        assert (ts < low_noise).sum() > (trailing < low_noise).sum()
+
+
+def test_karras_timesteps_stay_distinct_when_rounding_collides() -> None:
+    """With few training timesteps, neighbouring Karras levels round to the same timestep: each moves down one."""
+    for n in range(1, 21):
+        ts = make_schedule("cosine", 20).timesteps(n, "karras")
+        assert len(set(ts.tolist())) == n and ts[0] == 19 and (n == 1 or ts[-1] == 0)
+
+
 @pytest.mark.parametrize("n", [0, -1, 1001, 2.0])
 def test_bad_number_of_sampling_steps_is_rejected(n: object) -> None:
     with pytest.raises(ValueError) as info:

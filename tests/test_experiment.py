@@ -18,7 +18,7 @@ def test_the_smoke_experiment_scores_every_arm_and_resumes(toy_store, tmp_path):
     cmd = [sys.executable, "-m", "emserve.cli", "experiment", *map(str, toy_store), "--out", str(out),
            "--holdout", "toy_b/crop1", "--classes", ",".join(CLASSES), "--patch-size", "16", "--width", "8",
            "--multipliers", "1,2", "--batch-size", "4", "--seg-steps", "6", "--ddpm-steps", "6", "--samples", "8",
-           "--sample-steps", "3"]
+           "--sample-steps", "3", "--despeckle", "5"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={"OMP_NUM_THREADS": "1",
                                                                                  "PATH": ""})
     assert done.returncode == 0, done.stderr
@@ -33,6 +33,10 @@ def test_the_smoke_experiment_scores_every_arm_and_resumes(toy_store, tmp_path):
         assert report["realism"][name]["generated"] == 8
         assert (out / f"quiz-{name}.png").exists() and (out / f"generated-{name}.png").exists()
     assert report["class_balance"]["class"] in CLASSES and report["class_balance"]["min_object_pixels"] >= 1
+    generated = EMStore(out / "generated-full.zarr")  # --despeckle 5: no labelled object under 5 pixels is left
+    sizes = np.concatenate([plane_object_sizes(labels) for crop in generated.crops
+                            for labels in generated.read_crop(crop, CLASSES).labels])
+    assert sizes.size and sizes.min() >= 5
     markdown = (out / "report.md").read_text()
     assert all(f"| {arm} |" in markdown for arm in ARMS)
 

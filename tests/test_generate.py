@@ -1,15 +1,18 @@
 """Generation: per-sample seeds, conditions checked against the card, streaming store with resume, CLI."""
 
+import dataclasses
 import subprocess
 import sys
 
 import numpy as np
 import pytest
+import zarr
 
 from emserve.card import ModelCard
 from emserve.classes import PRESENT, UNKNOWN
 from emserve.data.store import EMStore
 from emserve.pipelines import (
+    FIELDS_ADDED_LATER,
     GeneratedStore,
     GenerationRequest,
     check_request,
@@ -100,6 +103,21 @@ def test_interrupted_generation_resumes_without_redoing_batches(checkpoints, tmp
     assert attrs["seeds"] == [sample_seed(3, 6)] and attrs["samples"] == [6, 7]
 
 
+def test_a_store_from_before_a_request_field_existed_resumes_only_as_what_it_was(checkpoints, tmp_path):
+    """Stores record the request; fields added since (despeckle, spacing) are read as what runs had before them."""
+    card = ModelCard.load(checkpoints["pairs"])
+    request = GenerationRequest(samples=2, steps=3, spacing="trailing")
+    GeneratedStore(tmp_path / "old.zarr", card, request)
+    root = zarr.open_group(str(tmp_path / "old.zarr"), mode="r+")
+    record = root.attrs["emserve"]
+    for name in FIELDS_ADDED_LATER:
+        del record["generated"]["request"][name]
+    root.attrs["emserve"] = record
+    GeneratedStore(tmp_path / "old.zarr", card, request, resume=True)
+    with pytest.raises(ValueError, match="different model or request"):
+        GeneratedStore(tmp_path / "old.zarr", card, dataclasses.replace(request, spacing="karras"), resume=True)
+
+
 def test_cli_generates_pairs_and_em_from_the_store_labels(checkpoints, toy_store, tmp_path):
     def emserve(*args):
         return subprocess.run([sys.executable, "-m", "emserve.cli", *args], capture_output=True, text=True,
@@ -162,6 +180,8 @@ def test_bad_sampling_settings_are_refused_before_anything_is_written(checkpoint
         GenerationRequest(samples=1, rescale=2.0)
     with pytest.raises(ValueError, match="label_method: 'otsu'"):
         GenerationRequest(samples=1, label_method="otsu")
+    with pytest.raises(ValueError, match="spacing: 'leading' is not allowed; choose one of trailing, karras"):
+        GenerationRequest(samples=1, spacing="leading")
     result = subprocess.run([sys.executable, "-m", "emserve.cli", "generate", "pairs", str(checkpoints["pairs"]),
                              str(tmp_path / "g.zarr"), "--steps", "0"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "steps" in result.stderr

@@ -153,6 +153,13 @@ def test_generate_pairs_gives_the_pipelines_samples_and_records_how(client, mode
     assert (despeckled["labels"] <= result["labels"]).all() and despeckled["labels"].sum() < result["labels"].sum()
     other = unpack(post(client, "generate_pairs", **{**request, "seed": 8}))
     assert np.abs(other["em"].astype(int) - result["em"]).mean() > 5
+    spacings = {spacing: unpack(post(client, "generate_pairs", **request, spacing=spacing))["em"]
+                for spacing in ("trailing", "karras")}
+    with OnnxRuntime(models / "tiny-pairs", threads=1) as runtime:
+        karras = next(generate(card, runtime, dataclasses.replace(local, spacing="karras")))
+    assert np.array_equal(spacings["karras"], raw_to_uint8(karras.samples[:, 0]))
+    assert np.array_equal(spacings[local.spacing], result["em"])  # the default is what GenerationRequest says
+    assert not np.array_equal(spacings["karras"], spacings["trailing"])
 
 
 def test_generate_pairs_as_png_preview_and_zipped_zarr_store(client, tmp_path):
@@ -252,6 +259,7 @@ BAD_JSON = [
     ({"rescale": 2}, "rescale: 2.0 is not allowed; allowed: 0 to 1"),
     ({"seed": -1}, "seed: -1 is not allowed"),
     ({"sampler": "euler"}, "sampler: 'euler' is not allowed; choose one of ddpm, ddim, dpmpp_2m"),
+    ({"spacing": "leading"}, "spacing: 'leading' is not allowed; choose one of trailing, karras"),
     ({"present": ["nucleo"]}, "present: 'nucleo' is not one of the model's classes; allowed: mito_mem, ld_lum"),
     ({"absent": ["../etc/passwd"]}, "absent: '../etc/passwd' is not one of the model's classes"),
     ({"present": ["mito_mem"], "absent": ["mito_mem"]}, "present/absent: ['mito_mem'] cannot be both"),

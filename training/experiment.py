@@ -28,6 +28,7 @@ from scipy import ndimage
 from emserve.card import ModelCard
 from emserve.classes import PRESENT
 from emserve.data.store import EMStore
+from emserve.diffusion import DEFAULT_SAMPLER, DEFAULT_SPACING, DEFAULT_STEPS
 from emserve.evaluation import evaluate_realism, evaluate_segmentation, held_out_crops
 from emserve.metrics import format_score
 from emserve.pipelines import GenerationRequest, generate_store
@@ -54,8 +55,10 @@ class ExperimentConfig:
     ddpm_steps: int = 4000
     lr: float = 4e-4
     samples: int = 256
-    sampler: str = "dpmpp_2m"
-    sample_steps: int = 25
+    sampler: str = DEFAULT_SAMPLER
+    sample_steps: int = DEFAULT_STEPS
+    spacing: str = DEFAULT_SPACING
+    despeckle: int = 0  # generated label objects under this many pixels are dropped before screening
     mix: float = 0.5
     few_slices: int = 2
     class_groups: list[list[str]] = field(default_factory=list)
@@ -142,7 +145,7 @@ def _generate(cfg: ExperimentConfig, checkpoint: Path, store: Path, present: tup
               screen: bool = True) -> Path:
     """Generate `cfg.samples` pairs (screened, for training) from a DDPM checkpoint into `store` (resuming)."""
     request = GenerationRequest(samples=cfg.samples, seed=cfg.seed, sampler=cfg.sampler, steps=cfg.sample_steps,
-                                present=present)
+                                spacing=cfg.spacing, present=present, despeckle=cfg.despeckle)
     with load_runtime(checkpoint, "torch") as runtime:
         generate_store(runtime.card, runtime, request, store, screening=Screening() if screen else None,
                        resume=store.exists())
@@ -214,7 +217,8 @@ def markdown_report(report: dict) -> str:
              f"Command: `{cfg['command'] or 'emserve experiment (library call)'}`", "",
              f"Budget: segmentation {cfg['seg_steps']} steps, DDPM {cfg['ddpm_steps']} steps, batch "
              f"{cfg['batch_size']}, patch {cfg['patch_size']}, UNet width {cfg['width']} x {cfg['multipliers']}; "
-             f"{cfg['samples']} generated pairs per DDPM ({cfg['sampler']}, {cfg['sample_steps']} steps); "
+             f"{cfg['samples']} generated pairs per DDPM ({cfg['sampler']}, {cfg['sample_steps']} "
+             f"{cfg['spacing']}-spaced steps, label objects under {cfg['despeckle']} pixels dropped); "
              f"mix {cfg['mix']}; few = {cfg['few_slices']} labelled slices per crop; real data at voxel size "
              f"{cfg['voxel_size'] or 'finest'} nm.", "",
              "## Segmentation on the held-out crops", "",

@@ -7,9 +7,20 @@ loop serves every backend and is tested against exact denoisers.
 
 from .guidance import Denoise, Guidance, classifier_free_guidance, rescale_guided
 from .objectives import DATA_RANGE, OBJECTIVES, check_objective, convert, from_x0_eps, to_x0_eps, training_target
-from .samplers import SAMPLERS, DPMSolverPP2M, Progress, ddim_step, ddpm_step, sample
+from .samplers import (
+    DEFAULT_SAMPLER,
+    DEFAULT_SPACING,
+    DEFAULT_STEPS,
+    SAMPLERS,
+    DPMSolverPP2M,
+    Progress,
+    ddim_step,
+    ddpm_step,
+    sample,
+)
 from .schedules import (
     SCHEDULES,
+    SPACINGS,
     NoiseSchedule,
     cosine_schedule,
     linear_schedule,
@@ -19,9 +30,13 @@ from .schedules import (
 
 __all__ = [
     "DATA_RANGE",
+    "DEFAULT_SAMPLER",
+    "DEFAULT_SPACING",
+    "DEFAULT_STEPS",
     "OBJECTIVES",
     "SAMPLERS",
     "SCHEDULES",
+    "SPACINGS",
     "DPMSolverPP2M",
     "Denoise",
     "Guidance",

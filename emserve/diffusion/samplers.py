@@ -11,10 +11,14 @@ the pair (x0, eps) (objectives.py), and move x_t to the next, less noisy, timest
 - "dpmpp_2m": DPM-Solver++(2M) (Lu et al. 2022, algorithm 2), a second-order multistep solver of the probability
   flow ODE in data (x0) prediction; good samples in ~20 steps. The first step (no history yet) and the last step
   (to noise level 0, where the log-SNR step is infinite) are first order.
+- "dpmpp_2m_sde": the same multistep data prediction on the reverse SDE (Lu et al. 2022, "DPM-Solver++", sec. 5;
+  the midpoint form of diffusers and k-diffusion): each step forgets part of x_t and draws fresh noise, which
+  corrects errors of earlier steps instead of carrying them to the end.
 
-Every sampler's last step returns the x0 estimate made at the last sampling timestep (T / steps - 1 with trailing
-spacing), i.e. a posterior mean: with few steps, detail weaker than that noise level is averaged away. With an
-exact denoiser on Gaussian data this shows as a 1-3% low standard deviation at 25-250 steps (see the tests).
+Every sampler's last step returns the x0 estimate made at the last sampling timestep, i.e. a posterior mean. With
+"trailing" spacing and few steps that timestep is T / steps - 1, and detail weaker than its noise level is averaged
+away (with an exact denoiser on Gaussian data: a 1-3% low standard deviation at 25-250 steps, see the tests);
+"karras" spacing ends at timestep 0 (schedules.py).
 
 Randomness is per sample: sample i owns ``np.random.default_rng(seeds[i])``, which draws its initial noise and
 then, in step order, every noise it needs. A sample is therefore a function of its seed (and model and request)
@@ -32,7 +36,13 @@ from .guidance import Denoise, Guidance, classifier_free_guidance
 from .objectives import check_objective, to_x0_eps
 from .schedules import NoiseSchedule
 
-SAMPLERS: tuple[str, ...] = ("ddpm", "ddim", "dpmpp_2m")
+SAMPLERS: tuple[str, ...] = ("ddpm", "ddim", "dpmpp_2m", "dpmpp_2m_sde")
+
+# What `emserve generate`, the service and the experiment sample with unless told otherwise: picked from the
+# sampler-quality table of docs/BENCHMARKS.md (speed at a measured distance to the study's DDIM-250).
+DEFAULT_SAMPLER = "dpmpp_2m"
+DEFAULT_STEPS = 25
+DEFAULT_SPACING = "karras"
 
 #: progress(steps_done, total_steps), called after every step: (1, n), (2, n), ..., (n, n).
 Progress = Callable[[int, int], None]
@@ -80,14 +90,19 @@ class DPMSolverPP2M:
     In log-SNR time lambda = log(alpha / sigma), the exact solution of the probability flow ODE from t to s is
     ``x_s = (sigma_s / sigma_t) x_t + sigma_s * integral of e^lambda x0(lambda)``; first order holds x0 constant
     over the step, second order extrapolates it linearly from the previous step's prediction.
+
+    Given ``noise``, the step solves the reverse SDE instead: x_t is damped by a further e^-h, the data prediction
+    gets weight alpha_s (1 - e^-2h), and fresh noise of variance sigma_s^2 (1 - e^-2h) makes up the rest; the
+    second-order correction uses the same extrapolated prediction (the midpoint form).
     """
 
     def __init__(self) -> None:
         self.prev_x0: np.ndarray | None = None
         self.prev_h: float | None = None
 
-    def step(self, x_t: np.ndarray, x0: np.ndarray, ab_t: float, ab_s: float) -> np.ndarray:
-        """Advance x_t to level ab_s given the model's data prediction ``x0`` at ab_t."""
+    def step(self, x_t: np.ndarray, x0: np.ndarray, ab_t: float, ab_s: float,
+             noise: np.ndarray | None = None) -> np.ndarray:
+        """Advance x_t to level ab_s given the model's data prediction ``x0`` at ab_t (the SDE step with noise)."""
         if ab_s >= 1.0:  # to noise level 0: the first-order step is exactly the data prediction
             return x0
         lam_t = 0.5 * math.log(ab_t / (1.0 - ab_t))
@@ -100,7 +115,11 @@ class DPMSolverPP2M:
             d = (1.0 + 0.5 / r) * x0 - (0.5 / r) * self.prev_x0
         self.prev_x0, self.prev_h = x0, h
         sigma_ratio = math.sqrt((1.0 - ab_s) / (1.0 - ab_t))
-        return sigma_ratio * x_t - math.sqrt(ab_s) * math.expm1(-h) * d
+        if noise is None:
+            return sigma_ratio * x_t - math.sqrt(ab_s) * math.expm1(-h) * d
+        kept = -math.expm1(-2.0 * h)  # 1 - e^-2h
+        return (sigma_ratio * math.exp(-h) * x_t + math.sqrt(ab_s) * kept * d
+                + math.sqrt((1.0 - ab_s) * kept) * noise)
 
 
 def _check_seeds(seeds: Sequence[int]) -> list[int]:
@@ -136,8 +155,9 @@ def sample(
     shape_chw: tuple[int, int, int],
     seeds: Sequence[int],
     cond: Mapping[str, np.ndarray] | None = None,
-    sampler: str = "ddim",
-    steps: int = 50,
+    sampler: str = DEFAULT_SAMPLER,
+    steps: int = DEFAULT_STEPS,
+    spacing: str = DEFAULT_SPACING,
     eta: float = 0.0,
     clip_x0: bool = True,
     guidance: Guidance | None = None,
@@ -152,8 +172,9 @@ def sample(
         shape_chw: (C, H, W) of one sample.
         seeds: one integer per sample; sample i depends only on seeds[i] (and model, cond[i], settings).
         cond: condition arrays with leading dim B, passed through to ``denoise`` untouched.
-        sampler: "ddpm", "ddim" or "dpmpp_2m".
-        steps: number of model evaluations, 1..T, on trailing-spaced timesteps (NoiseSchedule.timesteps).
+        sampler: "ddpm", "ddim", "dpmpp_2m" or "dpmpp_2m_sde".
+        steps: number of model evaluations, 1..T.
+        spacing: which timesteps those are: "trailing" or "karras" (NoiseSchedule.timesteps).
         eta: DDIM stochasticity in [0, 1] (0 = deterministic); only for sampler "ddim".
         clip_x0: clip every x0 estimate to the data range [-1, 1] (eps recomputed to match).
         guidance: classifier-free guidance settings; None = call ``denoise`` on ``cond`` as is.
@@ -173,7 +194,7 @@ def sample(
     rngs = [np.random.default_rng(seed) for seed in _check_seeds(seeds)]
     batch = len(rngs)
     cond = _check_cond(cond, batch)
-    timesteps = schedule.timesteps(steps)  # validates steps
+    timesteps = schedule.timesteps(steps, spacing)  # validates steps and spacing
     if guidance is not None:
         denoise = classifier_free_guidance(
             denoise, guidance.null_cond, guidance.scale, guidance.rescale, schedule=schedule, objective=objective
@@ -196,8 +217,10 @@ def sample(
             x = ddpm_step(x, x0, ab_t, ab_s, None if last else _noise(rngs, shape))
         elif sampler == "ddim":
             x = ddim_step(x0, eps, ab_t, ab_s, eta, None if last or eta == 0.0 else _noise(rngs, shape))
-        else:
+        elif sampler == "dpmpp_2m":
             x = solver.step(x, x0, ab_t, ab_s)
+        else:
+            x = solver.step(x, x0, ab_t, ab_s, None if last else _noise(rngs, shape))
         if progress is not None:
             progress(i + 1, total)
     return x.astype(np.float32)

@@ -17,6 +17,15 @@ from dataclasses import dataclass
 import numpy as np
 
 SCHEDULES: tuple[str, ...] = ("linear", "cosine", "sigmoid")
+SPACINGS: tuple[str, ...] = ("trailing", "karras")
+
+# Karras et al. 2022 (EDM), eq. 5: rho = 7 spends most of a short step budget at low noise, where the fine texture
+# of the sample is decided; rho = 1 would be even spacing in sigma.
+KARRAS_RHO = 7.0
+# EDM's sigma_max (Karras et al. 2022, table 1): data in [-1, 1] under noise of std 80 is drowned. The clipped last
+# beta of the cosine and sigmoid schedules puts sigma(T - 1) at 10^3-10^4, and a ramp from there would spend half
+# the steps on timesteps T-1, T-2, ... that all see pure noise; the ramp starts at 80 and the first step stays T-1.
+KARRAS_SIGMA_MAX = 80.0
 
 # Betas are clipped below 1 so that no step destroys the signal completely (Nichol & Dhariwal 2021, sec. 3.2):
 # a beta of 1 would make alpha_bar exactly 0 and every later step singular for eps- and x0-prediction.
@@ -67,23 +76,45 @@ class NoiseSchedule:
         padded = np.concatenate([self.alphas_cumprod, [1.0]])  # index -1 -> the appended 1.0
         return padded[t.astype(np.int64)]
 
-    def timesteps(self, num_inference_steps: int) -> np.ndarray:
+    def timesteps(self, num_inference_steps: int, spacing: str = "trailing") -> np.ndarray:
         """Descending timestep indices for sampling with ``num_inference_steps`` model evaluations.
 
-        Uses "trailing" spacing (Lin et al. 2023, "Common diffusion noise schedules and sample steps are flawed",
-        table 2): ``t_i = T - 1 - floor(i * T / n)``. Why trailing: the first step is always T - 1, the timestep
-        whose input the model saw as (nearly) pure noise in training, so sampling starts from the same
-        distribution it was trained on; "leading" spacing (the original DDIM code) starts at T - T/n and hands
-        the model pure noise labelled as a less noisy timestep. The steps are evenly spaced, and ``n = T`` gives
-        every timestep (T-1, ..., 0), i.e. the original DDPM chain.
+        Both spacings start at T - 1, the timestep whose input the model saw as (nearly) pure noise in training,
+        so sampling starts from the distribution it was trained on ("leading" spacing, the original DDIM code,
+        starts at T - T/n and hands the model pure noise labelled as a less noisy timestep). ``n = T`` gives every
+        timestep (T-1, ..., 0), i.e. the original DDPM chain, with either spacing.
+
+        - "trailing" (Lin et al. 2023, "Common diffusion noise schedules and sample steps are flawed", table 2):
+          ``t_i = T - 1 - floor(i * T / n)``, evenly spaced; the last step is T/n - 1, so with few steps the sample
+          is the model's x0 estimate at a noise level where fine detail is still averaged away.
+        - "karras" (Karras et al. 2022, eq. 5, with rho = 7): evenly spaced in sigma^(1/rho), where
+          sigma = sqrt((1 - alpha_bar) / alpha_bar), from min(sigma(T - 1), 80) to sigma(0), each rounded to the
+          nearest timestep in log sigma, and the first replaced by T - 1; the last step is 0, and the steps crowd
+          where the noise is low. Where rounding would repeat a timestep (many steps, small T), it moves down one,
+          so the steps stay distinct.
 
         Returns:
-            int64 [n], strictly decreasing, first element T - 1.
+            int64 [n], strictly decreasing, first element T - 1 (and last 0 for "karras").
         """
         T = self.num_steps
         n = _check_int("num_inference_steps", num_inference_steps, 1, T)
         i = np.arange(n, dtype=np.int64)
-        return (T - 1 - (i * T) // n).astype(np.int64)
+        if spacing == "trailing":
+            return (T - 1 - (i * T) // n).astype(np.int64)
+        if spacing != "karras":
+            raise ValueError(f"spacing: got {spacing!r}; allowed: {', '.join(repr(s) for s in SPACINGS)}")
+        log_sigmas = 0.5 * np.log((1.0 - self.alphas_cumprod) / self.alphas_cumprod)  # increasing in t
+        inv_rho = 1.0 / KARRAS_RHO
+        ramp = np.linspace(0.0, 1.0, n)
+        high = min(np.exp(log_sigmas[-1]), KARRAS_SIGMA_MAX) ** inv_rho
+        low = np.exp(log_sigmas[0] * inv_rho)
+        targets = KARRAS_RHO * np.log(high + ramp * (low - high))
+        t = np.rint(np.interp(targets, log_sigmas, np.arange(T, dtype=np.float64))).astype(np.int64)
+        t[0] = T - 1
+        t = np.maximum(t, n - 1 - i)  # room below for the remaining steps
+        for k in range(1, n):  # distinct: a repeat moves one down (stays >= n - 1 - k by the line above)
+            t[k] = min(t[k], t[k - 1] - 1)
+        return t
 
 
 def _check_int(field: str, value: object, low: int, high: int | None = None) -> int:
