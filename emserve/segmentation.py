@@ -71,7 +71,7 @@ def probabilities(card: ModelCard, logits: np.ndarray) -> np.ndarray:
     """Logits [B, C, H, W] -> class probabilities [B, K, H, W]: a sigmoid per class (multi-label), or for
     exclusive networks a softmax over background + classes with the background channel dropped."""
     if not card.exclusive:
-        return 1.0 / (1.0 + np.exp(-logits))
+        return 0.5 * (1.0 + np.tanh(0.5 * logits))  # the sigmoid; 1 / (1 + e^-x) overflows for x < -88 in fp32
     shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
     return (shifted / shifted.sum(axis=1, keepdims=True))[:, 1:]
 

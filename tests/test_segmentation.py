@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -17,6 +18,7 @@ from emserve.runtime.base import CallableRuntime
 from emserve.runtime.load import load_runtime
 from emserve.segmentation import (
     masks_from_probabilities,
+    probabilities,
     segment_array,
     segment_image,
     segment_store,
@@ -91,6 +93,16 @@ def test_exclusive_masks_pick_one_class_or_background():
     probs = np.array([[0.6, 0.2, 0.3], [0.1, 0.3, 0.4]], np.float32)  # background: 0.3, 0.5, 0.3
     masks = masks_from_probabilities(card, probs)
     assert masks.tolist() == [[True, False, False], [False, False, True]]
+
+
+def test_confident_logits_give_probabilities_0_and_1_without_overflow_warnings():
+    """A trained network emits logits far below -88, where exp(-x) overflows float32; segmenting must stay quiet."""
+    logits = np.array([[[[-1000.0, -90.0, 0.0, 3.0, 1000.0]]]], np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        probs = probabilities(pointwise_card(), logits)
+    assert probs.dtype == np.float32
+    np.testing.assert_allclose(probs[0, 0, 0], [0.0, 0.0, 0.5, 1 / (1 + np.exp(-3.0)), 1.0], atol=1e-7)
 
 
 def test_unannotated_voxels_do_not_change_the_loss():
