@@ -44,8 +44,8 @@ def test_round_trip_through_the_reader(tmp_path, zarr_format):
     path = write_store(tmp_path / "gen.zarr", raw, VOXEL, [crop()], translation=ORIGIN, zarr_format=zarr_format,
                        attrs={"contrastAdjustment": {"min": 0, "max": 255}})
     store = EMStore(path)
-    assert [lv.voxel_size for lv in store.em_levels] == [VOXEL, (16.0, 8.0, 8.0)]
-    assert store.em_levels[1].translation == (84.0, 2.0, 42.0)  # half an s0 voxel in
+    assert [lv.voxel_size for lv in store.em_levels] == [VOXEL, (8.0, 8.0, 8.0)]  # z is already twice y, x
+    assert store.em_levels[1].translation == (80.0, 2.0, 42.0)  # half an s0 voxel in where halved
     np.testing.assert_array_equal(store.em_volume(store.em_levels[0])[...], raw)
     got = store.read_crop("crop1", ["mito_mem", "er_mem", "mito", "er"])
     assert got.translation == (96.0, 16.0, 64.0)  # origin + offset * voxel size
@@ -55,6 +55,24 @@ def test_round_trip_through_the_reader(tmp_path, zarr_format):
     # mito from mito_mem alone: mito_lum and mito_ribo were not annotated, so it is never known to be absent
     np.testing.assert_array_equal(got.labels[2], np.where(labels()["mito_mem"] == PRESENT, PRESENT, UNKNOWN))
     assert store.crop_classes("crop1") == ("er_mem", "mito_mem")
+
+
+@pytest.mark.parametrize(("voxel", "expected"), [
+    ((4.0, 4.0, 4.0), [(4.0, 4.0, 4.0), (8.0, 8.0, 8.0), (16.0, 16.0, 16.0)]),
+    ((5.24, 4.0, 4.0), [(5.24, 4.0, 4.0), (10.48, 8.0, 8.0), (20.96, 16.0, 16.0)]),  # CellMap FIB-SEM
+    ((50.0, 4.0, 4.0), [(50.0, 4.0, 4.0), (50.0, 8.0, 8.0), (50.0, 16.0, 16.0)]),  # serial-section TEM
+])
+def test_pyramid_halves_only_axes_finer_than_twice_the_finest(tmp_path, voxel, expected):
+    raw = raw_volume()
+    store = EMStore(write_store(tmp_path / "s.zarr", raw, voxel, [crop()], levels=3))
+    assert [lv.voxel_size for lv in store.em_levels] == expected
+    s1 = store.em_volume(store.em_levels[1])[...]
+    crop_s1 = store.read_crop("crop1", ["mito_mem"], voxel_size=expected[1]).labels[0]
+    sections = 8 if expected[1][0] == voxel[0] else 4
+    assert s1.shape == (sections, 8, 8) and crop_s1.shape == (sections // 2, 4, 4)
+    if sections == 8:  # each s1 section comes from its own s0 section only, for EM and labels
+        np.testing.assert_array_equal(s1, np.round(raw.reshape(8, 8, 2, 8, 2).mean((2, 4))).astype(np.uint8))
+        assert (crop_s1 == PRESENT).sum() == 8 and (crop_s1[1:3, 1:3, 1:3] == PRESENT).all()
 
 
 def test_v2_layout_matches_the_published_one(tmp_path):

@@ -171,17 +171,30 @@ def multiscales_attrs(name: str, levels: Sequence[ScaleLevel]) -> dict[str, Any]
     }
 
 
+def pyramid_factors(voxel_size: Sequence[float], count: int) -> list[tuple[int, ...]]:
+    """Downsampling factors from s0 of levels s0..s<count-1>, per axis.
+
+    Each level halves the axes finer than twice the finest one: isotropic data (and FIB-SEM's 5.24 x 4 x 4 nm)
+    halves all three, serial sections (50 x 4 x 4 nm) keep z until y and x catch up, because averaging
+    sections 50 nm apart mixes unrelated structures.
+    """
+    factors = [(1,) * len(voxel_size)]
+    for _ in range(count - 1):
+        current = [v * f for v, f in zip(voxel_size, factors[-1], strict=True)]
+        finest = min(current)
+        factors.append(tuple(f * 2 if c < 2 * finest else f for f, c in zip(factors[-1], current, strict=True)))
+    return factors
+
+
 def pyramid_levels(
     voxel_size: Sequence[float], translation: Sequence[float], count: int
 ) -> list[ScaleLevel]:
-    """Levels s0..s<count-1> of a 2x pyramid: the voxel size doubles and voxel centres shift by half a voxel."""
-    levels = []
-    for i in range(count):
-        factor = 2**i
-        vs = tuple(float(v * factor) for v in voxel_size)
-        tr = tuple(float(t + (factor - 1) * v / 2) for t, v in zip(translation, voxel_size, strict=True))
-        levels.append(ScaleLevel(f"s{i}", vs, tr))
-    return levels
+    """Levels s0..s<count-1> with the voxel sizes of `pyramid_factors`; voxel centres shift to the blocks' centres."""
+    return [
+        ScaleLevel(f"s{i}", tuple(float(v * f) for v, f in zip(voxel_size, factor, strict=True)),
+                   tuple(float(t + (f - 1) * v / 2) for t, v, f in zip(translation, voxel_size, factor, strict=True)))
+        for i, factor in enumerate(pyramid_factors(voxel_size, count))
+    ]
 
 
 def select_level(levels: Sequence[ScaleLevel], voxel_size: Sequence[float] | None, where: str) -> ScaleLevel:

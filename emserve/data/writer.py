@@ -9,6 +9,7 @@ it. The root carries provenance (`emserve`: version, creation time, and whatever
 
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
 import uuid
@@ -23,7 +24,7 @@ import numpy as np
 import zarr
 
 from emserve.classes import ABSENT, ENCODING, PRESENT, UNKNOWN, check_class_names
-from emserve.data.ngff import multiscales_attrs, pyramid_levels
+from emserve.data.ngff import multiscales_attrs, pyramid_factors, pyramid_levels
 from emserve.data.store import EM_GROUP, GROUNDTRUTH_GROUP, is_remote
 
 EM_NAME = "fibsem-uint8"
@@ -104,7 +105,7 @@ def write_store(
         em = root.require_group(EM_GROUP).create_group(EM_NAME)
         em_levels = pyramid_levels(voxel_size, translation, levels)
         em.attrs.update(multiscales_attrs(EM_NAME, em_levels))
-        for level, data in zip(em_levels, _pyramid(raw, levels, _mean_2x), strict=True):
+        for level, data in zip(em_levels, _pyramid(raw, voxel_size, levels, _block_mean), strict=True):
             _create(em, level.path, data, zarr_format)
         for crop in crops:
             _write_crop(root.require_group(GROUNDTRUTH_GROUP), crop, voxel_size, translation, levels, zarr_format)
@@ -177,7 +178,7 @@ def _write_crop(parent: zarr.Group, crop: CropToWrite, voxel_size: Sequence[floa
         data = _check_labels(crop.labels[cls], f"crop {crop.name}/{cls}")
         g = group.create_group(cls)
         g.attrs.update({**multiscales_attrs(cls, crop_levels), **_annotation_attrs(cls)})
-        for level, arr in zip(crop_levels, _pyramid(data, levels, _vote_2x), strict=True):
+        for level, arr in zip(crop_levels, _pyramid(data, voxel_size, levels, _block_vote), strict=True):
             _create(g, level.path, arr, zarr_format).attrs.update(_annotation_attrs(cls, arr))
     if crop.ids is not None:
         g = group.create_group("all")
@@ -252,28 +253,30 @@ def _check_raw(raw: np.ndarray) -> np.ndarray:
     return raw
 
 
-def _pyramid(data: np.ndarray, levels: int, reduce) -> list[np.ndarray]:
+def _pyramid(data: np.ndarray, voxel_size: Sequence[float], levels: int, reduce) -> list[np.ndarray]:
+    """`data` at every level of `pyramid_factors`, each level reduced from the one before."""
     out = [data]
-    for _ in range(levels - 1):
-        out.append(reduce(out[-1]))
+    for before, after in itertools.pairwise(pyramid_factors(voxel_size, levels)):
+        out.append(reduce(out[-1], tuple(a // b for a, b in zip(after, before, strict=True))))
     return out
 
 
-def _blocks_2x(data: np.ndarray) -> np.ndarray:
-    """[z/2, y/2, x/2, 8] view of 2x2x2 blocks (odd edges dropped); a single z plane stays single."""
-    fz = 2 if data.shape[0] > 1 else 1
-    z, y, x = data.shape[0] // fz, data.shape[1] // 2, data.shape[2] // 2
-    d = data[: z * fz, : y * 2, : x * 2].reshape(z, fz, y, 2, x, 2)
+def _blocks(data: np.ndarray, step: tuple[int, ...]) -> np.ndarray:
+    """[z', y', x', n] view of the blocks `step` (1 or 2 per axis) spans (odd edges dropped); a single plane
+    stays single."""
+    fz, fy, fx = (s if n > 1 else 1 for s, n in zip(step, data.shape, strict=True))
+    z, y, x = data.shape[0] // fz, data.shape[1] // fy, data.shape[2] // fx
+    d = data[: z * fz, : y * fy, : x * fx].reshape(z, fz, y, fy, x, fx)
     return d.transpose(0, 2, 4, 1, 3, 5).reshape(z, y, x, -1)
 
 
-def _mean_2x(data: np.ndarray) -> np.ndarray:
-    return np.round(_blocks_2x(data).mean(-1)).astype(data.dtype)
+def _block_mean(data: np.ndarray, step: tuple[int, ...]) -> np.ndarray:
+    return np.round(_blocks(data, step).mean(-1)).astype(data.dtype)
 
 
-def _vote_2x(data: np.ndarray) -> np.ndarray:
+def _block_vote(data: np.ndarray, step: tuple[int, ...]) -> np.ndarray:
     """Majority vote among annotated voxels; unknown where most of the block is unknown."""
-    blocks = _blocks_2x(data)
+    blocks = _blocks(data, step)
     known = (blocks != UNKNOWN).sum(-1)
     present = (blocks == PRESENT).sum(-1)
     out = np.where(present * 2 > known, PRESENT, ABSENT).astype(np.uint8)
