@@ -290,12 +290,13 @@ def matmul_peak(precision: str, device: str, size: int, repeats: int = 5) -> flo
 # ---- reports --------------------------------------------------------------------------------------------------
 
 def machine_facts() -> dict[str, str]:
-    """CPU, cores, memory, GPU, load and library versions: what a reader needs to compare two reports."""
+    """CPU, cores, memory, GPU, start time, load and library versions: what a reader needs to compare two reports."""
     usable, load = len(os.sched_getaffinity(0)), os.getloadavg()[0]
     busy = " (BUSY: other work competes for the cores; these numbers are not comparable)" if load > usable else ""
     facts = {"cpu": _cpu_model(), "cores": f"{os.cpu_count()} logical, {usable} usable", "memory": _mem_total(),
              "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none",
              "cpu bf16": "native (avx512_bf16/amx)" if cpu_has_bf16() else "emulated (no avx512_bf16/amx)",
+             "started": datetime.now(UTC).isoformat(timespec="seconds"),
              "load average (1 min) at start": f"{load:.2f}{busy}"}
     try:
         import onnxruntime
@@ -333,7 +334,7 @@ def command_line(module: str, argv: Sequence[str]) -> str:
 
 def header(title: str, command: str, facts: Mapping[str, str]) -> str:
     lines = [f"## {title}", "", f"- command: `{command}`",
-             f"- date: {datetime.now(UTC).isoformat(timespec='seconds')}"]
+             f"- finished: {datetime.now(UTC).isoformat(timespec='seconds')}"]
     lines += [f"- {key}: {value}" for key, value in facts.items()]
     return "\n".join(lines) + "\n"
 

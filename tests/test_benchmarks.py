@@ -8,6 +8,7 @@ import math
 import os
 import subprocess
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -98,6 +99,8 @@ def test_denoiser_report(workdir):
         assert gflops == pytest.approx(flops * int(row["batch"]) / (per_call * 1e6), rel=0.02)
     assert fact(report, "threads") == "1"
     assert fact(report, "command").startswith("`python -m benchmarks.denoiser --model tiny")
+    started, finished = (datetime.fromisoformat(fact(report, k)) for k in ("started", "finished"))
+    assert started <= finished <= datetime.now(UTC)  # a table says when it was measured, not only when printed
 
 
 def test_sampling_report(workdir):
