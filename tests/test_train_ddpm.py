@@ -26,10 +26,15 @@ def losses(run_dir):
     return json.loads((ckpt.checkpoints(run_dir)[-1] / ckpt.STATE_FILE).read_text())["losses"]
 
 
-def test_pairs_loss_falls(toy_store, tmp_path):
+def test_pairs_loss_falls_and_the_log_records_speed_and_data_share(toy_store, tmp_path):
     train_ddpm(config(toy_store, tmp_path / "run", steps=60, lr=1e-3, checkpoint_every=60))
     curve = losses(tmp_path / "run")
     assert np.mean(curve[-15:]) < 0.8 * np.mean(curve[:15])
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in log] == list(range(10, 61, 10))
+    for row in log:  # what the benchmarks and models/README.md quote: steps/s and the share spent waiting for data
+        assert row["steps_per_s"] > 0 and 0 < row["data_share"] < 1 and np.isfinite(row["loss"])
+    assert log[-1]["eta_s"] == 0
 
 
 @pytest.mark.parametrize("mode", ["em", "labels", "em-from-labels"])
