@@ -439,6 +439,26 @@ def test_concurrent_clients_get_their_own_samples(server):
     assert len({r[0] for r in results}) == 3
 
 
+def test_the_load_benchmark_reports_latency_throughput_and_overhead(server, models, tmp_path):
+    """benchmarks/service_load.py against the running server: the numbers docs/SERVICE.md quotes are there and
+    add up (a short, bounded run: 2 clients for 2 s, 1 sample of 2 steps per request)."""
+    out = tmp_path / "load.json"
+    done = subprocess.run([sys.executable, "benchmarks/service_load.py", "--url", server.url, "--models", str(models),
+                           "--model", "tiny-pairs", "--clients", "2", "--duration", "2", "--solo", "2", "--samples",
+                           "1", "--steps", "2", "--json", str(out)], cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert report["request"] == {"samples": 1, "steps": 2, "guidance": 1.0, "seed": 0, "model": "tiny-pairs"}
+    load = report["concurrent"]
+    assert load["clients"] == 2 and load["errors"] == 0 and load["requests"] >= 2
+    assert load["requests_per_s"] == pytest.approx(load["requests"] / load["wall_s"], rel=0.01)  # wall_s is rounded
+    for part in (load, report["one_client"], report["in_process"]):
+        assert 0 < part["p50_ms"] <= part["p95_ms"] <= part["p99_ms"]
+    assert report["overhead_p50_ms"] == pytest.approx(report["one_client"]["p50_ms"] - report["in_process"]["p50_ms"],
+                                                      abs=0.11)
+
+
 def test_schemathesis_finds_no_server_error(server):
     import schemathesis
     from hypothesis import HealthCheck, given, settings
