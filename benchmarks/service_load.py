@@ -8,7 +8,8 @@ call in-process, to see what serving costs.
 Without --url it starts `bentoml serve emserve.service:EMServe` on 127.0.0.1 over --models (the helper of the
 tests, tests/service_server.py) and stops it afterwards. Reported: requests and samples per second, latency
 p50/p95/p99 (one client alone, then all clients at once), errors, the server's resident memory (its process
-tree) before and after, and the same generate_pairs request run in this process with ONNX Runtime.
+tree) before, every second under load, and after, and the same generate_pairs request run in this process with
+ONNX Runtime.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ import sys
 import tempfile
 import threading
 import time
-from contextlib import ExitStack
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import httpx
@@ -133,7 +135,9 @@ def main() -> None:
             url, pid = server.url, server.process.pid
         report.update(url=url, server_rss_before_mb=mb(server_rss(pid)))
         report["one_client"] = solo(url, body, max(args.solo, 1), headers)
-        report["concurrent"] = run_clients(url, body, args.clients, args.duration, headers)
+        with sample_rss(pid) as series:
+            report["concurrent"] = run_clients(url, body, args.clients, args.duration, headers)
+        report["server_rss_during_mb"] = series
         report["server_rss_after_mb"] = mb(server_rss(pid))
     report["overhead_p50_ms"] = round(report["one_client"].get("p50_ms", float("nan"))
                                       - report["in_process"]["p50_ms"], 1)
@@ -155,6 +159,28 @@ def solo(url: str, body: dict, requests: int, headers: dict[str, str]) -> dict:
             response.raise_for_status()
             seconds.append(time.perf_counter() - start)
     return {"requests": requests, **percentiles(seconds)}
+
+
+@contextmanager
+def sample_rss(pid: int | None, every: float = 1.0) -> Iterator[list[float]]:
+    """The server's resident memory in MB once per `every` seconds while the block runs (empty without a pid):
+    memory that keeps growing under steady load shows as a rising series, not only as before != after."""
+    series: list[float] = []
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.wait(every):
+            series.append(mb(server_rss(pid)))
+
+    thread = threading.Thread(target=sample, daemon=True)
+    if pid is not None:
+        thread.start()
+    try:
+        yield series
+    finally:
+        done.set()
+        if pid is not None:
+            thread.join()
 
 
 def mb(value: int | None) -> float | None:

@@ -439,14 +439,13 @@ def test_concurrent_clients_get_their_own_samples(server):
     assert len({r[0] for r in results}) == 3
 
 
-def test_the_load_benchmark_reports_latency_throughput_and_overhead(server, models, tmp_path):
-    """benchmarks/service_load.py against the running server: the numbers docs/SERVICE.md quotes are there and
-    add up (a short, bounded run: 2 clients for 2 s, 1 sample of 2 steps per request)."""
+def test_the_load_benchmark_reports_latency_throughput_memory_and_overhead(models, tmp_path):
+    """benchmarks/service_load.py as a user runs it (it starts its own server over the models): the numbers
+    docs/SERVICE.md quotes are there and add up. Bounded: 2 clients for 3 s, 1 sample of 2 steps per request."""
     out = tmp_path / "load.json"
-    done = subprocess.run([sys.executable, "benchmarks/service_load.py", "--url", server.url, "--models", str(models),
-                           "--model", "tiny-pairs", "--clients", "2", "--duration", "2", "--solo", "2", "--samples",
-                           "1", "--steps", "2", "--json", str(out)], cwd=REPO, capture_output=True, text=True,
-                          timeout=120)
+    done = subprocess.run([sys.executable, "benchmarks/service_load.py", "--models", str(models), "--model",
+                           "tiny-pairs", "--clients", "2", "--duration", "3", "--solo", "2", "--samples", "1",
+                           "--steps", "2", "--json", str(out)], cwd=REPO, capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads(out.read_text())
     assert report["request"] == {"samples": 1, "steps": 2, "guidance": 1.0, "seed": 0, "model": "tiny-pairs"}
@@ -457,6 +456,8 @@ def test_the_load_benchmark_reports_latency_throughput_and_overhead(server, mode
         assert 0 < part["p50_ms"] <= part["p95_ms"] <= part["p99_ms"]
     assert report["overhead_p50_ms"] == pytest.approx(report["one_client"]["p50_ms"] - report["in_process"]["p50_ms"],
                                                       abs=0.11)
+    during = report["server_rss_during_mb"]  # one reading a second under load, of the server's process tree
+    assert len(during) >= 2 and all(50 < m < 4096 for m in [report["server_rss_before_mb"], *during])
 
 
 def test_schemathesis_finds_no_server_error(server):
