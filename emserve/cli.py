@@ -14,7 +14,14 @@ from rich.console import Console
 from rich.table import Table
 
 from emserve.data.ngff import format_nm
-from emserve.diffusion import DEFAULT_SAMPLER, DEFAULT_SPACING, DEFAULT_STEPS, SAMPLERS, SPACINGS
+from emserve.diffusion import (
+    DEFAULT_LABEL_GUIDANCE,
+    DEFAULT_SAMPLER,
+    DEFAULT_SPACING,
+    DEFAULT_STEPS,
+    SAMPLERS,
+    SPACINGS,
+)
 from emserve.runtime.memory import DEFAULT_MEMORY_BUDGET, parse_bytes
 
 app = typer.Typer(
@@ -277,6 +284,9 @@ def experiment(
     lr: LearningRate = 4e-4,
     seg_steps: Annotated[int, typer.Option(help="Training steps of each segmentation arm.")] = 1000,
     ddpm_steps: Annotated[int, typer.Option(help="Training steps of each pairs DDPM.")] = 4000,
+    from_labels_steps: Annotated[int, typer.Option(
+        help="Training steps of an EM-from-labels DDPM that draws the few labelled slices' label maps as new EM "
+             "for a few+rendered arm (0: no such arm).")] = 0,
     samples: Annotated[int, typer.Option(help="Generated pairs per DDPM.")] = 256,
     sampler: Sampler = DEFAULT_SAMPLER,
     sample_steps: Annotated[int, typer.Option(help="Denoising steps per sample.")] = DEFAULT_STEPS,
@@ -290,7 +300,8 @@ def experiment(
 ) -> None:
     """Does generated data help? Train segmentation on real, generated, mixed and few-label data, score all.
 
-    Also trains the pairs DDPMs it generates with, and reports realism (FD / KID) and class-presence guidance.
+    Also trains the pairs DDPMs it generates with (and, with --from-labels-steps, an EM-from-labels DDPM for a
+    few+rendered arm), and reports realism (FD / KID) and class-presence guidance.
     Rerun the same command to resume an interrupted experiment.
     """
     from training.experiment import ExperimentConfig, run_experiment
@@ -299,7 +310,8 @@ def experiment(
         stores=stores, out=str(out), holdout=_csv(holdout), classes=_csv(classes) or _annotated_classes(stores),
         patch_size=patch_size, width=width, multipliers=_ints("multipliers", multipliers),
         blocks_per_level=blocks_per_level, batch_size=batch_size, lr=lr, seg_steps=seg_steps, ddpm_steps=ddpm_steps,
-        samples=samples, sampler=sampler, sample_steps=sample_steps, spacing=spacing, despeckle=despeckle, mix=mix,
+        from_labels_steps=from_labels_steps, samples=samples, sampler=sampler, sample_steps=sample_steps,
+        spacing=spacing, despeckle=despeckle, mix=mix,
         few_slices=few_slices,
         class_groups=_groups(class_groups), voxel_size=_voxel_size(voxel_size), seed=seed, command=command_line(),
     )
@@ -527,7 +539,7 @@ def evaluate_transfer(
     sampler: Sampler = DEFAULT_SAMPLER,
     steps: Annotated[int, typer.Option(help="Denoising steps.")] = DEFAULT_STEPS,
     spacing: Spacing = DEFAULT_SPACING,
-    guidance: Annotated[float, typer.Option(help="Classifier-free guidance scale.")] = 3.0,
+    guidance: Annotated[float, typer.Option(help="Classifier-free guidance scale.")] = DEFAULT_LABEL_GUIDANCE,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the report as JSON here.")] = None,
 ) -> None:
     """Label transfer: render one store's label maps as EM (of another dataset, say), segment the EM, and

@@ -13,7 +13,7 @@ import numpy as np
 
 from emserve.data.patches import RawPatchSampler
 from emserve.data.store import EMStore, LabelledCrop
-from emserve.diffusion import DEFAULT_SAMPLER, DEFAULT_SPACING, DEFAULT_STEPS
+from emserve.diffusion import DEFAULT_LABEL_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_SPACING, DEFAULT_STEPS
 from emserve.metrics import Counts, realism, segmentation_report
 from emserve.pictures import grid, raw_to_rgb, save_png
 from emserve.pipelines import GenerationRequest, generate, label_codes, store_label_maps
@@ -59,7 +59,8 @@ def evaluate_segmentation(runtime: Runtime, crops: Sequence[LabelledCrop], *, ax
 
 def evaluate_label_transfer(denoiser: Runtime, segmenter: Runtime, label_store: str, *, dataset: str | None,
                             samples: int = 64, seed: int = 0, sampler: str = DEFAULT_SAMPLER,
-                            steps: int = DEFAULT_STEPS, spacing: str = DEFAULT_SPACING, guidance: float = 3.0) -> dict:
+                            steps: int = DEFAULT_STEPS, spacing: str = DEFAULT_SPACING,
+                            guidance: float = DEFAULT_LABEL_GUIDANCE) -> dict:
     """Render label maps from one store's crops as EM (optionally of another dataset), segment that EM, and score
     the segmentation against the label maps it was made from: do generated images carry their labels?"""
     card = denoiser.card

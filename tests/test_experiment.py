@@ -10,7 +10,14 @@ from checkpoints import CLASSES
 from emserve.classes import PRESENT, UNKNOWN
 from emserve.data.patches import load_crops
 from emserve.data.store import EMStore
-from training.experiment import ARMS, ExperimentConfig, plane_object_sizes, real_object_sizes
+from training.experiment import (
+    ARMS,
+    RENDERED_ARM,
+    ExperimentConfig,
+    few_label_maps,
+    plane_object_sizes,
+    real_object_sizes,
+)
 
 
 def test_the_smoke_experiment_scores_every_arm_and_resumes(toy_store, tmp_path):
@@ -18,15 +25,15 @@ def test_the_smoke_experiment_scores_every_arm_and_resumes(toy_store, tmp_path):
     cmd = [sys.executable, "-m", "emserve.cli", "experiment", *map(str, toy_store), "--out", str(out),
            "--holdout", "toy_b/crop1", "--classes", ",".join(CLASSES), "--patch-size", "16", "--width", "8",
            "--multipliers", "1,2", "--batch-size", "4", "--seg-steps", "6", "--ddpm-steps", "6", "--samples", "8",
-           "--sample-steps", "3", "--despeckle", "5"]
+           "--sample-steps", "3", "--despeckle", "5", "--from-labels-steps", "6"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={"OMP_NUM_THREADS": "1",
                                                                                  "PATH": ""})
     assert done.returncode == 0, done.stderr
     report = json.loads((out / "report.json").read_text())
     assert report["held_out"] == ["toy_b/crop1"]
     assert report["training_crops"] == {"toy_a": ["crop1"], "toy_b": []}
-    assert list(report["arms"]) == list(ARMS)
-    for arm in ARMS:
+    assert list(report["arms"]) == [*ARMS, RENDERED_ARM]
+    for arm in report["arms"]:
         assert [c["name"] for c in report["arms"][arm]["classes"]] == CLASSES
         assert report["arms"][arm]["crops"] == ["toy_b/crop1"]
     for name in ("full", "few"):
@@ -37,8 +44,15 @@ def test_the_smoke_experiment_scores_every_arm_and_resumes(toy_store, tmp_path):
     sizes = np.concatenate([plane_object_sizes(labels) for crop in generated.crops
                             for labels in generated.read_crop(crop, CLASSES).labels])
     assert sizes.size and sizes.min() >= 5
+    cfg = ExperimentConfig(stores=[str(p) for p in toy_store], out=str(out), holdout=["toy_b/crop1"],
+                           classes=list(CLASSES), patch_size=16, few_slices=2)
+    maps = few_label_maps(cfg, report["training_crops"])["toy_a"]
+    rendered = EMStore(out / "rendered-toy_a.zarr")  # real labels of the labelled slices only, under new EM
+    assert report["rendered"] == [str(out / "rendered-toy_a.zarr")]
+    drawn = np.concatenate([rendered.read_crop(c, CLASSES).labels.transpose(1, 0, 2, 3) for c in rendered.crops])
+    assert len(drawn) == 8 and all(any(np.array_equal(d, m) for m in maps) for d in drawn)
     markdown = (out / "report.md").read_text()
-    assert all(f"| {arm} |" in markdown for arm in ARMS)
+    assert all(f"| {arm} |" in markdown for arm in report["arms"]) and "rendered-toy_a.png" in markdown
 
     checkpoints = sorted(p.stat().st_mtime_ns for p in out.glob("*/step-*"))
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={"OMP_NUM_THREADS": "1",
@@ -56,6 +70,17 @@ def test_few_labelled_slices_keep_raw_everywhere_and_labels_on_evenly_spaced_pla
     assert annotated == [0, 4, 7]  # 8 planes: linspace(0, 7, 3) rounded
     np.testing.assert_array_equal(few.labels[:, annotated], full.labels[:, annotated])
     np.testing.assert_array_equal(few.raw, full.raw)
+
+
+def test_rendered_label_maps_come_from_labelled_planes_of_training_crops_only(toy_store, tmp_path):
+    cfg = ExperimentConfig(stores=[str(p) for p in toy_store], out=str(tmp_path), holdout=["toy_b/crop1"],
+                           classes=list(CLASSES), patch_size=8, few_slices=3)
+    maps = few_label_maps(cfg, {"toy_a": ["crop1"], "toy_b": []})
+    assert list(maps) == ["toy_a"]  # toy_b's only crop is held out
+    few = load_crops([EMStore(toy_store[0])], CLASSES, labelled_slices=3)[0]
+    planes = [few.labels[:, z] for z in (0, 4, 7)]  # the labelled planes (see the test above), 64x64 each
+    expected = [p[:, a:a + 8, b:b + 8] for p in planes for a in range(0, 64, 8) for b in range(0, 64, 8)]
+    assert sorted(m.tobytes() for m in maps["toy_a"]) == sorted(t.tobytes() for t in expected)
 
 
 def test_objects_are_counted_per_plane_with_4_connectivity():

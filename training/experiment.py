@@ -8,6 +8,8 @@ Every arm trains the same segmentation network with the same budget and is score
   few              real pairs, labels kept on only `few_slices` slices per crop (raw EM everywhere)
   few+generated    those, plus pairs from a DDPM trained on the same few-label data (its raw channel learns
                    from every slice; its label channels only where annotated)
+  few+rendered     with `from_labels_steps`: those few labelled slices' label maps drawn as new EM by an
+                   EM-from-labels DDPM trained on the same few-label data (real labels, generated EM), mixed in
 
 Beside the arms: the realism of the generated EM (FD / KID against real, with the real-vs-real floor) and whether
 class-presence guidance raises the share of samples with the rarest class. Each step writes into its own folder
@@ -26,18 +28,20 @@ import numpy as np
 from scipy import ndimage
 
 from emserve.card import ModelCard
-from emserve.classes import PRESENT
+from emserve.classes import PRESENT, UNKNOWN
+from emserve.data.patches import PatchSampler, label_channels, load_crops
 from emserve.data.store import EMStore
-from emserve.diffusion import DEFAULT_SAMPLER, DEFAULT_SPACING, DEFAULT_STEPS
+from emserve.diffusion import DEFAULT_LABEL_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_SPACING, DEFAULT_STEPS
 from emserve.evaluation import evaluate_realism, evaluate_segmentation, held_out_crops
 from emserve.metrics import format_score
-from emserve.pipelines import GenerationRequest, generate_store
+from emserve.pipelines import GenerationRequest, LabelSource, generate_store
 from emserve.postprocess import Screening
 from emserve.runtime.load import load_runtime
 from training.ddpm import DDPMConfig, train_ddpm
 from training.seg import SegConfig, train_seg
 
 ARMS = ("real", "generated", "real+generated", "few", "few+generated")
+RENDERED_ARM = "few+rendered"  # only with from_labels_steps
 
 
 @dataclass
@@ -53,6 +57,7 @@ class ExperimentConfig:
     batch_size: int = 8
     seg_steps: int = 1000
     ddpm_steps: int = 4000
+    from_labels_steps: int = 0  # training steps of the EM-from-labels DDPM of the few+rendered arm; 0: no such arm
     lr: float = 4e-4
     samples: int = 256
     sampler: str = DEFAULT_SAMPLER
@@ -74,6 +79,8 @@ class ExperimentConfig:
         for name in ("samples", "seg_steps", "ddpm_steps", "few_slices", "sample_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be a positive integer, got {getattr(self, name)}")
+        if self.from_labels_steps < 0:
+            raise ValueError(f"from_labels_steps: must be >= 0 (0: no few+rendered arm), got {self.from_labels_steps}")
         if not 0 < self.mix < 1:
             raise ValueError(f"mix: {self.mix} must be in (0, 1): the share of generated patches per batch")
 
@@ -110,13 +117,21 @@ def run_experiment(cfg: ExperimentConfig) -> Path:
         generated[name] = _generate(cfg, train_ddpm(ddpm, resume=True), out / f"generated-{name}.zarr")
 
     real, mixed = {"stores": cfg.stores}, {"generated_fraction": cfg.mix}
+    few = {**real, "labelled_slices": cfg.few_slices}
     arms = {
         "real": real,
         "generated": {"stores": [], "generated": [str(generated["full"])]},
         "real+generated": {**real, "generated": [str(generated["full"])], **mixed},
-        "few": {**real, "labelled_slices": cfg.few_slices},
-        "few+generated": {**real, "labelled_slices": cfg.few_slices, "generated": [str(generated["few"])], **mixed},
+        "few": few,
+        "few+generated": {**few, "generated": [str(generated["few"])], **mixed},
     }
+    if cfg.from_labels_steps:
+        ddpm = DDPMConfig(stores=cfg.stores, out=str(out / "ddpm-from-labels"), mode="em-from-labels",
+                          steps=cfg.from_labels_steps, labelled_slices=cfg.few_slices,
+                          checkpoint_every=max(cfg.from_labels_steps // 4, 1), preview_every=cfg.from_labels_steps,
+                          **shared)
+        rendered = _render(cfg, train_ddpm(ddpm, resume=True), few_label_maps(cfg, crops), out)
+        arms[RENDERED_ARM] = {**few, "generated": [str(path) for path in rendered], **mixed}
     scores = {}
     for arm, data in arms.items():
         seg = SegConfig(out=str(out / f"seg-{arm.replace('+', '-')}"), steps=cfg.seg_steps,
@@ -134,6 +149,7 @@ def run_experiment(cfg: ExperimentConfig) -> Path:
                                            picture=out / f"quiz-{name}.png", voxel_size=cfg.voxel_size)
                     for name, path in generated.items()},
         "class_balance": class_balance(cfg, out / "ddpm-full", crops),
+        "rendered": arms.get(RENDERED_ARM, {}).get("generated", []),
     }
     (out / "report.json").write_text(json.dumps(report, indent=2))
     path = out / "report.md"
@@ -150,6 +166,37 @@ def _generate(cfg: ExperimentConfig, checkpoint: Path, store: Path, present: tup
         generate_store(runtime.card, runtime, request, store, screening=Screening() if screen else None,
                        resume=store.exists())
     return store
+
+
+def few_label_maps(cfg: ExperimentConfig, crops: dict[str, list[str]]) -> dict[str, np.ndarray]:
+    """{dataset: label maps [N, K, P, P] in the store encoding}: every patch-sized tile of the few-label training
+    crops that holds an annotated voxel, so only the annotations the few-label arms may use."""
+    loaded = load_crops([EMStore(p) for p in cfg.stores], cfg.classes, cfg.voxel_size, crops, cfg.few_slices)
+    sampler = PatchSampler(loaded, cfg.patch_size, augment=False)
+    tiles = sampler.cut(sampler.tiles())
+    annotated = (tiles.labels != UNKNOWN).any(axis=(1, 2, 3))
+    names = {i: name for name, i in sampler.dataset_ids.items()}
+    return {names[i]: tiles.labels[annotated & (tiles.dataset == i)] for i in sorted(names)
+            if (annotated & (tiles.dataset == i)).any()}
+
+
+def _render(cfg: ExperimentConfig, checkpoint: Path, maps: dict[str, np.ndarray], out: Path) -> list[Path]:
+    """Draw `cfg.samples` EM images for the label maps (shared among datasets by their number of maps, each in
+    its own dataset's style, maps in an order shuffled by the seed) into `rendered-<dataset>.zarr` stores."""
+    total = sum(len(m) for m in maps.values())
+    stores = []
+    with load_runtime(checkpoint, "torch") as runtime:
+        for dataset, labels in maps.items():
+            order = np.random.default_rng(cfg.seed).permutation(len(labels))
+            source: LabelSource = lambda start, stop, labels=labels, order=order: label_channels(  # noqa: E731
+                labels[order[np.arange(start, stop) % len(labels)]])
+            request = GenerationRequest(samples=max(1, round(cfg.samples * len(labels) / total)), seed=cfg.seed,
+                                        sampler=cfg.sampler, steps=cfg.sample_steps, spacing=cfg.spacing,
+                                        guidance=DEFAULT_LABEL_GUIDANCE, dataset=dataset)
+            store = out / f"rendered-{dataset}.zarr"
+            generate_store(runtime.card, runtime, request, store, source, resume=store.exists())
+            stores.append(store)
+    return stores
 
 
 def class_balance(cfg: ExperimentConfig, ddpm_run: Path, crops: dict[str, list[str]]) -> dict:
@@ -220,17 +267,20 @@ def markdown_report(report: dict) -> str:
              f"{cfg['samples']} generated pairs per DDPM ({cfg['sampler']}, {cfg['sample_steps']} "
              f"{cfg['spacing']}-spaced steps, label objects under {cfg['despeckle']} pixels dropped); "
              f"mix {cfg['mix']}; few = {cfg['few_slices']} labelled slices per crop; real data at voxel size "
-             f"{cfg['voxel_size'] or 'finest'} nm.", "",
+             f"{cfg['voxel_size'] or 'finest'} nm."
+             + (f" few+rendered: an EM-from-labels DDPM of {cfg['from_labels_steps']} steps, trained on the few-label "
+                f"data, draws the labelled slices' label maps as EM (guidance {DEFAULT_LABEL_GUIDANCE:g})."
+                if cfg.get("from_labels_steps") else ""), "",
              "## Segmentation on the held-out crops", "",
              "| arm | mean Dice | mean IoU | mean precision | mean recall |", "|---|---|---|---|---|"]
-    for arm in ARMS:
+    for arm in arms:
         mean = arms[arm]["mean"]
         lines.append(f"| {arm} | " + " | ".join(format_score(mean[m]) for m in ("dice", "iou", "precision", "recall"))
                      + " |")
     lines += ["", "Dice per class (- : undefined, the class is absent there and never predicted):", "",
-              "| class | " + " | ".join(ARMS) + " |", "|---" * (len(ARMS) + 1) + "|"]
+              "| class | " + " | ".join(arms) + " |", "|---" * (len(arms) + 1) + "|"]
     for k, row in enumerate(arms["real"]["classes"]):
-        dice = (format_score(arms[a]["classes"][k]["dice"]) for a in ARMS)
+        dice = (format_score(arms[a]["classes"][k]["dice"]) for a in arms)
         lines.append(f"| {row['name']} | " + " | ".join(dice) + " |")
     lines += ["", "## Realism of the generated EM", "",
               "Features: emserve's fixed filter bank; the floor is real vs real (two independent draws).", "",
@@ -246,4 +296,7 @@ def markdown_report(report: dict) -> str:
               f"{balance['unguided']:.2f} unguided, {balance['guided']:.2f} guided to contain it.", "",
               "## Pictures", "", "Generated pairs (EM beside labels): ![full](generated-full.png) "
               "![few](generated-few.png)", ""]
+    if report.get("rendered"):
+        lines += ["Label maps of the few labelled slices drawn as EM (few+rendered): "
+                  + " ".join(f"![{Path(p).stem}]({Path(p).stem}.png)" for p in report["rendered"]), ""]
     return "\n".join(lines)

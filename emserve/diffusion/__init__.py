@@ -8,6 +8,7 @@ loop serves every backend and is tested against exact denoisers.
 from .guidance import Denoise, Guidance, classifier_free_guidance, rescale_guided
 from .objectives import DATA_RANGE, OBJECTIVES, check_objective, convert, from_x0_eps, to_x0_eps, training_target
 from .samplers import (
+    DEFAULT_LABEL_GUIDANCE,
     DEFAULT_SAMPLER,
     DEFAULT_SPACING,
     DEFAULT_STEPS,
@@ -30,6 +31,7 @@ from .schedules import (
 
 __all__ = [
     "DATA_RANGE",
+    "DEFAULT_LABEL_GUIDANCE",
     "DEFAULT_SAMPLER",
     "DEFAULT_SPACING",
     "DEFAULT_STEPS",

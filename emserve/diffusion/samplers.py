@@ -43,6 +43,9 @@ SAMPLERS: tuple[str, ...] = ("ddpm", "ddim", "dpmpp_2m", "dpmpp_2m_sde")
 DEFAULT_SAMPLER = "dpmpp_2m"
 DEFAULT_STEPS = 25
 DEFAULT_SPACING = "karras"
+# Guidance scale for drawing EM for given label maps in `emserve evaluate transfer` and the experiment's
+# few+rendered arm (docs/experiments/label-transfer.md was measured with it).
+DEFAULT_LABEL_GUIDANCE = 3.0
 
 #: progress(steps_done, total_steps), called after every step: (1, n), (2, n), ..., (n, n).
 Progress = Callable[[int, int], None]
