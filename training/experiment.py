@@ -172,8 +172,10 @@ def few_label_maps(cfg: ExperimentConfig, crops: dict[str, list[str]]) -> dict[s
     """{dataset: label maps [N, K, P, P] in the store encoding}: every patch-sized tile of the few-label training
     crops that holds an annotated voxel, so only the annotations the few-label arms may use."""
     loaded = load_crops([EMStore(p) for p in cfg.stores], cfg.classes, cfg.voxel_size, crops, cfg.few_slices)
-    sampler = PatchSampler(loaded, cfg.patch_size, augment=False)
-    tiles = sampler.cut(sampler.tiles())
+    sampler = PatchSampler(loaded, cfg.patch_size, augment=False)  # z planes, like the arms' training
+    labelled = {(i, int(z)) for i, crop in enumerate(loaded)
+                for z in np.flatnonzero((crop.labels != UNKNOWN).any(axis=(0, 2, 3)))}
+    tiles = sampler.cut([t for t in sampler.tiles() if t[:2] in labelled])  # only planes the few-label arms keep
     annotated = (tiles.labels != UNKNOWN).any(axis=(1, 2, 3))
     names = {i: name for name, i in sampler.dataset_ids.items()}
     return {names[i]: tiles.labels[annotated & (tiles.dataset == i)] for i in sorted(names)
@@ -187,16 +189,20 @@ def _render(cfg: ExperimentConfig, checkpoint: Path, maps: dict[str, np.ndarray]
     stores = []
     with load_runtime(checkpoint, "torch") as runtime:
         for dataset, labels in maps.items():
-            order = np.random.default_rng(cfg.seed).permutation(len(labels))
-            source: LabelSource = lambda start, stop, labels=labels, order=order: label_channels(  # noqa: E731
-                labels[order[np.arange(start, stop) % len(labels)]])
             request = GenerationRequest(samples=max(1, round(cfg.samples * len(labels) / total)), seed=cfg.seed,
                                         sampler=cfg.sampler, steps=cfg.sample_steps, spacing=cfg.spacing,
                                         guidance=DEFAULT_LABEL_GUIDANCE, dataset=dataset)
             store = out / f"rendered-{dataset}.zarr"
-            generate_store(runtime.card, runtime, request, store, source, resume=store.exists())
+            generate_store(runtime.card, runtime, request, store, _shuffled(labels, cfg.seed),
+                           resume=store.exists())
             stores.append(store)
     return stores
+
+
+def _shuffled(labels: np.ndarray, seed: int) -> LabelSource:
+    """Sample i -> label map i of an order shuffled by `seed`, repeating once every map was drawn."""
+    order = np.random.default_rng(seed).permutation(len(labels))
+    return lambda start, stop: label_channels(labels[order[np.arange(start, stop) % len(labels)]])
 
 
 def class_balance(cfg: ExperimentConfig, ddpm_run: Path, crops: dict[str, list[str]]) -> dict:
