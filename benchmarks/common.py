@@ -333,9 +333,9 @@ def command_line(module: str, argv: Sequence[str]) -> str:
 
 
 def header(title: str, command: str, facts: Mapping[str, str]) -> str:
-    lines = [f"## {title}", "", f"- command: `{command}`",
-             f"- finished: {datetime.now(UTC).isoformat(timespec='seconds')}"]
+    lines = [f"## {title}", "", f"- command: `{command}`"]
     lines += [f"- {key}: {value}" for key, value in facts.items()]
+    lines.append(f"- finished: {datetime.now(UTC).isoformat(timespec='seconds')}")
     return "\n".join(lines) + "\n"
 
 

@@ -166,21 +166,27 @@ def sample_rss(pid: int | None, every: float = 1.0) -> Iterator[list[float]]:
     """The server's resident memory in MB once per `every` seconds while the block runs (empty without a pid):
     memory that keeps growing under steady load shows as a rising series, not only as before != after."""
     series: list[float] = []
+    if pid is None:
+        yield series
+        return
+    import psutil
+
     done = threading.Event()
 
     def sample() -> None:
         while not done.wait(every):
-            series.append(mb(server_rss(pid)))
+            try:
+                series.append(mb(server_rss(pid)))
+            except psutil.NoSuchProcess:  # a worker exited between listing and reading: skip this reading
+                continue
 
     thread = threading.Thread(target=sample, daemon=True)
-    if pid is not None:
-        thread.start()
+    thread.start()
     try:
         yield series
     finally:
         done.set()
-        if pid is not None:
-            thread.join()
+        thread.join()
 
 
 def mb(value: int | None) -> float | None:

@@ -17,6 +17,7 @@ from training.experiment import (
     few_label_maps,
     plane_object_sizes,
     real_object_sizes,
+    split_in_proportion,
 )
 
 
@@ -48,7 +49,7 @@ def test_the_smoke_experiment_scores_every_arm_and_resumes(toy_store, tmp_path):
                            classes=list(CLASSES), patch_size=16, few_slices=2)
     maps = few_label_maps(cfg, report["training_crops"])["toy_a"]
     rendered = EMStore(out / "rendered-toy_a.zarr")  # real labels of the labelled slices only, under new EM
-    assert report["rendered"] == [str(out / "rendered-toy_a.zarr")]
+    assert report["rendered"] == {"stores": [str(out / "rendered-toy_a.zarr")], "guidance": 3.0}
     drawn = np.concatenate([rendered.read_crop(c, CLASSES).labels.transpose(1, 0, 2, 3) for c in rendered.crops])
     assert len(drawn) == 8 and all(any(np.array_equal(d, m) for m in maps) for d in drawn)
     markdown = (out / "report.md").read_text()
@@ -81,6 +82,12 @@ def test_rendered_label_maps_come_from_labelled_planes_of_training_crops_only(to
     planes = [few.labels[:, z] for z in (0, 4, 7)]  # the labelled planes (see the test above), 64x64 each
     expected = [p[:, a:a + 8, b:b + 8] for p in planes for a in range(0, 64, 8) for b in range(0, 64, 8)]
     assert sorted(m.tobytes() for m in maps["toy_a"]) == sorted(t.tobytes() for t in expected)
+
+
+def test_rendered_samples_are_shared_among_datasets_in_proportion_and_add_up():
+    assert split_in_proportion(256, [10, 10, 10]) == [86, 85, 85]
+    assert split_in_proportion(8, [1000, 1]) == [8, 0]  # a dataset with a sliver of the maps may get none
+    assert split_in_proportion(7, [3, 1]) == [5, 2]
 
 
 def test_objects_are_counted_per_plane_with_4_connectivity():

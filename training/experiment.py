@@ -9,7 +9,9 @@ Every arm trains the same segmentation network with the same budget and is score
   few+generated    those, plus pairs from a DDPM trained on the same few-label data (its raw channel learns
                    from every slice; its label channels only where annotated)
   few+rendered     with `from_labels_steps`: those few labelled slices' label maps drawn as new EM by an
-                   EM-from-labels DDPM trained on the same few-label data (real labels, generated EM), mixed in
+                   EM-from-labels DDPM trained on the same few-label data (real labels, generated EM), mixed in;
+                   its label-free quarter of each batch reads raw EM from whole volumes, held-out crops' EM
+                   included (never their labels): the one generator that sees unlabelled held-out EM
 
 Beside the arms: the realism of the generated EM (FD / KID against real, with the real-vs-real floor) and whether
 class-presence guidance raises the share of samples with the rarest class. Each step writes into its own folder
@@ -103,6 +105,10 @@ def run_experiment(cfg: ExperimentConfig) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     crops = training_crops(cfg)
     held = held_out_crops(cfg.stores, cfg.classes, cfg.holdout, cfg.voxel_size)
+    maps = few_label_maps(cfg, crops) if cfg.from_labels_steps else {}
+    if cfg.from_labels_steps and not maps:  # found out before hours of training, not after
+        raise ValueError(f"from_labels_steps: the training crops {crops} have no annotated tile of classes "
+                         f"{cfg.classes} on their {cfg.few_slices} labelled slices, so nothing to draw")
     shared = {"classes": cfg.classes, "patch_size": cfg.patch_size, "width": cfg.width,
               "multipliers": tuple(cfg.multipliers), "blocks_per_level": cfg.blocks_per_level,
               "batch_size": cfg.batch_size, "lr": cfg.lr, "class_groups": cfg.class_groups, "seed": cfg.seed,
@@ -130,7 +136,7 @@ def run_experiment(cfg: ExperimentConfig) -> Path:
                           steps=cfg.from_labels_steps, labelled_slices=cfg.few_slices,
                           checkpoint_every=max(cfg.from_labels_steps // 4, 1), preview_every=cfg.from_labels_steps,
                           **shared)
-        rendered = _render(cfg, train_ddpm(ddpm, resume=True), few_label_maps(cfg, crops), out)
+        rendered = _render(cfg, train_ddpm(ddpm, resume=True), maps, out)
         arms[RENDERED_ARM] = {**few, "generated": [str(path) for path in rendered], **mixed}
     scores = {}
     for arm, data in arms.items():
@@ -149,7 +155,8 @@ def run_experiment(cfg: ExperimentConfig) -> Path:
                                            picture=out / f"quiz-{name}.png", voxel_size=cfg.voxel_size)
                     for name, path in generated.items()},
         "class_balance": class_balance(cfg, out / "ddpm-full", crops),
-        "rendered": arms.get(RENDERED_ARM, {}).get("generated", []),
+        "rendered": ({"stores": arms[RENDERED_ARM]["generated"], "guidance": DEFAULT_LABEL_GUIDANCE}
+                     if RENDERED_ARM in arms else {}),
     }
     (out / "report.json").write_text(json.dumps(report, indent=2))
     path = out / "report.md"
@@ -183,20 +190,30 @@ def few_label_maps(cfg: ExperimentConfig, crops: dict[str, list[str]]) -> dict[s
 
 
 def _render(cfg: ExperimentConfig, checkpoint: Path, maps: dict[str, np.ndarray], out: Path) -> list[Path]:
-    """Draw `cfg.samples` EM images for the label maps (shared among datasets by their number of maps, each in
-    its own dataset's style, maps in an order shuffled by the seed) into `rendered-<dataset>.zarr` stores."""
-    total = sum(len(m) for m in maps.values())
+    """Draw `cfg.samples` EM images for the label maps into `rendered-<dataset>.zarr` stores: shared among the
+    datasets by their number of maps, each in its own dataset's style, with its own seed (cfg.seed + its index)
+    for the noise and the shuffled order of its maps."""
+    counts = split_in_proportion(cfg.samples, [len(m) for m in maps.values()])
     stores = []
     with load_runtime(checkpoint, "torch") as runtime:
-        for dataset, labels in maps.items():
-            request = GenerationRequest(samples=max(1, round(cfg.samples * len(labels) / total)), seed=cfg.seed,
-                                        sampler=cfg.sampler, steps=cfg.sample_steps, spacing=cfg.spacing,
-                                        guidance=DEFAULT_LABEL_GUIDANCE, dataset=dataset)
+        for index, ((dataset, labels), count) in enumerate(zip(maps.items(), counts, strict=True)):
+            if not count:
+                continue
+            seed = cfg.seed + index
+            request = GenerationRequest(samples=count, seed=seed, sampler=cfg.sampler, steps=cfg.sample_steps,
+                                        spacing=cfg.spacing, guidance=DEFAULT_LABEL_GUIDANCE, dataset=dataset)
             store = out / f"rendered-{dataset}.zarr"
-            generate_store(runtime.card, runtime, request, store, _shuffled(labels, cfg.seed),
-                           resume=store.exists())
+            generate_store(runtime.card, runtime, request, store, _shuffled(labels, seed), resume=store.exists())
             stores.append(store)
     return stores
+
+
+def split_in_proportion(total: int, weights: list[int]) -> list[int]:
+    """`total` split in proportion to `weights`, rounded so the parts add up to `total` (largest remainders)."""
+    exact = np.asarray(weights, float) * total / sum(weights)
+    parts = np.floor(exact).astype(int)
+    parts[np.argsort(parts - exact)[: total - parts.sum()]] += 1
+    return parts.tolist()
 
 
 def _shuffled(labels: np.ndarray, seed: int) -> LabelSource:
@@ -275,7 +292,7 @@ def markdown_report(report: dict) -> str:
              f"mix {cfg['mix']}; few = {cfg['few_slices']} labelled slices per crop; real data at voxel size "
              f"{cfg['voxel_size'] or 'finest'} nm."
              + (f" few+rendered: an EM-from-labels DDPM of {cfg['from_labels_steps']} steps, trained on the few-label "
-                f"data, draws the labelled slices' label maps as EM (guidance {DEFAULT_LABEL_GUIDANCE:g})."
+                f"data (and unlabelled EM of whole volumes), draws the labelled slices' label maps as EM."
                 if cfg.get("from_labels_steps") else ""), "",
              "## Segmentation on the held-out crops", "",
              "| arm | mean Dice | mean IoU | mean precision | mean recall |", "|---|---|---|---|---|"]
@@ -303,6 +320,7 @@ def markdown_report(report: dict) -> str:
               "## Pictures", "", "Generated pairs (EM beside labels): ![full](generated-full.png) "
               "![few](generated-few.png)", ""]
     if report.get("rendered"):
-        lines += ["Label maps of the few labelled slices drawn as EM (few+rendered): "
-                  + " ".join(f"![{Path(p).stem}]({Path(p).stem}.png)" for p in report["rendered"]), ""]
+        lines += [f"Label maps of the few labelled slices drawn as EM (few+rendered, guidance "
+                  f"{report['rendered']['guidance']:g}): "
+                  + " ".join(f"![{Path(p).stem}]({Path(p).stem}.png)" for p in report["rendered"]["stores"]), ""]
     return "\n".join(lines)

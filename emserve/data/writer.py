@@ -271,6 +271,7 @@ def _blocks(data: np.ndarray, step: tuple[int, ...]) -> np.ndarray:
 
 
 def _block_mean(data: np.ndarray, step: tuple[int, ...]) -> np.ndarray:
+    """Mean of each block, rounded back to the EM's integer type."""
     return np.round(_blocks(data, step).mean(-1)).astype(data.dtype)
 
 
