@@ -357,7 +357,9 @@ def generate(
     sampler: Sampler = DEFAULT_SAMPLER,
     steps: Annotated[int, typer.Option(help="Denoising steps (the study: DDIM 250).")] = DEFAULT_STEPS,
     spacing: Spacing = DEFAULT_SPACING,
-    guidance: Annotated[float, typer.Option(help="Classifier-free guidance scale (1 = none; the study: 6).")] = 1.0,
+    guidance: Annotated[float | None, typer.Option(
+        help="Classifier-free guidance scale (1 = none; the study: 6). Default: 1, and for from-labels "
+             f"{DEFAULT_LABEL_GUIDANCE:g} (the label maps are followed most closely near it).")] = None,
     rescale: Annotated[float, typer.Option(help="Guidance rescale in [0, 1] (the study: 0.7).")] = 0.0,
     present: Annotated[str, typer.Option(help="Classes the samples should contain, comma-separated.")] = "",
     absent: Annotated[str, typer.Option(help="Classes the samples should not contain.")] = "",
@@ -398,6 +400,8 @@ def generate(
         card = denoise.card
         if card.mode != GENERATE_MODES[what]:
             raise ValueError(f"model: {model} is a {card.mode!r} model; it cannot generate {what!r}")
+        if guidance is None:
+            guidance = DEFAULT_LABEL_GUIDANCE if what == "from-labels" else 1.0
         request = GenerationRequest(samples=samples, seed=seed, sampler=sampler, steps=steps, spacing=spacing,
                                     guidance=guidance, rescale=rescale, present=tuple(_csv(present)),
                                     absent=tuple(_csv(absent)), dataset=dataset, batch_size=batch_size,

@@ -46,7 +46,14 @@ from starlette.responses import JSONResponse
 from emserve import __version__
 from emserve.card import CARD_NAME, ModelCard
 from emserve.data.patches import check_axis
-from emserve.diffusion import DEFAULT_SAMPLER, DEFAULT_SPACING, DEFAULT_STEPS, SAMPLERS, SPACINGS
+from emserve.diffusion import (
+    DEFAULT_LABEL_GUIDANCE,
+    DEFAULT_SAMPLER,
+    DEFAULT_SPACING,
+    DEFAULT_STEPS,
+    SAMPLERS,
+    SPACINGS,
+)
 from emserve.pictures import grid, pair_tile, raw_to_uint8
 from emserve.pipelines import (
     GeneratedBatch,
@@ -337,9 +344,11 @@ class EMServe:
     @bentoml.api
     def generate_from_labels(self, ctx: bentoml.Context, labels: Path, classes: list[str] | None = None,
                              seed: int = 0, sampler: str = DEFAULT_SAMPLER, steps: int = DEFAULT_STEPS,
-                             spacing: str = DEFAULT_SPACING, guidance: float = 1.0, rescale: float = 0.0,
-                             dataset: str | None = None, model: str | None = None, output: str = "npz") -> Result:
-        """EM for uploaded label maps, one sample per map, from an "em-from-labels" model. `labels`: .npy, .npz,
+                             spacing: str = DEFAULT_SPACING, guidance: float = DEFAULT_LABEL_GUIDANCE,
+                             rescale: float = 0.0, dataset: str | None = None, model: str | None = None,
+                             output: str = "npz") -> Result:
+        """EM for uploaded label maps, one sample per map, from an "em-from-labels" model (guidance 3 by default:
+        the EM follows its label maps more closely than unguided). `labels`: .npy, .npz,
         zipped zarr or PNG holding index maps [N,H,W] (CellMap ids, or values 1..C naming `classes`) or masks
         [N,C,H,W] (0/1/255, or float +1/-1/0) whose channels `classes` names; H = W = the model's patch size."""
         name, runtime = self.pick("em-from-labels", model)

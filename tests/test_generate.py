@@ -11,6 +11,7 @@ import zarr
 from emserve.card import ModelCard
 from emserve.classes import PRESENT, UNKNOWN
 from emserve.data.store import EMStore
+from emserve.diffusion import DEFAULT_LABEL_GUIDANCE
 from emserve.pipelines import (
     FIELDS_ADDED_LATER,
     GeneratedStore,
@@ -133,7 +134,9 @@ def test_cli_generates_pairs_and_em_from_the_store_labels(checkpoints, toy_store
     result = emserve("generate", "from-labels", str(checkpoints["em-from-labels"]), str(tmp_path / "fl.zarr"),
                      "--samples", "3", "--steps", "2", "--labels-from", str(toy_store[0]))
     assert result.returncode == 0, result.stderr
-    crop = EMStore(tmp_path / "fl.zarr").read_crop("crop1", ["mito_mem", "ld_lum"])
+    rendered = EMStore(tmp_path / "fl.zarr")
+    assert rendered.root.attrs["emserve"]["generated"]["request"]["guidance"] == DEFAULT_LABEL_GUIDANCE  # default
+    crop = rendered.read_crop("crop1", ["mito_mem", "ld_lum"])
     source = EMStore(toy_store[0]).read_crop("crop1", ["mito_mem", "ld_lum"])
     # every generated sample's labels are a 16x16 window of the source crop's labels
     for i in range(3):

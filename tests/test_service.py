@@ -34,6 +34,7 @@ from service_server import REPO, make_models, serve
 
 from emserve.card import ModelCard
 from emserve.data.writer import CropToWrite, write_store
+from emserve.diffusion import DEFAULT_LABEL_GUIDANCE
 from emserve.pictures import raw_to_uint8
 from emserve.pipelines import GenerationRequest, generate, label_codes, sample_seed, split_channels
 from emserve.runtime.onnx import OnnxRuntime
@@ -216,6 +217,10 @@ def test_generate_from_labels_takes_index_maps_masks_pngs_and_zarr_stores(client
     assert np.array_equal(from_zarr["em"], result["em"])
     assert not np.array_equal(unpack(post(client, "generate_from_labels", ("labels", npy(ids)), seed=4,
                                           steps=3, guidance=2.0))["em"], result["em"])
+    by_default = unpack(post(client, "generate_from_labels", ("labels", npy(ids)), seed=3, steps=3))
+    assert json.loads(by_default["metadata"].item())["parameters"]["guidance"] == DEFAULT_LABEL_GUIDANCE
+    assert np.array_equal(by_default["em"], unpack(post(client, "generate_from_labels", ("labels", npy(ids)), seed=3,
+                                                        steps=3, guidance=DEFAULT_LABEL_GUIDANCE))["em"])
 
 
 def test_segment_images_and_volumes_from_npy_tiff_png_and_zarr(client, tmp_path):

@@ -43,8 +43,9 @@ SAMPLERS: tuple[str, ...] = ("ddpm", "ddim", "dpmpp_2m", "dpmpp_2m_sde")
 DEFAULT_SAMPLER = "dpmpp_2m"
 DEFAULT_STEPS = 25
 DEFAULT_SPACING = "karras"
-# Guidance scale for drawing EM for given label maps in `emserve evaluate transfer` and the experiment's
-# few+rendered arm (docs/experiments/label-transfer.md was measured with it).
+# Guidance scale for drawing EM for given label maps (`emserve generate from-labels`, the service's
+# generate_from_labels, `emserve evaluate transfer`, the experiment's few+rendered arm): label fidelity peaks at
+# 2-3 and falls on both sides (docs/experiments/label-transfer.md, "Guidance scale").
 DEFAULT_LABEL_GUIDANCE = 3.0
 
 #: progress(steps_done, total_steps), called after every step: (1, n), (2, n), ..., (n, n).
