@@ -539,7 +539,8 @@ def evaluate_transfer(
     labels_from: Annotated[str, typer.Argument(help="A store whose crops give the label maps.")],
     dataset: Annotated[str | None, typer.Option(help="Render the labels as EM of this dataset (domain).")] = None,
     samples: Annotated[int, typer.Option(help="Label maps to render.")] = 64,
-    seed: Seed = 0,
+    seed: Annotated[int, typer.Option(help="Picks the label maps and seeds their noise; the same seed renders "
+                                           "the same maps.")] = 0,
     sampler: Sampler = DEFAULT_SAMPLER,
     steps: Annotated[int, typer.Option(help="Denoising steps.")] = DEFAULT_STEPS,
     spacing: Spacing = DEFAULT_SPACING,
