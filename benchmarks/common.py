@@ -50,9 +50,14 @@ SIZES: dict[str, dict[str, Any]] = {
              "classes": ("mito_mem", "ld_lum"), "datasets": 2},
 }
 #: Backends a benchmark can time: (runtime backend, precision). "torch" and "torch-bf16" are eager torch on the
-#: training checkpoint, the second under bf16 autocast (what `--precision bf16` training previews use).
+#: training checkpoint, the second under bf16 autocast (what `--precision bf16` training previews use); "triton"
+#: is the model on a Triton server (--triton-url), timed from this client, transport included.
 BACKENDS: dict[str, tuple[str, str]] = {"onnx": ("onnx", "fp32"), "torchscript": ("torchscript", "fp32"),
-                                        "torch": ("torch", "fp32"), "torch-bf16": ("torch", "bf16")}
+                                        "torch": ("torch", "fp32"), "torch-bf16": ("torch", "bf16"),
+                                        "triton": ("triton", "fp32")}
+LOCAL_BACKENDS = ("onnx", "torchscript", "torch", "torch-bf16")  # the default: everything that runs in-process
+#: The device column of Triton rows: the server's hardware is not this machine's, so no peak is set against them.
+TRITON_DEVICE = "triton server"
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}  # the precisions, in report order
 
@@ -97,8 +102,11 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     """The options both benchmarks take: what to run, where, and where the report goes."""
     parser.add_argument("--model", default="study",
                         help=f"a named size ({', '.join(SIZES)}; random weights) or an exported model folder")
-    parser.add_argument("--backends", default=",".join(BACKENDS), type=parse_backends,
-                        help=f"comma-separated, from {', '.join(BACKENDS)}")
+    parser.add_argument("--backends", default=",".join(LOCAL_BACKENDS), type=parse_backends,
+                        help=f"comma-separated, from {', '.join(BACKENDS)} (triton needs --triton-url)")
+    parser.add_argument("--triton-url", default="",
+                        help="triton backend: grpc://host:port/<name> or http://host:port/<name>, a server "
+                             "hosting --model's export (its card is checked against the served model)")
     parser.add_argument("--device", default="auto", choices=DEVICES, help="auto: CUDA where present, else CPU")
     parser.add_argument("--threads", type=int, default=None,
                         help="intra-op threads for torch and ONNX Runtime (None: torch's default, one per core)")
@@ -199,12 +207,21 @@ def resolve_device(device: str) -> str:
     return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
 
 
-def open_backend(name: str, model: Model, device: str, threads: int) -> Backend:
+def check_triton_url(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Fail at the command line, before any export, when the triton backend has no server to call."""
+    if "triton" in args.backends and not args.triton_url:
+        parser.error("--backends: triton needs --triton-url (grpc://host:port/<model name> or http://...)")
+
+
+def open_backend(name: str, model: Model, device: str, threads: int, triton_url: str = "") -> Backend:
     """A loaded backend through emserve.runtime.load_runtime, the same path the CLI and the service take."""
     backend, precision = BACKENDS[name]
     if backend == "torch":
         runtime = load_runtime(model.checkpoint, "torch", device=device)
         used = resolve_device(device)
+    elif backend == "triton":
+        runtime = load_runtime(triton_url, "triton", card=str(model.exported))
+        used = TRITON_DEVICE
     else:
         options = {"threads": threads} if backend == "onnx" else {}
         runtime = load_runtime(model.exported, backend, device=device, **options)

@@ -17,8 +17,10 @@ from collections.abc import Sequence
 
 from benchmarks.common import (
     DTYPES,
+    TRITON_DEVICE,
     Model,
     add_common_arguments,
+    check_triton_url,
     command_line,
     emit,
     example_inputs,
@@ -60,6 +62,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.warmup < 0 or args.repeats < 1 or args.peak_size < 1:
         parser.error("--warmup must be >= 0, --repeats and --peak-size >= 1")
+    check_triton_url(parser, args)
     return args
 
 
@@ -67,17 +70,18 @@ def measure_backend(name: str, model: Model, args: argparse.Namespace, threads: 
                     flops: int) -> list[list[object]]:
     """Table rows of one backend: one per batch size. The backend is closed before the next one loads, so
     an idle ONNX Runtime thread pool never competes with torch for the cores."""
-    backend = open_backend(name, model, args.device, threads)
+    backend = open_backend(name, model, args.device, threads, args.triton_url)
     rows: list[list[object]] = []
-    try:
-        peak = matmul_peak(backend.precision, backend.device, args.peak_size)  # measured once per run, cached
+    try:  # the peak is measured once per run (cached); the Triton server's hardware is not measured here
+        peak = None if backend.device == TRITON_DEVICE else matmul_peak(backend.precision, backend.device,
+                                                                        args.peak_size)
         for batch in args.batches:
             x, t, cond = example_inputs(model.card, batch)
             seconds = statistics.median(timed(lambda x=x, t=t, c=cond: backend.denoise(x, t, c),
                                               args.warmup, args.repeats))
             gflops = flops * batch / seconds / 1e9
             rows.append([name, backend.device, backend.precision, batch, number(1e3 * seconds),
-                         number(1e3 * seconds / batch), number(gflops), number(100 * gflops / peak)])
+                         number(1e3 * seconds / batch), number(gflops), number(100 * gflops / peak) if peak else "-"])
     finally:
         backend.runtime.close()
     return rows
@@ -85,7 +89,8 @@ def measure_backend(name: str, model: Model, args: argparse.Namespace, threads: 
 
 def report(facts: dict[str, str], model: Model, args: argparse.Namespace, argv: Sequence[str], threads: int,
            flops: int, rows: list[list[object]]) -> str:
-    used = sorted({(row[1], row[2]) for row in rows}, key=lambda dp: (dp[0], list(DTYPES).index(dp[1])))
+    local = {(row[1], row[2]) for row in rows if row[1] != TRITON_DEVICE}
+    used = sorted(local, key=lambda dp: (dp[0], list(DTYPES).index(dp[1])))
     peaks = ", ".join(f"{p} on {d} {number(matmul_peak(p, d, args.peak_size))} GFLOP/s" for d, p in used)
     facts = {**facts, "threads": str(threads), "model": model.describe(),
              "FLOPs per sample": f"{flops} (= {number(flops / 1e9)} GFLOP; a multiply-add counts 2; convolutions, "
@@ -93,7 +98,10 @@ def report(facts: dict[str, str], model: Model, args: argparse.Namespace, argv: 
              "peak": f"{peaks} ({args.peak_size}x{args.peak_size} matmul, median of 5, same threads)",
              "timing": f"{args.warmup} warm-up calls, then the median of {args.repeats} calls per row; fixed random "
                        f"inputs with non-null conditions"}
-    if model.random_weights:
+    if any(row[1] == TRITON_DEVICE for row in rows):
+        facts["triton"] = (f"{args.triton_url}, timed from this client: transport and the server's queue included; "
+                           f"no % of peak (the server's hardware is not measured here)")
+    if model.random_weights and any(row[0].startswith("torch") for row in rows):
         facts["eager torch"] = "the card's architecture with random weights (speed does not depend on the values)"
     return (header(f"Denoiser speed: {model.name}", command_line(MODULE, argv), facts) + "\n"
             + markdown_table(COLUMNS, rows))

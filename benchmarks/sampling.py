@@ -24,6 +24,7 @@ from benchmarks.common import (
     Backend,
     Model,
     add_common_arguments,
+    check_triton_url,
     command_line,
     emit,
     flops_per_sample,
@@ -93,6 +94,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         parser.error("--guidance: 0 and 1 skip one half of the guided call; give another scale, e.g. 6")
     if args.batch < 1 or args.repeats < 1 or args.estimate_steps < 1:
         parser.error("--batch, --repeats and --estimate-steps must be at least 1")
+    check_triton_url(parser, args)
     return args
 
 
@@ -134,7 +136,7 @@ def measure(model: Model, args: argparse.Namespace, threads: int) -> dict[Config
     todo = configs(args)
     results = {}
     for name in dict.fromkeys(c.backend for c in todo):
-        backend = open_backend(name, model, args.device, threads)
+        backend = open_backend(name, model, args.device, threads, args.triton_url)
         try:
             for guided in (True, False):
                 run(backend, model, request(model, Config(name, "ddim", 1, guided), args, 1))
@@ -168,7 +170,7 @@ def report(facts: dict[str, str], model: Model, args: argparse.Namespace, argv: 
                        + ("every row measured in full" if args.estimate is None else
                           f"rows over {args.estimate} steps estimated from {args.estimate_steps}-step runs"),
              "speed-up": "time of the study's configuration (ddim 250, torch fp32, guided) / time of the row"}
-    if model.random_weights:
+    if model.random_weights and any(row[0].startswith("torch") for row in rows):
         facts["eager torch"] = "the card's architecture with random weights (speed does not depend on the values)"
     return (header(f"Sampling speed: {model.name}", command_line(MODULE, argv), facts) + "\n"
             + markdown_table(COLUMNS, rows))

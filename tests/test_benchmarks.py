@@ -155,3 +155,11 @@ def test_segmentation_report():
     # 96 = 3 tiles of 32; 80 = 3 tiles of 32 (the last flush with the edge, overlapping by 16): 9 tiles of 1024
     assert float(rows[0]["tile pixels per voxel"]) == pytest.approx(9 * 32 * 32 / (96 * 80), rel=0.01)
     assert float(rows[1]["tile pixels per voxel"]) > float(rows[2]["tile pixels per voxel"])  # overlap costs
+
+
+@pytest.mark.parametrize("module", ["benchmarks.denoiser", "benchmarks.sampling"])
+def test_the_triton_backend_without_a_server_url_is_refused_before_any_export(module, tmp_path):
+    done = subprocess.run([sys.executable, "-m", module, *TINY, "--backends", "onnx,triton", "--workdir",
+                           str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "--backends: triton needs --triton-url" in done.stderr
+    assert not any(tmp_path.iterdir())  # nothing exported

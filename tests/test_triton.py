@@ -278,6 +278,25 @@ def test_the_service_runs_its_models_on_the_triton_server_of_its_url(served, tmp
     assert (labels == np.concatenate(masks)).mean() > 0.999
 
 
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_the_denoiser_benchmark_times_the_model_on_the_triton_server_beside_local_onnxruntime(served, protocol):
+    from test_benchmarks import fact, positive, run, table
+
+    url = f"{protocol}://{served.urls[protocol]}/{BATCHED}"
+    report = run("benchmarks.denoiser", "--model", str(served.repository / BATCHED), "--backends", "onnx,triton",
+                 "--triton-url", url, "--batches", "1,4", "--warmup", "1", "--repeats", "2", "--peak-size", "64",
+                 "--threads", "1")
+    rows = table(report)
+    assert [(r["backend"], r["device"], int(r["batch"])) for r in rows] == [
+        ("onnx", "cpu", 1), ("onnx", "cpu", 4), ("triton", "triton server", 1), ("triton", "triton server", 4)]
+    for row in rows:
+        assert positive(row["ms per sample"]) == pytest.approx(positive(row["ms per call"]) / int(row["batch"]),
+                                                               rel=0.02)
+        assert (row["% of peak"] == "-") == (row["backend"] == "triton")  # the server's peak is not measured
+    assert fact(report, "triton").startswith(url)
+    assert "on triton server" not in fact(report, "peak")
+
+
 def test_a_served_model_that_disagrees_with_the_card_is_refused_at_connection(served):
     unet = {**served.card.unet, "in_channels": 4, "out_channels": 4, "num_classes": 3}
     other = ModelCard(mode="pairs", classes=[*CLASSES, "er_lum"], patch_size=16, unet=unet, class_condition=True)
