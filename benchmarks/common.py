@@ -55,7 +55,7 @@ SIZES: dict[str, dict[str, Any]] = {
 BACKENDS: dict[str, tuple[str, str]] = {"onnx": ("onnx", "fp32"), "torchscript": ("torchscript", "fp32"),
                                         "torch": ("torch", "fp32"), "torch-bf16": ("torch", "bf16"),
                                         "triton": ("triton", "fp32")}
-LOCAL_BACKENDS = ("onnx", "torchscript", "torch", "torch-bf16")  # the default: everything that runs in-process
+LOCAL_BACKENDS = tuple(name for name in BACKENDS if name != "triton")  # the default: all that run in-process
 #: The device column of Triton rows: the server's hardware is not this machine's, so no peak is set against them.
 TRITON_DEVICE = "triton server"
 DEVICES = ("auto", "cpu", "cuda")

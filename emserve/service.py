@@ -347,8 +347,8 @@ class EMServe:
                              spacing: str = DEFAULT_SPACING, guidance: float = DEFAULT_LABEL_GUIDANCE,
                              rescale: float = 0.0, dataset: str | None = None, model: str | None = None,
                              output: str = "npz") -> Result:
-        """EM for uploaded label maps, one sample per map, from an "em-from-labels" model (guidance 3 by default:
-        the EM follows its label maps more closely than unguided). `labels`: .npy, .npz,
+        """EM for uploaded label maps, one sample per map, from an "em-from-labels" model (guided by default,
+        DEFAULT_LABEL_GUIDANCE: the EM follows its label maps more closely than unguided). `labels`: .npy, .npz,
         zipped zarr or PNG holding index maps [N,H,W] (CellMap ids, or values 1..C naming `classes`) or masks
         [N,C,H,W] (0/1/255, or float +1/-1/0) whose channels `classes` names; H = W = the model's patch size."""
         name, runtime = self.pick("em-from-labels", model)
