@@ -31,7 +31,6 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from emserve.card import ModelCard
 from emserve.classes import ATOMIC_NAMES
-from emserve.diffusion import Denoise
 from emserve.runtime.base import Runtime
 from emserve.runtime.load import load_runtime
 from training.checkpoint import TrainingState, checkpoints, save_checkpoint
@@ -50,11 +49,12 @@ SIZES: dict[str, dict[str, Any]] = {
              "classes": ("mito_mem", "ld_lum"), "datasets": 2},
 }
 #: Backends a benchmark can time: (runtime backend, precision). "torch" and "torch-bf16" are eager torch on the
-#: training checkpoint, the second under bf16 autocast (what `--precision bf16` training previews use); "triton"
-#: is the model on a Triton server (--triton-url), timed from this client, transport included.
+#: training checkpoint, the second under bf16 autocast (what `--precision bf16` training uses); "torchscript-bf16"
+#: is the exported TorchScript graph under the same autocast (the runtime's precision="bf16"); "triton" is the
+#: model on a Triton server (--triton-url), timed from this client, transport included.
 BACKENDS: dict[str, tuple[str, str]] = {"onnx": ("onnx", "fp32"), "torchscript": ("torchscript", "fp32"),
-                                        "torch": ("torch", "fp32"), "torch-bf16": ("torch", "bf16"),
-                                        "triton": ("triton", "fp32")}
+                                        "torchscript-bf16": ("torchscript", "bf16"), "torch": ("torch", "fp32"),
+                                        "torch-bf16": ("torch", "bf16"), "triton": ("triton", "fp32")}
 LOCAL_BACKENDS = tuple(name for name in BACKENDS if name != "triton")  # the default: all that run in-process
 #: The device column of Triton rows: the server's hardware is not this machine's, so no peak is set against them.
 TRITON_DEVICE = "triton server"
@@ -87,13 +87,12 @@ class Model:
 
 @dataclasses.dataclass
 class Backend:
-    """One way of running the denoiser: `denoise` is the Runtime (under bf16 autocast for torch-bf16)."""
+    """One way of running the denoiser: a Runtime loaded at a precision, on a device."""
 
     name: str
     precision: str
     device: str
     runtime: Runtime
-    denoise: Denoise
 
 
 # ---- command line ---------------------------------------------------------------------------------------------
@@ -217,27 +216,16 @@ def open_backend(name: str, model: Model, device: str, threads: int, triton_url:
     """A loaded backend through emserve.runtime.load_runtime, the same path the CLI and the service take."""
     backend, precision = BACKENDS[name]
     if backend == "torch":
-        runtime = load_runtime(model.checkpoint, "torch", device=device)
+        runtime = load_runtime(model.checkpoint, "torch", device=device, precision=precision)
         used = resolve_device(device)
     elif backend == "triton":
         runtime = load_runtime(triton_url, "triton", card=str(model.exported))
         used = TRITON_DEVICE
     else:
         options = {"threads": threads} if backend == "onnx" else {}
-        runtime = load_runtime(model.exported, backend, device=device, **options)
+        runtime = load_runtime(model.exported, backend, device=device, precision=precision, **options)
         used = runtime.device
-    denoise = _autocast(runtime, used) if precision == "bf16" else runtime
-    return Backend(name, precision, used, runtime, denoise)
-
-
-def _autocast(runtime: Runtime, device: str) -> Denoise:
-    """The runtime under bf16 autocast: matmuls and convs in bf16, inputs and outputs float32."""
-
-    def denoise(x: np.ndarray, t: np.ndarray, cond: Mapping[str, np.ndarray]) -> np.ndarray:
-        with torch.autocast(device, dtype=torch.bfloat16):
-            return runtime(x, t, cond)
-
-    return denoise
+    return Backend(name, precision, used, runtime)
 
 
 def parse_backends(text: str) -> list[str]:

@@ -77,7 +77,7 @@ def measure_backend(name: str, model: Model, args: argparse.Namespace, threads: 
                                                                         args.peak_size)
         for batch in args.batches:
             x, t, cond = example_inputs(model.card, batch)
-            seconds = statistics.median(timed(lambda x=x, t=t, c=cond: backend.denoise(x, t, c),
+            seconds = statistics.median(timed(lambda x=x, t=t, c=cond: backend.runtime(x, t, c),
                                               args.warmup, args.repeats))
             gflops = flops * batch / seconds / 1e9
             rows.append([name, backend.device, backend.precision, batch, number(1e3 * seconds),

@@ -27,15 +27,15 @@ from benchmarks.sampling import parse_samplers
 from emserve.diffusion import SPACINGS
 from emserve.metrics import frechet_distance, patch_features, standardize
 from emserve.pipelines import GenerationRequest, generate
-from emserve.runtime.base import Runtime
+from emserve.runtime.base import PRECISIONS, Runtime, check_precision
 from emserve.runtime.load import load_runtime
 
 MODULE = "benchmarks.sampler_quality"
 # The rows that picked the defaults (docs/BENCHMARKS.md): each spacing for DDIM-50 and the default solver.
 DEFAULT_SAMPLERS = ("ddim:50,ddim:50:karras,dpmpp_2m:25,dpmpp_2m:10:karras,dpmpp_2m:15:karras,dpmpp_2m:20:karras,"
                     "dpmpp_2m:25:karras")
-COLUMNS = ("sampler", "steps", "spacing", "evaluations per sample", "s per sample", "samples/s", "FD to reference",
-           "FD / floor")
+COLUMNS = ("sampler", "steps", "spacing", "precision", "evaluations per sample", "s per sample", "samples/s",
+           "FD to reference", "FD / floor")
 
 
 def parse_settings(text: str) -> list[tuple[str, int, str]]:
@@ -57,6 +57,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--model", type=Path, default=Path("models/phantom-pairs"),
                         help="an exported pairs or em model folder (trained weights)")
     parser.add_argument("--backend", default="onnx", help="runtime backend (emserve.runtime.load)")
+    parser.add_argument("--precision", default="fp32", choices=PRECISIONS,
+                        help="the rows' precision (bf16: autocast, torchscript or torch backend); the reference "
+                             "and the floor stay fp32, as in the study")
     parser.add_argument("--reference", type=parse_settings, default="ddim:250",
                         help="the study's sampler:steps[:spacing], drawn twice (reference and floor)")
     parser.add_argument("--samplers", type=parse_settings, default=DEFAULT_SAMPLERS,
@@ -71,6 +74,10 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         parser.error("--reference: give one sampler:steps[:spacing]")
     if args.samples < 2 or args.batch < 1:
         parser.error("--samples must be at least 2 and --batch at least 1")
+    try:
+        check_precision(args.precision, args.backend)
+    except ValueError as error:
+        parser.error(f"--{error}")
     return args
 
 
@@ -92,31 +99,39 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     threads = set_threads(args.threads)
     facts = machine_facts()
-    runtime = load_runtime(args.model, args.backend, **({"threads": threads} if args.backend == "onnx" else {}))
-    if runtime.card.mode not in ("pairs", "em"):
-        raise SystemExit(f"--model: {args.model} is a {runtime.card.mode!r} model; give a pairs or em model")
+    options = {"threads": threads} if args.backend == "onnx" else {}
+    reference_runtime = load_runtime(args.model, args.backend, **options)  # the study's numbers: fp32
+    card = reference_runtime.card
+    if card.mode not in ("pairs", "em"):
+        raise SystemExit(f"--model: {args.model} is a {card.mode!r} model; give a pairs or em model")
+    runtime = (reference_runtime if args.precision == "fp32" else
+               load_runtime(args.model, args.backend, precision=args.precision, **options))
     ref_setting, = args.reference
-    reference, _ = draw(runtime, args, ref_setting, seed=0)
-    features, seconds = {}, {}
+    reference, _ = draw(reference_runtime, args, ref_setting, seed=0)
+    floor_raw, floor_seconds = draw(reference_runtime, args, ref_setting, seed=1)
+    features, seconds = {("fp32", ref_setting): patch_features(floor_raw)}, {("fp32", ref_setting): floor_seconds}
     for setting in dict.fromkeys([ref_setting, *args.samplers]):
-        raw, seconds[setting] = draw(runtime, args, setting, seed=1)
-        features[setting] = patch_features(raw)
+        key = (args.precision, setting)
+        if key not in features:
+            raw, seconds[key] = draw(runtime, args, setting, seed=1)
+            features[key] = patch_features(raw)
     ref_features, *others = standardize(patch_features(reference), *features.values())
     distances = {key: frechet_distance(f, ref_features) for key, f in zip(features, others, strict=True)}
-    floor = distances[ref_setting]
+    floor = distances["fp32", ref_setting]
     rows = []
-    for (sampler, steps, spacing), fd in distances.items():
+    for (precision, (sampler, steps, spacing)), fd in distances.items():
         evaluations = steps * (2 if args.guidance != 1.0 else 1)
-        per_sample = seconds[sampler, steps, spacing]
-        rows.append([sampler, steps, spacing, evaluations, number(per_sample), number(1 / per_sample), number(fd),
-                     number(fd / floor) if floor > 0 else "-"])
-    facts.update({"threads": str(threads), "model": f"{args.model} ({runtime.card.mode}, sha256 "
-                  f"{runtime.card.files.get('1/model.onnx', '?')[:12]})", "backend": args.backend,
+        per_sample = seconds[precision, (sampler, steps, spacing)]
+        rows.append([sampler, steps, spacing, precision, evaluations, number(per_sample), number(1 / per_sample),
+                     number(fd), number(fd / floor) if floor > 0 else "-"])
+    facts.update({"threads": str(threads), "model": f"{args.model} ({card.mode}, sha256 "
+                  f"{card.files.get('1/model.onnx', '?')[:12]})", "backend": args.backend,
                   "request": f"{args.samples} samples per draw, batch {args.batch}, guidance {args.guidance}, "
-                             f"dataset {runtime.card.datasets[0] if runtime.card.datasets else None}",
-                  "reference": f"{' '.join(map(str, ref_setting))}, request seed 0; every row draws with request "
-                               f"seed 1, so the reference's row is the floor (FD / floor = 1)"})
-    runtime.close()
+                             f"dataset {card.datasets[0] if card.datasets else None}",
+                  "reference": f"{' '.join(map(str, ref_setting))} in fp32, request seed 0; every row draws with "
+                               f"request seed 1, so the reference's fp32 row is the floor (FD / floor = 1)"})
+    for r in {reference_runtime, runtime}:
+        r.close()
     emit(header(f"Sampler quality: {args.model.name}", command_line(MODULE, argv), facts) + "\n"
          + markdown_table(COLUMNS, rows), args.out)
 

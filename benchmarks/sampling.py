@@ -116,7 +116,7 @@ def request(model: Model, config: Config, args: argparse.Namespace, steps: int) 
 
 
 def run(backend: Backend, model: Model, req: GenerationRequest) -> None:
-    for _ in generate(model.card, backend.denoise, req):
+    for _ in generate(model.card, backend.runtime, req):
         pass
 
 

@@ -225,10 +225,13 @@ class GeneratedStore:
     with per-sample seeds and the model's sha256 in its attributes. Crops are added atomically, so the crops
     present are the batches finished, and a rerun with `resume` skips them."""
 
-    def __init__(self, path: str | Path, card: ModelCard, request: GenerationRequest, resume: bool = False):
+    def __init__(self, path: str | Path, card: ModelCard, request: GenerationRequest, resume: bool = False,
+                 precision: str = "fp32"):
         self.path, self.card, self.request = Path(path), card, request
         record = {"request": asdict(request), "model": {"sha256": card.weights, "mode": card.mode,
                                                         "classes": card.classes}}
+        if precision != "fp32":  # recorded only when not the exported graph's own, so older stores still resume
+            record["model"]["precision"] = precision
         self.record = json.loads(json.dumps(record))  # as it reads back from the attributes
         if self.path.exists():
             if not resume:
@@ -279,11 +282,13 @@ class GeneratedStore:
 
 def generate_store(card: ModelCard, denoise: Denoise, request: GenerationRequest, out: Path,
                    labels: LabelSource | None = None, screening: Screening | None = None, *, resume: bool = False,
-                   progress: Callable[[int, int], None] | None = None, shown: int = 16) -> Path:
+                   progress: Callable[[int, int], None] | None = None, shown: int = 16,
+                   precision: str = "fp32") -> Path:
     """Generate the request into the store `out` batch by batch (resuming finished batches when asked), and
-    return the PNG grid beside the store (of the first `shown` samples generated in this run, if any)."""
+    return the PNG grid beside the store (of the first `shown` samples generated in this run, if any).
+    `precision` is what `denoise` computes in (a Runtime's precision), recorded with the model."""
     check_request(card, request)
-    store = GeneratedStore(out, card, request, resume=resume)
+    store = GeneratedStore(out, card, request, resume=resume, precision=precision)
     raws: list[np.ndarray | None] = []
     masks: list[np.ndarray] = []
     for batch in generate(card, denoise, request, labels, skip=store.done(), progress=progress):

@@ -175,7 +175,8 @@ def segment_store(runtime: Runtime, volume: Any, out: str | Path, *,
     chunks[along] = 1  # one slice per chunk: each slice is written once, never read back
     settings = {"source": source, "axis": axis, "tile": tile, "overlap": overlap, "threshold": threshold,
                 "model": {"mode": card.mode, "classes": card.classes, "sha256": card.weights,
-                          "files": card.files, "exclusive": card.exclusive}}
+                          "files": card.files, "exclusive": card.exclusive, "backend": runtime.backend,
+                          "precision": runtime.precision}}
     with atomic_directory(out, overwrite) as tmp:
         root = zarr.open_group(str(tmp), mode="w", zarr_format=2)
         root.attrs.update(provenance(segmented=settings))

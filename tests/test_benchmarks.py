@@ -86,7 +86,7 @@ def test_denoiser_report(workdir):
     assert out.read_text().strip() == report.strip()
     rows = table(report)
     assert [(r["backend"], int(r["batch"])) for r in rows] == [
-        (b, n) for b in ("onnx", "torchscript", "torch", "torch-bf16") for n in (1, 2)]
+        (b, n) for b in ("onnx", "torchscript", "torchscript-bf16", "torch", "torch-bf16") for n in (1, 2)]
     flops = int(fact(report, "FLOPs per sample").split()[0])
     torch.manual_seed(0)
     tiny = UNet(3, 3, width=8, multipliers=(1, 2), blocks_per_level=1, num_classes=2, num_datasets=2).eval()
@@ -130,7 +130,28 @@ def test_sampler_quality_report(workdir):
     report = run("benchmarks.sampler_quality", "--model", str(model), "--threads", "1", "--reference", "ddim:8",
                  "--samplers", "ddim:8,ddim:2,dpmpp_2m:3", "--samples", "24", "--batch", "12")
     rows = table(report)
-    assert [(r["sampler"], int(r["steps"])) for r in rows] == [("ddim", 8), ("ddim", 2), ("dpmpp_2m", 3)]
+    assert [(r["sampler"], int(r["steps"]), r["precision"]) for r in rows] == [
+        ("ddim", 8, "fp32"), ("ddim", 2, "fp32"), ("dpmpp_2m", 3, "fp32")]
+    floor = check_quality_rows(rows)
+    assert "request seed 0" in fact(report, "reference")
+
+    # bf16 rows are set against the fp32 reference and floor: the floor's fp32 row comes first, then the
+    # reference's setting again in bf16 (that bf16 changes the samples: test_runtime.py)
+    bf16 = table(run("benchmarks.sampler_quality", "--model", str(model), "--threads", "1", "--reference", "ddim:8",
+                     "--samplers", "dpmpp_2m:3", "--samples", "24", "--batch", "12", "--backend", "torchscript",
+                     "--precision", "bf16"))
+    assert [(r["sampler"], int(r["steps"]), r["precision"]) for r in bf16] == [
+        ("ddim", 8, "fp32"), ("ddim", 8, "bf16"), ("dpmpp_2m", 3, "bf16")]
+    assert bf16[0]["FD to reference"] == floor["FD to reference"]  # the same fp32 draws on another backend
+    check_quality_rows(bf16)
+    refused = subprocess.run([sys.executable, "-m", "benchmarks.sampler_quality", "--model", str(model),
+                              "--precision", "bf16"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2
+    assert "--precision: 'bf16' needs backend torchscript or torch; the onnx backend" in refused.stderr
+
+
+def check_quality_rows(rows: list[dict[str, str]]) -> dict[str, str]:
+    """Each row's ratio is its distance over the floor's (the first row); returns the floor row."""
     floor = rows[0]
     assert floor["FD / floor"] == "1" and float(floor["FD to reference"]) > 0  # two draws differ by chance
     for row in rows:
@@ -138,7 +159,7 @@ def test_sampler_quality_report(workdir):
         assert float(row["samples/s"]) == pytest.approx(1 / float(row["s per sample"]), rel=0.02)
         ratio = float(row["FD to reference"]) / float(floor["FD to reference"])
         assert float(row["FD / floor"]) == pytest.approx(ratio, rel=0.02)
-    assert "request seed 0" in fact(report, "reference")
+    return floor
 
 
 def test_segmentation_report():

@@ -149,6 +149,16 @@ def test_cli_generates_pairs_and_em_from_the_store_labels(checkpoints, toy_store
     assert wrong.returncode == 2 and "is a 'pairs' model; it cannot generate 'em'" in wrong.stderr
     assert not (tmp_path / "x.zarr").exists()
 
+    # bf16 is recorded with the model (fp32, the exported graph's own precision, is not: older stores resume)
+    assert "precision" not in store.root.attrs["emserve"]["generated"]["model"]
+    half = emserve("generate", "pairs", str(checkpoints["pairs"]), str(tmp_path / "bf16.zarr"), "--samples", "2",
+                   "--steps", "2", "--backend", "torch", "--precision", "bf16")
+    assert half.returncode == 0, half.stderr
+    assert EMStore(tmp_path / "bf16.zarr").root.attrs["emserve"]["generated"]["model"]["precision"] == "bf16"
+    wrong = emserve("generate", "pairs", str(checkpoints["pairs"]), str(tmp_path / "bf16.zarr"), "--samples", "2",
+                    "--steps", "2", "--backend", "torch", "--resume")
+    assert wrong.returncode == 2 and "different model or request" in wrong.stderr
+
 
 def test_rejected_samples_keep_their_em_and_lose_their_labels(checkpoints, tmp_path):
     denoise = load_runtime(checkpoints["pairs"], "torch", device="cpu")

@@ -68,6 +68,23 @@ def test_same_seed_and_request_give_the_same_samples_on_every_backend(models, mo
     assert np.abs(other - results[1]).max() > 0.1  # the comparison above is not between constants
 
 
+@pytest.mark.parametrize("backend", ["torchscript", "torch"])
+def test_bf16_runs_the_same_model_in_bf16_and_only_on_the_torch_backends(models, backend):
+    """precision="bf16" computes under autocast: the samples stay close to fp32's but are not fp32's (so the
+    autocast really runs); the backends that run the exported fp32 graph refuse it by name."""
+    checkpoint, folder = models["pairs"]
+    model = checkpoint if backend == "torch" else folder
+    exact, bf16 = (load_runtime(model, backend, device="cpu", precision=p) for p in ("fp32", "bf16"))
+    assert (exact.precision, bf16.precision) == ("fp32", "bf16")
+    ours, theirs = samples(exact, REQUESTS["pairs"], "pairs"), samples(bf16, REQUESTS["pairs"], "pairs")
+    difference = np.abs(theirs - ours)
+    assert 0 < difference.mean() < 0.05 * np.abs(ours).mean()  # measured: 1.3e-2 against 0.70 (random weights)
+    with pytest.raises(ValueError, match="precision: 'bf16' needs backend torchscript or torch; the onnx backend"):
+        load_runtime(folder, "onnx", precision="bf16")
+    with pytest.raises(ValueError, match="precision: 'fp16' is not allowed; choose one of fp32, bf16"):
+        load_runtime(folder, backend, precision="fp16")
+
+
 def test_runtimes_refuse_requests_the_card_does_not_allow_and_say_what_it_takes(models):
     runtime = OnnxRuntime(models["pairs"][1], threads=1)
     x, t = np.zeros((2, 3, 16, 16), np.float32), np.full(2, 10.0, np.float32)

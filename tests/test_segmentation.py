@@ -175,7 +175,9 @@ def test_segment_cli_writes_predictions_that_overlay_the_source(toy_store, tmp_p
         np.testing.assert_array_equal(group["s0"][...], expected[k] > 0.5)
         probs = root[f"{INFERENCE_GROUP}/probabilities/{name}/s0"][...]
         np.testing.assert_allclose(probs / 255, expected[k], atol=1 / 255)
-    assert root.attrs["emserve"]["segmented"]["model"]["files"] == ModelCard.load(model).files
+    record = root.attrs["emserve"]["segmented"]["model"]
+    assert record["files"] == ModelCard.load(model).files
+    assert (record["backend"], record["precision"]) == ("onnx", "fp32")
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert again.returncode == 2 and "already exists" in again.stderr
 

@@ -21,12 +21,26 @@ from emserve.runtime.memory import samples_within
 INPUT_NAMES = ("x", "t", "classes", "dataset", "label_map")  # the exported graph's input names, in order
 OUTPUT_NAME = "out"
 DEVICES = ("auto", "cuda", "cpu")  # auto: CUDA where present
+# What the torch backends compute in: fp32 is the graph as exported and parity-checked; bf16 runs it under
+# autocast (convolutions and matmuls in bf16: ~1.3-2x faster on CPUs with avx512_bf16 / AMX and on recent GPUs,
+# outputs within ~2 % of fp32 and not parity-checked; docs/BENCHMARKS.md measures its sample quality).
+PRECISIONS = ("fp32", "bf16")
+BF16_BACKENDS = ("torchscript", "torch")
 
 
 def check_device(device: str) -> str:
     if device not in DEVICES:
         raise ValueError(f"device: {device!r} is not allowed; choose one of {', '.join(DEVICES)}")
     return device
+
+
+def check_precision(precision: str, backend: str) -> str:
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision: {precision!r} is not allowed; choose one of {', '.join(PRECISIONS)}")
+    if precision != "fp32" and backend not in BF16_BACKENDS:
+        raise ValueError(f"precision: {precision!r} needs backend {' or '.join(BF16_BACKENDS)}; the {backend} "
+                         f"backend runs the exported fp32 graph")
+    return precision
 
 
 def check_inputs(card: ModelCard, x: np.ndarray, t: np.ndarray | None, cond: Mapping[str, np.ndarray]) -> None:
@@ -99,6 +113,7 @@ class Runtime:
     """
 
     backend = "base"
+    precision = "fp32"  # what the graph computes in (PRECISIONS); bf16 only on the torch backends
 
     def __init__(self, card: ModelCard, max_batch: int | None = None, memory_budget: int | None = None) -> None:
         for name, value in (("max_batch", max_batch), ("memory_budget", memory_budget)):

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from emserve.card import ModelCard
-from emserve.runtime.base import CallableRuntime, Runtime, check_device
+from emserve.runtime.base import BF16_BACKENDS, CallableRuntime, Runtime, check_device, check_precision
 
 #: loader(model: str, **options) -> Runtime; options are the backend's keyword arguments (device, max_batch,
 #: memory_budget, ...).
@@ -57,12 +57,16 @@ def pick_backend(model: str | Path) -> str:
 def load_runtime(model: str | Path, backend: str = "auto", **options: Any) -> Runtime:
     """A Runtime for `model` (a model folder, checkpoint folder or URL) on `backend` ("auto": pick_backend).
 
-    Options go to the backend: device ("auto" | "cuda" | "cpu"), max_batch (samples per call), memory_budget
-    (bytes per call, emserve.runtime.memory), verify (sha256 check), threads (onnx only).
+    Options go to the backend: device ("auto" | "cuda" | "cpu"), precision ("fp32" | "bf16"; bf16 for torchscript
+    and torch only), max_batch (samples per call), memory_budget (bytes per call, emserve.runtime.memory), verify
+    (sha256 check), threads (onnx only).
     """
     name = pick_backend(model) if backend == "auto" else backend
     if name not in _LOADERS:
         raise ValueError(f"backend: {name!r} is not known; choose one of auto, {', '.join(sorted(_LOADERS))}")
+    precision = check_precision(options.pop("precision", "fp32"), name)  # onnx and triton run fp32 only
+    if name in BF16_BACKENDS:
+        options["precision"] = precision
     return _LOADERS[name](str(model), **options)
 
 
@@ -82,12 +86,13 @@ def _load_torchscript(model: str, **options: Any) -> Runtime:
     return TorchScriptRuntime(model, **options)
 
 
-def _load_torch(model: str, *, device: str = "auto", max_batch: int | None = None, memory_budget: int | None = None,
-                weights: str = "ema") -> Runtime:
+def _load_torch(model: str, *, device: str = "auto", precision: str = "fp32", max_batch: int | None = None,
+                memory_budget: int | None = None, weights: str = "ema") -> Runtime:
     """Eager torch on a training checkpoint (EMA weights unless weights="model"); imports the training code."""
     try:
         import torch
 
+        from emserve.runtime.torchscript import autocast
         from training.device import pick_device
         from training.export import load_module
         from training.sampling import module_denoiser
@@ -96,8 +101,15 @@ def _load_torch(model: str, *, device: str = "auto", max_batch: int | None = Non
                           f"'emserve[train]', or export the model and use the onnx backend") from None
     target = pick_device() if check_device(device) == "auto" else torch.device(device)
     card, module, _ = load_module(model, weights)
-    return CallableRuntime(card, module_denoiser(module.to(target), target), backend="torch", max_batch=max_batch,
-                           memory_budget=memory_budget)
+    denoise = module_denoiser(module.to(target), target)
+
+    def run(x, t, cond):
+        with autocast(target.type, precision):
+            return denoise(x, t, cond)
+
+    runtime = CallableRuntime(card, run, backend="torch", max_batch=max_batch, memory_budget=memory_budget)
+    runtime.precision = precision
+    return runtime
 
 
 def _load_triton(model: str, **options: Any) -> Runtime:

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from emserve.card import ModelCard
-from emserve.runtime.base import Runtime, check_device, verified_file
+from emserve.runtime.base import Runtime, check_device, check_precision, verified_file
 
 TORCHSCRIPT_FILE = "1/model.pt"
 
@@ -27,14 +27,21 @@ def _torch():
     return torch
 
 
+def autocast(device: str, precision: str):
+    """The context a torch backend computes in: bf16 autocast for precision "bf16", else plain fp32."""
+    return _torch().autocast(device, dtype=_torch().bfloat16, enabled=precision == "bf16")
+
+
 class TorchScriptRuntime(Runtime):
-    """An exported model folder run by TorchScript. device: "auto" (CUDA if available, else CPU), "cuda", "cpu"."""
+    """An exported model folder run by TorchScript. device: "auto" (CUDA if available, else CPU), "cuda", "cpu";
+    precision: "fp32" (the graph as exported) or "bf16" (under autocast, emserve.runtime.base.PRECISIONS)."""
 
     backend = "torchscript"
 
-    def __init__(self, model: str | Path, *, device: str = "auto", max_batch: int | None = None,
-                 memory_budget: int | None = None, verify: bool = True) -> None:
+    def __init__(self, model: str | Path, *, device: str = "auto", precision: str = "fp32",
+                 max_batch: int | None = None, memory_budget: int | None = None, verify: bool = True) -> None:
         check_device(device)
+        self.precision = check_precision(precision, self.backend)
         folder = Path(model)
         card = ModelCard.load(folder)
         super().__init__(card, max_batch, memory_budget)
@@ -55,7 +62,7 @@ class TorchScriptRuntime(Runtime):
 
     def _run(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
         torch = _torch()
-        with torch.inference_mode():
+        with torch.inference_mode(), autocast(self.device, self.precision):
             tensors = {k: torch.from_numpy(v).to(self._torch_device) for k, v in inputs.items()}
             return self.module(**tensors).float().cpu().numpy()
 
