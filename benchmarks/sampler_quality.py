@@ -28,7 +28,7 @@ from emserve.diffusion import SPACINGS
 from emserve.metrics import frechet_distance, patch_features, standardize
 from emserve.pipelines import GenerationRequest, generate
 from emserve.runtime.base import PRECISIONS, Runtime, check_precision
-from emserve.runtime.load import load_runtime
+from emserve.runtime.load import load_runtime, pick_backend
 
 MODULE = "benchmarks.sampler_quality"
 # The rows that picked the defaults (docs/BENCHMARKS.md): each spacing for DDIM-50 and the default solver.
@@ -75,7 +75,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     if args.samples < 2 or args.batch < 1:
         parser.error("--samples must be at least 2 and --batch at least 1")
     try:
-        check_precision(args.precision, args.backend)
+        check_precision(args.precision, pick_backend(args.model) if args.backend == "auto" else args.backend)
     except ValueError as error:
         parser.error(f"--{error}")
     return args

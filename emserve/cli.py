@@ -156,7 +156,7 @@ Seed = Annotated[int, typer.Option(help="Seeds weights, batches and dropout; a r
 Sampler = Annotated[str, typer.Option(help=" | ".join(SAMPLERS) + ".")]
 RuntimePrecision = Annotated[str, typer.Option(
     "--precision", help="fp32 | bf16 (bf16: autocast with --backend torchscript or torch; faster where the CPU or "
-                        "GPU has bf16, outputs within ~2 % of fp32, not parity-checked).")]
+                        "GPU has bf16; not parity-checked, recorded in the output store).")]
 Despeckle = Annotated[int, typer.Option(help="Drop generated label objects smaller than this many pixels before "
                                              "screening (0: keep all).")]
 Spacing = Annotated[str, typer.Option(help=f"Which timesteps the steps visit: {' | '.join(SPACINGS)} (trailing: "

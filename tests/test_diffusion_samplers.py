@@ -159,6 +159,14 @@ def test_third_order_is_closer_to_the_ode_solution_than_second_order(schedule_na
     assert np.abs(third - reference).mean() < 0.25 * np.abs(second - reference).mean()
 
 
+def test_the_solver_takes_orders_two_and_three_and_solves_the_sde_at_second_order_only() -> None:
+    with pytest.raises(ValueError, match="order: got 4; allowed: 2 or 3"):
+        DPMSolverPP(order=4)
+    x = np.zeros((1, 2, 2))
+    with pytest.raises(ValueError, match="second order only"):
+        DPMSolverPP(order=3).step(x, x, 0.5, 0.6, noise=x)
+
+
 @pytest.mark.parametrize(("t", "s"), [(900, 300), (999, 998), (50, -1)])
 @pytest.mark.parametrize("step", ["ddpm", "ddim-0", "ddim-0.5", "ddim-1"])
 def test_a_step_with_known_x0_lands_on_the_forward_marginal(step: str, t: int, s: int) -> None:

@@ -180,6 +180,11 @@ def test_segment_cli_writes_predictions_that_overlay_the_source(toy_store, tmp_p
     assert (record["backend"], record["precision"]) == ("onnx", "fp32")
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert again.returncode == 2 and "already exists" in again.stderr
+    half = subprocess.run([*cmd[:-3], "--precision", "bf16", "--overwrite"], capture_output=True, text=True,
+                          timeout=120)
+    assert half.returncode == 2 and "precision: 'bf16' needs backend torchscript or torch" in half.stderr
+    kept = zarr.open_group(str(out), mode="r")  # --overwrite was given, but the store is left as it was
+    assert kept.attrs["emserve"]["segmented"]["model"]["precision"] == "fp32"
 
 
 def test_segment_store_leaves_nothing_behind_when_it_fails(tmp_path):

@@ -13,8 +13,9 @@ the pair (x0, eps) (objectives.py), and move x_t to the next, less noisy, timest
   (to noise level 0, where the log-SNR step is infinite) are first order.
 - "dpmpp_3m": DPM-Solver++(3M), the third-order multistep solver (Lu et al. 2022, "DPM-Solver++", appendix; the
   form of diffusers' ``solver_order=3``): x0 is extrapolated from the last three predictions. On karras spacing
-  it lands 2-4x closer to the exact ODE solution than 2M at 15 steps and 10-100x at 20-25 (tests); at 10-12
-  steps the log-SNR steps are too uneven for a quadratic fit and it is worse than 2M.
+  it lands 2-4x closer to the exact ODE solution than 2M at 15 steps and 10-100x at 20-25 (measured with the
+  tests' exact denoiser, which check 20-25 steps); at 10-12 steps the log-SNR steps are too uneven for a
+  quadratic fit and it is worse than 2M.
 - "dpmpp_2m_sde": the same multistep data prediction on the reverse SDE (Lu et al. 2022, "DPM-Solver++", sec. 5;
   the midpoint form of diffusers and k-diffusion): each step forgets part of x_t and draws fresh noise, which
   corrects errors of earlier steps instead of carrying them to the end.

@@ -21,9 +21,9 @@ from emserve.runtime.memory import samples_within
 INPUT_NAMES = ("x", "t", "classes", "dataset", "label_map")  # the exported graph's input names, in order
 OUTPUT_NAME = "out"
 DEVICES = ("auto", "cuda", "cpu")  # auto: CUDA where present
-# What the torch backends compute in: fp32 is the graph as exported and parity-checked; bf16 runs it under
-# autocast (convolutions and matmuls in bf16: ~1.3-2x faster on CPUs with avx512_bf16 / AMX and on recent GPUs,
-# outputs within ~2 % of fp32 and not parity-checked; docs/BENCHMARKS.md measures its sample quality).
+# What the runtimes compute in: fp32 is the graph as exported and parity-checked; bf16 runs it under torch
+# autocast (convolutions and matmuls in bf16: faster where the CPU (avx512_bf16 / AMX) or GPU has bf16; outputs
+# within ~2 % of fp32, not parity-checked; speed and sample quality: docs/BENCHMARKS.md).
 PRECISIONS = ("fp32", "bf16")
 BF16_BACKENDS = ("torchscript", "torch")
 

@@ -17,9 +17,11 @@ and whose library is installed.
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from emserve.card import ModelCard
 from emserve.runtime.base import BF16_BACKENDS, CallableRuntime, Runtime, check_device, check_precision
@@ -92,8 +94,7 @@ def _load_torch(model: str, *, device: str = "auto", precision: str = "fp32", ma
     try:
         import torch
 
-        from emserve.runtime.torchscript import autocast
-        from training.device import pick_device
+        from training.device import autocast, pick_device
         from training.export import load_module
         from training.sampling import module_denoiser
     except ImportError as error:
@@ -103,8 +104,8 @@ def _load_torch(model: str, *, device: str = "auto", precision: str = "fp32", ma
     card, module, _ = load_module(model, weights)
     denoise = module_denoiser(module.to(target), target)
 
-    def run(x, t, cond):
-        with autocast(target.type, precision):
+    def run(x: np.ndarray, t: np.ndarray | None, cond: Mapping[str, np.ndarray]) -> np.ndarray:
+        with autocast(precision, target):
             return denoise(x, t, cond)
 
     runtime = CallableRuntime(card, run, backend="torch", max_batch=max_batch, memory_budget=memory_budget)

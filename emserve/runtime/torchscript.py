@@ -27,11 +27,6 @@ def _torch():
     return torch
 
 
-def autocast(device: str, precision: str):
-    """The context a torch backend computes in: bf16 autocast for precision "bf16", else plain fp32."""
-    return _torch().autocast(device, dtype=_torch().bfloat16, enabled=precision == "bf16")
-
-
 class TorchScriptRuntime(Runtime):
     """An exported model folder run by TorchScript. device: "auto" (CUDA if available, else CPU), "cuda", "cpu";
     precision: "fp32" (the graph as exported) or "bf16" (under autocast, emserve.runtime.base.PRECISIONS)."""
@@ -62,7 +57,7 @@ class TorchScriptRuntime(Runtime):
 
     def _run(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
         torch = _torch()
-        with torch.inference_mode(), autocast(self.device, self.precision):
+        with torch.inference_mode(), torch.autocast(self.device, torch.bfloat16, enabled=self.precision == "bf16"):
             tensors = {k: torch.from_numpy(v).to(self._torch_device) for k, v in inputs.items()}
             return self.module(**tensors).float().cpu().numpy()
 
