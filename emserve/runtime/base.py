@@ -35,6 +35,7 @@ def check_device(device: str) -> str:
 
 
 def check_precision(precision: str, backend: str) -> str:
+    """`precision` if `backend` can compute in it; checked before loading, so a bad pair fails fast and by name."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision: {precision!r} is not allowed; choose one of {', '.join(PRECISIONS)}")
     if precision != "fp32" and backend not in BF16_BACKENDS:
