@@ -194,9 +194,9 @@ class CallableRuntime(Runtime):
 
     def __init__(self, card: ModelCard, fn: Callable[..., np.ndarray], backend: str = "callable",
                  max_batch: int | None = None, close: Callable[[], None] | None = None,
-                 memory_budget: int | None = None) -> None:
+                 memory_budget: int | None = None, precision: str = "fp32") -> None:
         super().__init__(card, max_batch, memory_budget)
-        self.fn, self.backend, self._close = fn, backend, close
+        self.fn, self.backend, self._close, self.precision = fn, backend, close, precision
 
     def _run(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
         cond = {k: v for k, v in inputs.items() if k not in ("x", "t")}

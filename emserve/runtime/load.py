@@ -108,9 +108,8 @@ def _load_torch(model: str, *, device: str = "auto", precision: str = "fp32", ma
         with autocast(precision, target):
             return denoise(x, t, cond)
 
-    runtime = CallableRuntime(card, run, backend="torch", max_batch=max_batch, memory_budget=memory_budget)
-    runtime.precision = precision
-    return runtime
+    return CallableRuntime(card, run, backend="torch", max_batch=max_batch, memory_budget=memory_budget,
+                           precision=precision)
 
 
 def _load_triton(model: str, **options: Any) -> Runtime:
