@@ -567,7 +567,9 @@ def test_bentoml_build_packs_service_runtime_and_models_offline(tmp_path):
     done = subprocess.run([str(bentoml), "build", str(REPO), "--output", "tag"], env=env, capture_output=True,
                           text=True, timeout=60)
     assert done.returncode == 0, done.stdout + done.stderr
-    (bento,) = (home / "bentos" / "emserve").glob("[!l]*")  # the build, beside the `latest` pointer
+    (tag,) = [line.removeprefix("__tag__:") for line in done.stdout.splitlines() if line.startswith("__tag__:")]
+    name, version = tag.split(":")
+    bento = home / "bentos" / name / version
     files = {p.relative_to(bento / "src").as_posix() for p in (bento / "src").rglob("*") if p.is_file()}
     assert {"emserve/service.py", "emserve/uploads.py", "models/phantom-pairs/1/model.onnx",
             "models/phantom-pairs/card.json"} <= files
