@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from emserve.card import ModelCard, sha256_file
-from emserve.data.writer import atomic_directory
+from emserve.data.writer import atomic_directory, remove_directory
 
 MODEL_FILE, EMA_FILE = "model.safetensors", "ema.safetensors"
 OPTIMIZER_FILE, STATE_FILE = "optimizer.safetensors", "state.json"
@@ -54,7 +53,7 @@ def save_checkpoint(run_dir: Path, card: ModelCard, model: torch.nn.Module, ema:
         card.weights = {name: sha256_file(tmp / name) for name in (MODEL_FILE, EMA_FILE, OPTIMIZER_FILE)}
         (tmp / "card.json").write_text(card.to_json())
     for old in checkpoints(run_dir)[:-keep]:
-        shutil.rmtree(old)
+        remove_directory(old)
     return final
 
 

@@ -67,8 +67,7 @@ def atomic_directory(path: str | os.PathLike, overwrite: bool = False) -> Iterat
         if not final.exists():
             tmp.rename(final)
         elif overwrite:  # move the old one aside first: a rename cannot replace a non-empty folder
-            trash = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
-            final.rename(trash)
+            trash = _aside(final)
             tmp.rename(final)
             shutil.rmtree(trash)
         else:
@@ -76,6 +75,18 @@ def atomic_directory(path: str | os.PathLike, overwrite: bool = False) -> Iterat
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
+
+
+def remove_directory(path: Path) -> None:
+    """Delete a folder so that a kill mid-way never leaves a partial one under its name: it is renamed to a hidden
+    name first (readers skip names starting with a dot), then deleted."""
+    shutil.rmtree(_aside(path))
+
+
+def _aside(path: Path) -> Path:
+    trash = path.with_name(f".{path.name}.old-{uuid.uuid4().hex[:8]}")
+    path.rename(trash)
+    return trash
 
 
 def write_store(
