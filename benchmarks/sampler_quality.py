@@ -31,9 +31,10 @@ from emserve.runtime.base import PRECISIONS, Runtime, check_precision
 from emserve.runtime.load import load_runtime, pick_backend
 
 MODULE = "benchmarks.sampler_quality"
-# The rows that picked the defaults (docs/BENCHMARKS.md): each spacing for DDIM-50 and the default solver.
-DEFAULT_SAMPLERS = ("ddim:50,ddim:50:karras,dpmpp_2m:25,dpmpp_2m:10:karras,dpmpp_2m:15:karras,dpmpp_2m:20:karras,"
-                    "dpmpp_2m:25:karras")
+# The rows that picked the defaults (docs/BENCHMARKS.md): DDIM-50, then 2M and 3M at the step counts where they
+# cross the previous default (2M-25).
+DEFAULT_SAMPLERS = ("ddim:50:karras,dpmpp_2m:15:karras,dpmpp_2m:20:karras,dpmpp_2m:25:karras,dpmpp_3m:15:karras,"
+                    "dpmpp_3m:20:karras,dpmpp_3m:25:karras")
 COLUMNS = ("sampler", "steps", "spacing", "precision", "evaluations per sample", "s per sample", "samples/s",
            "FD to reference", "FD / floor")
 

@@ -42,7 +42,7 @@ from emserve.diffusion import SAMPLERS
 from emserve.pipelines import GenerationRequest, generate
 
 MODULE = "benchmarks.sampling"
-DEFAULT_SAMPLERS = "ddpm:1000,ddim:250,ddim:50,dpmpp_2m:10,dpmpp_2m:15,dpmpp_2m:20,dpmpp_2m:25"
+DEFAULT_SAMPLERS = "ddpm:1000,ddim:250,ddim:50,dpmpp_2m:10,dpmpp_2m:15,dpmpp_2m:20,dpmpp_2m:25,dpmpp_3m:20"
 COLUMNS = ("backend", "device", "precision", "sampler", "steps", "guided", "evaluations per sample",
            "s per sample", "GFLOP/s", "speed-up vs study", "how")
 
