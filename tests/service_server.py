@@ -16,7 +16,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,10 +43,14 @@ def make_models(root: Path) -> Path:
     return models
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def free_ports(count: int = 1) -> list[int]:
+    """`count` distinct ports that were free a moment ago (all held open together, so none repeats). Another
+    process may still take one before the server binds it: `serve` retries on a new port when that happens."""
+    with ExitStack() as stack:
+        sockets = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
 
 
 @dataclass
@@ -63,19 +67,31 @@ class Server:
 def serve(models: Path, home: Path, env: Mapping[str, str] | None = None, timeout: float = 90.0,
           bentoml: Path = BENTOML, cwd: Path = REPO) -> Iterator[Server]:
     """`bentoml serve emserve.service:EMServe` until the block ends; ready when /readyz answers 200. `bentoml`
-    and `cwd` choose another installation (a virtualenv laid out like the container's) and working folder."""
-    port = free_port()
+    and `cwd` choose another installation (a virtualenv laid out like the container's) and working folder.
+
+    The port is picked free and then bound by the server, and bentoml reserves ports of its own in between, so
+    one may be taken in that gap: a server that exits with "Address already in use" is started again on
+    another port (at most three tries)."""
     environment = {**os.environ, "BENTOML_HOME": str(home / "bentoml"), "BENTOML_DO_NOT_TRACK": "true",
                    "EMSERVE_MODELS": str(models), "EMSERVE_ORT_THREADS": "1", "OMP_NUM_THREADS": "1",
                    **(env or {})}
-    log = home / f"server-{port}.log"
-    command = [str(bentoml), "serve", "emserve.service:EMServe", "--host", "127.0.0.1", "--port", str(port)]
-    with open(log, "w") as out:
-        process = subprocess.Popen(command, cwd=cwd, env=environment, stdout=out, stderr=subprocess.STDOUT,
-                                   start_new_session=True, preexec_fn=_die_with_parent)
-    server = Server(f"http://127.0.0.1:{port}", process, log)
+    for attempt in range(3):
+        (port,) = free_ports()
+        log = home / f"server-{port}.log"
+        command = [str(bentoml), "serve", "emserve.service:EMServe", "--host", "127.0.0.1", "--port", str(port)]
+        with open(log, "w") as out:
+            process = subprocess.Popen(command, cwd=cwd, env=environment, stdout=out, stderr=subprocess.STDOUT,
+                                       start_new_session=True, preexec_fn=_die_with_parent)
+        server = Server(f"http://127.0.0.1:{port}", process, log)
+        try:
+            wait_ready(server, timeout)
+        except RuntimeError:
+            stop(process)
+            if attempt < 2 and "Address already in use" in log.read_text(errors="replace"):
+                continue
+            raise
+        break
     try:
-        wait_ready(server, timeout)
         yield server
     finally:
         stop(process)

@@ -16,7 +16,6 @@ import os
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -26,6 +25,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from service_server import free_ports  # beside this file
 
 from emserve.card import ModelCard
 from emserve.pipelines import GenerationRequest, generate
@@ -80,12 +80,6 @@ def export_repository(root: Path) -> tuple[Path, Path]:
         shutil.copy(folder / file, other / file)
     write_triton_config(other, ModelCard.load(folder), UNBATCHED, max_batch_size=0)
     return checkpoint, repository
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def report(config, line: str) -> None:
@@ -160,7 +154,7 @@ def served(tmp_path_factory, request):
                             capture_output=True, text=True, check=True).stdout.strip()
     env = {**os.environ, "PYTRITON_HOME": str(tmp / "pytriton-home"),  # nothing piles up in ~/.cache/pytriton
            "LD_LIBRARY_PATH": os.pathsep.join(filter(None, [libdir, os.environ.get("LD_LIBRARY_PATH")]))}
-    http, grpc = free_port(), free_port()
+    http, grpc = free_ports(2)
     log = tmp / "server.log"
     command = [python, SERVER_SCRIPT, repository, "--http-port", http, "--grpc-port", grpc, "--workspace",
                tmp / "workspace"]
@@ -312,7 +306,7 @@ def test_a_served_model_that_disagrees_with_the_card_is_refused_at_connection(se
 
 @pytest.mark.parametrize("protocol", ["http", "grpc"])
 def test_an_unreachable_server_gives_a_clear_error_quickly(protocol):
-    port = free_port()  # nothing listens there
+    (port,) = free_ports()  # nothing listens there
     card = tiny_card({"in_channels": 3, "out_channels": 3, "multipliers": [1, 2], "timestep": True})
     start = time.perf_counter()
     with pytest.raises(ConnectionError, match=rf"cannot reach the server at 127.0.0.1:{port} over {protocol}"):
