@@ -30,6 +30,7 @@ import httpx
 import numpy as np
 
 from emserve.card import ModelCard
+from emserve.diffusion import DEFAULT_STEPS
 from emserve.pipelines import GenerationRequest, generate
 from emserve.runtime.onnx import OnnxRuntime
 
@@ -106,7 +107,7 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=60.0, help="seconds of concurrent load")
     parser.add_argument("--solo", type=int, default=5, help="requests of one client alone (and in-process repeats)")
     parser.add_argument("--samples", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="sampler steps (the service's default)")
     parser.add_argument("--guidance", type=float, default=1.0)
     parser.add_argument("--threads", type=int, default=2, help="EMSERVE_THREADS of a started server")
     parser.add_argument("--ort-threads", type=int, default=1,
