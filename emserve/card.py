@@ -60,6 +60,12 @@ class ModelCard:
         return list(self.classes)  # labels; segmentation outputs
 
     @property
+    def label_classes(self) -> list[str]:
+        """The classes whose labels a generated sample carries: none for an em model, even one trained with a
+        class list (its classes describe the training data, they neither condition it nor come out of it)."""
+        return [] if self.mode == "em" else list(self.classes)
+
+    @property
     def label_map_condition(self) -> bool:
         return self.mode == "em-from-labels"
 

@@ -271,7 +271,7 @@ class GeneratedStore:
         """Write one batch: EM slices, then its crop (label codes [B,K,H,W] from `label_codes`) atomically."""
         if raw is not None:
             self.root[f"{EM_GROUP}/{EM_NAME}/s0"][batch.start: batch.start + len(raw)] = raw_to_uint8(raw)
-        labels = {name: codes[:, k] for k, name in enumerate(self.card.classes)}
+        labels = {name: codes[:, k] for k, name in enumerate(self.card.label_classes)}
         attrs = {"seeds": batch.seeds, "samples": [batch.start, batch.start + len(batch.seeds)]}
         add_crop(self.path, CropToWrite(f"crop{batch.index + 1}", (batch.start, 0, 0), labels, attrs=attrs),
                  VOXEL_SIZE)
@@ -305,6 +305,6 @@ def generate_store(card: ModelCard, denoise: Denoise, request: GenerationRequest
 def preview(card: ModelCard, raws: Sequence[np.ndarray | None], masks: Sequence[np.ndarray], path: Path,
             columns: int = 4) -> Path:
     """A PNG grid: each sample's EM beside its coloured labels."""
-    classes = card.classes
+    classes = card.label_classes
     tiles = [pair_tile(r, m if len(classes) else None, classes) for r, m in zip(raws, masks, strict=True)]
     return save_png(grid(tiles, columns=min(columns, len(tiles))), path)

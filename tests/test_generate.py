@@ -29,9 +29,9 @@ from training.ddpm import DDPMConfig, train_ddpm
 
 @pytest.fixture(scope="module")
 def checkpoints(toy_store, tmp_path_factory):
-    """Tiny pairs and em-from-labels models, trained for two steps (enough to be non-trivial functions)."""
+    """Tiny models of every mode, trained for two steps (enough to be non-trivial functions)."""
     out = {}
-    for mode in ("pairs", "em-from-labels"):
+    for mode in ("pairs", "em-from-labels", "em", "labels"):
         run = tmp_path_factory.mktemp(mode)
         cfg = DDPMConfig(stores=[str(p) for p in toy_store], out=str(run), mode=mode,
                          classes=["mito_mem", "ld_lum"], patch_size=16, width=8, multipliers=(1, 2), batch_size=4,
@@ -53,7 +53,7 @@ def test_same_seed_gives_the_same_sample_whatever_the_batch_size(checkpoints):
     a = np.concatenate([b.samples for b in generate(card, denoise, one)])
     b = np.concatenate([b.samples for b in generate(card, denoise, two)])
     np.testing.assert_allclose(a, b, atol=1e-5)
-    other = np.concatenate([b.samples for b in generate(card, denoise, GenerationRequest(samples=5, seed=8, steps=4))])
+    other = np.concatenate([b.samples for b in generate(card, denoise, dataclasses.replace(one, seed=8))])
     assert not np.allclose(a, other)
 
 
@@ -158,6 +158,29 @@ def test_cli_generates_pairs_and_em_from_the_store_labels(checkpoints, toy_store
     wrong = emserve("generate", "pairs", str(checkpoints["pairs"]), str(tmp_path / "bf16.zarr"), "--samples", "2",
                     "--steps", "2", "--backend", "torch", "--resume")
     assert wrong.returncode == 2 and "different model or request" in wrong.stderr
+
+
+def test_cli_generates_em_alone_and_label_maps_alone(checkpoints, tmp_path):
+    def emserve(*args):
+        return subprocess.run([sys.executable, "-m", "emserve.cli", *args], capture_output=True, text=True,
+                              timeout=300)
+
+    result = emserve("generate", "em", str(checkpoints["em"]), str(tmp_path / "em.zarr"), "--samples", "3",
+                     "--steps", "2")
+    assert result.returncode == 0, result.stderr
+    store = EMStore(tmp_path / "em.zarr")
+    em = np.asarray(store.em_volume(store.em_level())[:])
+    assert em.shape == (3, 16, 16) and em.std() > 0
+    assert store.crops == ("crop1",) and store.crop_classes("crop1") == ()  # trained with classes, draws no labels
+
+    result = emserve("generate", "labels", str(checkpoints["labels"]), str(tmp_path / "labels.zarr"), "--samples",
+                     "3", "--steps", "2")
+    assert result.returncode == 0, result.stderr
+    store = EMStore(tmp_path / "labels.zarr")
+    assert not np.asarray(store.em_volume(store.em_level())[:]).any()  # no EM drawn
+    crop = store.read_crop("crop1", ["mito_mem", "ld_lum"])
+    assert set(store.crop_classes("crop1")) == {"mito_mem", "ld_lum"} and crop.labels.shape == (2, 3, 16, 16)
+    assert set(np.unique(crop.labels)) <= {0, PRESENT, UNKNOWN}
 
 
 def test_rejected_samples_keep_their_em_and_lose_their_labels(checkpoints, tmp_path):
