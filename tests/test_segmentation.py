@@ -13,7 +13,7 @@ from checkpoints import CLASSES, make_checkpoint
 from emserve.card import ModelCard
 from emserve.classes import ABSENT, PRESENT, UNKNOWN
 from emserve.data.store import EMStore
-from emserve.data.writer import INFERENCE_GROUP
+from emserve.data.writer import INFERENCE_GROUP, CropToWrite, write_store
 from emserve.runtime.base import CallableRuntime
 from emserve.runtime.load import load_runtime
 from emserve.segmentation import (
@@ -154,6 +154,14 @@ def test_generated_stores_train_alone_or_mixed(toy_store, tmp_path):
     assert ModelCard.load(mixed).training["config"]["generated_fraction"] == 0.25
     with pytest.raises(ValueError, match="stores: give real stores, --generated stores, or both"):
         SegConfig(stores=[], out=str(tmp_path / "none"), classes=CLASSES)
+    # a generated store whose every sample screening rejected: nothing to learn, refused before training
+    rejected = write_store(tmp_path / "rejected.zarr", np.zeros((4, 16, 16), np.uint8), (8, 8, 8),
+                           [CropToWrite("crop1", (0, 0, 0), {c: np.full((4, 16, 16), UNKNOWN, np.uint8)
+                                                             for c in CLASSES})])
+    with pytest.raises(ValueError, match=r"stores: \[.*rejected\.zarr'\] annotate none of the classes mito_mem, "
+                                         r"ld_lum anywhere .*generate with --despeckle N"):
+        train_seg(SegConfig(stores=[], generated=[str(rejected)], out=str(tmp_path / "rej"), **common))
+    assert not (tmp_path / "rej").exists()
 
 
 def test_segment_cli_writes_predictions_that_overlay_the_source(toy_store, tmp_path):

@@ -65,6 +65,10 @@ class SegBatchSource:
                 return None
             if not crops:
                 raise ValueError(f"stores: {list(paths)} hold no labelled crops to train segmentation on")
+            if all((crop.labels == UNKNOWN).all() for crop in crops):  # the loss would be zero at every step
+                raise ValueError(f"stores: {list(paths)} annotate none of the classes {', '.join(cfg.classes)} "
+                                 "anywhere (a generated store whose samples screening all rejected, say: generate "
+                                 "with --despeckle N)")
             return PatchSampler(crops, cfg.patch_size, axis=cfg.axis, class_groups=cfg.class_groups,
                                 balance=cfg.balance)
 
