@@ -540,6 +540,41 @@ def evaluate_realism(
         _write_text(json_out, json.dumps(report, indent=2))
 
 
+@evaluate_app.command("presence")
+def evaluate_presence(
+    generated: Annotated[str, typer.Argument(help="A generated store of pairs (from `emserve generate pairs`).")],
+    real: Annotated[list[str], typer.Argument(help="Real stores with labelled crops (the model's training data, "
+                                                   "say).")],
+    classes: Annotated[str, typer.Option(help="Classes, comma-separated (default: every class the real crops "
+                                              "annotate).")] = "",
+    crops: Annotated[str, typer.Option(help="Real crops, comma-separated: 'crop3' or '<dataset>/crop3' (default: "
+                                            "every crop).")] = "",
+    voxel_size: Annotated[str, typer.Option(help="Read the real crops at this voxel size in nm, z,y,x (default: "
+                                                 "the finest); match the model's training data.")] = "",
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the report as JSON here.")] = None,
+) -> None:
+    """Share of generated samples that hold each class, beside the share of real patches of their size.
+
+    A sample holds a class only if one of its objects is at least as large as the smallest tenth of the real
+    ones, so specks do not count. Compare two generated stores (unguided, and with `--present <class>`) to see
+    whether class-presence guidance raises a rare class's share.
+    """
+    from emserve.evaluation import evaluate_presence as run
+    from emserve.metrics import format_score
+
+    report = run(generated, real, _csv(classes) or _annotated_classes(real), crops=_csv(crops),
+                 voxel_size=_voxel_size(voxel_size))
+    table = Table(title=f"{report['samples']} samples of {generated} vs real {report['patch_size']}-pixel patches")
+    for col in ("class", "min object (pixels)", "generated", "real"):
+        table.add_column(col, justify="left" if col == "class" else "right")
+    for row in report["classes"]:
+        table.add_row(row["name"], str(row["min_object_pixels"]), format_score(row["generated"]),
+                      format_score(row["real"]))
+    console.print(table)
+    if json_out is not None:
+        _write_text(json_out, json.dumps(report, indent=2))
+
+
 @evaluate_app.command("transfer")
 def evaluate_transfer(
     model: Annotated[str, typer.Argument(help="An em-from-labels model (folder, checkpoint or Triton URL).")],

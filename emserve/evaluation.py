@@ -1,4 +1,5 @@
-"""`emserve evaluate`: a segmentation network against held-out annotations, and generated EM against real EM.
+"""`emserve evaluate`: a segmentation network against held-out annotations, generated EM against real EM, and how
+often generated pairs hold each class against how often real patches do.
 
 Stores in, JSON-ready reports out; the numbers come from emserve.metrics, the predictions from the same tiled
 inference as `emserve segment`, so what is evaluated is what users run.
@@ -6,15 +7,23 @@ inference as `emserve segment`, so what is evaluated is what users run.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 
+from emserve.classes import UNKNOWN
 from emserve.data.patches import RawPatchSampler
 from emserve.data.store import EMStore, LabelledCrop
 from emserve.diffusion import DEFAULT_LABEL_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_SPACING, DEFAULT_STEPS
-from emserve.metrics import Counts, realism, segmentation_report
+from emserve.metrics import (
+    Counts,
+    plane_object_sizes,
+    presence_share,
+    presence_threshold,
+    realism,
+    segmentation_report,
+)
 from emserve.pictures import grid, raw_to_rgb, save_png
 from emserve.pipelines import GenerationRequest, generate, label_codes, store_label_maps
 from emserve.runtime.base import Runtime
@@ -83,6 +92,41 @@ def evaluate_label_transfer(denoiser: Runtime, segmenter: Runtime, label_store: 
     report.update({"label_store": label_store, "dataset": dataset, "samples": len(maps), "seed": seed,
                    "sampler": sampler, "steps": steps, "spacing": spacing, "guidance": guidance})
     return report
+
+
+def evaluate_presence(generated: str, real: Sequence[str], classes: Sequence[str], *, crops: Sequence[str] = (),
+                      voxel_size: Sequence[float] | None = None) -> dict:
+    """Per class, the share of generated samples that hold an object of real size, beside the share of real
+    patches of the samples' size that do: does the model draw a class as often as the data holds it, and does
+    class-presence guidance raise that share? ("Of real size": emserve.metrics, presence.)
+
+    Real patches are the real crops' z-planes cut into non-overlapping tiles of the samples' size (edges left
+    out), at `voxel_size` (default: the finest); only samples and tiles where the class is annotated count (a
+    sample that screening rejected has no labels).
+    """
+    store = EMStore(generated)
+    drawn = [store.read_crop(crop, classes).labels for crop in store.crops]  # [K, N, P, P] each
+    if not drawn:
+        raise ValueError(f"generated: {generated} holds no label maps; generate pairs (`emserve generate pairs`)")
+    size = drawn[0].shape[-1]
+    real_crops = held_out_crops(real, classes, crops, voxel_size)
+    rows = []
+    for k, name in enumerate(classes):
+        min_pixels = presence_threshold(np.concatenate([plane_object_sizes(c.labels[k]) for c in real_crops]))
+        samples = [plane for labels in drawn for plane in labels[k]]
+        tiles = [tile for c in real_crops for tile in _tiles(c.labels[k], size)]
+        rows.append({"name": name, "min_object_pixels": min_pixels, "generated": presence_share(samples, min_pixels),
+                     "real": presence_share(tiles, min_pixels)})
+    return {"generated_store": generated, "real_stores": list(real), "crops": [f"{c.dataset}/{c.name}" for c in
+            real_crops], "samples": sum(int((d != UNKNOWN).any(axis=(0, 2, 3)).sum()) for d in drawn),
+            "patch_size": size, "classes": rows}
+
+
+def _tiles(labels: np.ndarray, size: int) -> Iterator[np.ndarray]:
+    """Non-overlapping size x size tiles [size, size] of every plane of labels [Z, Y, X]."""
+    for y in range(0, labels.shape[1] - size + 1, size):
+        for x in range(0, labels.shape[2] - size + 1, size):
+            yield from labels[:, y:y + size, x:x + size]
 
 
 def generated_patches(path: str, count: int) -> np.ndarray:

@@ -4,6 +4,10 @@ Segmentation: per-class Dice (F1), IoU, precision and recall from voxel counts s
 Voxels where a class was not annotated are left out for that class (never counted as absent), and a class
 annotated nowhere is reported as such, not as zero.
 
+Presence: does a sample hold a class? Only if one of its 2D objects (4-connected pixels) is at least as large as
+the smallest tenth of the class's real objects: an undertrained model sprinkles specks of every class everywhere,
+and counting specks would call every sample a hit.
+
 Realism: Frechet distance (FD) and kernel inception distance (KID) between feature sets of real and generated
 patches. The features come from a fixed, hand-built filter bank that ships with the code (no weights to
 download, identical on every machine): at several scales, the mean and spread of smoothed intensity, gradient
@@ -83,6 +87,26 @@ def segmentation_report(names: Sequence[str], counts: Sequence[Counts]) -> dict:
         values = [getattr(s, metric) for s in scores if getattr(s, metric) is not None]
         mean[metric] = float(np.mean(values)) if values else None
     return {"classes": [asdict(s) for s in scores], "mean": mean}
+
+
+# --- presence -------------------------------------------------------------------------------------------------
+def plane_object_sizes(labels: np.ndarray) -> np.ndarray:
+    """Pixel counts of the 2D connected objects (4-connected, PRESENT voxels) of each plane of labels [Z, Y, X]."""
+    sizes = [np.bincount(ndimage.label(plane == PRESENT)[0].ravel())[1:] for plane in labels]
+    return np.concatenate(sizes) if sizes else np.zeros(0, np.int64)
+
+
+def presence_threshold(real_sizes: np.ndarray) -> int:
+    """The smallest object that counts as the class drawn: the 10th percentile of the real object sizes (at least
+    one pixel; one pixel where the real data holds no object of the class)."""
+    return max(1, int(np.percentile(real_sizes, 10))) if real_sizes.size else 1
+
+
+def presence_share(planes: Sequence[np.ndarray], min_pixels: int) -> float | None:
+    """Share of the annotated planes [Y, X] that hold an object of at least `min_pixels`; None if none is
+    annotated."""
+    hits = [bool((plane_object_sizes(p[None]) >= min_pixels).any()) for p in planes if (p != UNKNOWN).any()]
+    return float(np.mean(hits)) if hits else None
 
 
 # --- realism --------------------------------------------------------------------------------------------------

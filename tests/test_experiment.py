@@ -7,16 +7,15 @@ import sys
 import numpy as np
 from checkpoints import CLASSES
 
-from emserve.classes import PRESENT, UNKNOWN
+from emserve.classes import UNKNOWN
 from emserve.data.patches import load_crops
 from emserve.data.store import EMStore
+from emserve.metrics import plane_object_sizes
 from training.experiment import (
     ARMS,
     RENDERED_ARM,
     ExperimentConfig,
     few_label_maps,
-    plane_object_sizes,
-    real_object_sizes,
     split_in_proportion,
 )
 
@@ -88,23 +87,3 @@ def test_rendered_samples_are_shared_among_datasets_in_proportion_and_add_up():
     assert split_in_proportion(256, [10, 10, 10]) == [86, 85, 85]
     assert split_in_proportion(8, [1000, 1]) == [8, 0]  # a dataset with a sliver of the maps may get none
     assert split_in_proportion(7, [3, 1]) == [5, 2]
-
-
-def test_objects_are_counted_per_plane_with_4_connectivity():
-    labels = np.zeros((2, 8, 8), np.uint8)
-    labels[0, 1:4, 1:4] = PRESENT  # a 3x3 object
-    labels[0, 6, 6] = labels[0, 7, 7] = PRESENT  # two specks touching only at a corner
-    labels[1, 0, :] = PRESENT  # a line in the next plane: not joined to the square above it
-    labels[1, 5, 5] = UNKNOWN  # unannotated is no object
-    assert sorted(plane_object_sizes(labels).tolist()) == [1, 1, 8, 9]
-    assert plane_object_sizes(np.zeros((0, 4, 4), np.uint8)).size == 0
-
-
-def test_real_object_sizes_are_2d_per_plane_of_every_training_crop(toy_store, tmp_path):
-    cfg = ExperimentConfig(stores=[str(p) for p in toy_store], out=str(tmp_path), holdout=["toy_b/crop1"],
-                           classes=list(CLASSES))
-    crops = {"toy_a": ["crop1"], "toy_b": []}
-    labels = EMStore(toy_store[0]).read_crop("crop1", [CLASSES[0]]).labels[0]  # [Z, Y, X]
-    expected = np.concatenate([plane_object_sizes(labels[z:z + 1]) for z in range(len(labels))])
-    got = real_object_sizes(cfg, crops, CLASSES[0])
-    assert sorted(got.tolist()) == sorted(expected.tolist()) and got.size > len(labels) > 1

@@ -10,9 +10,9 @@ import pytest
 from checkpoints import CLASSES, make_checkpoint
 
 from emserve.classes import ABSENT, PRESENT, UNKNOWN
-from emserve.data.writer import write_store
-from emserve.evaluation import evaluate_realism, held_out_crops
-from emserve.metrics import Counts, frechet_distance, kernel_distance, segmentation_report
+from emserve.data.writer import CropToWrite, write_store
+from emserve.evaluation import evaluate_presence, evaluate_realism, held_out_crops
+from emserve.metrics import Counts, frechet_distance, kernel_distance, plane_object_sizes, segmentation_report
 from training.export import export_model
 
 
@@ -100,9 +100,57 @@ def test_label_transfer_scores_the_segmentation_of_rendered_labels(toy_store):
     # a segmenter that finds the first class where the image is bright and never the second
     segmenter = CallableRuntime(seg_card, lambda x, t, cond: np.concatenate([20 * x, np.full_like(x, -20)], 1),
                                 backend="test")
-    report = evaluate_label_transfer(renderer, segmenter, str(toy_store[0]), dataset=None, samples=6, steps=5,
+    report = evaluate_label_transfer(renderer, segmenter, str(toy_store[0]), dataset=None, samples=64, steps=5,
                                      sampler="ddim", guidance=1.0)
     first, second = report["classes"]
     assert first["dice"] == pytest.approx(1.0) and first["present"] > 0
-    assert second["recall"] == 0.0 or second["present"] == 0
-    assert report["samples"] == 6
+    assert second["present"] > 0 and second["recall"] == 0.0  # 64 windows: some hold the lipid droplet
+    assert report["samples"] == 64
+
+
+def test_objects_are_counted_per_plane_with_4_connectivity():
+    labels = np.zeros((2, 8, 8), np.uint8)
+    labels[0, 1:4, 1:4] = PRESENT  # a 3x3 object
+    labels[0, 6, 6] = labels[0, 7, 7] = PRESENT  # two specks touching only at a corner
+    labels[1, 0, :] = PRESENT  # a line in the next plane: not joined to the square above it
+    labels[1, 5, 5] = UNKNOWN  # unannotated is no object
+    assert sorted(plane_object_sizes(labels).tolist()) == [1, 1, 8, 9]
+    assert plane_object_sizes(np.zeros((0, 4, 4), np.uint8)).size == 0
+
+
+def _square(labels: np.ndarray, z: int, y: int, x: int, side: int) -> None:
+    labels[z, y:y + side, x:x + side] = PRESENT
+
+
+def test_presence_counts_objects_of_real_size_in_samples_and_in_real_patches_of_their_size(tmp_path):
+    # real: two 32x32 planes = eight 16x16 patches; 3x3 mitochondria in three of them, so objects of 9 pixels
+    # are the smallest real tenth and a patch holds the class in 3 of 8
+    real = np.zeros((2, 32, 32), np.uint8)
+    for z, y, x in ((0, 2, 2), (0, 20, 4), (1, 18, 18)):
+        _square(real, z, y, x, 3)
+    real_store = write_store(tmp_path / "real.zarr", np.zeros((2, 32, 32), np.uint8), (8, 8, 8),
+                             [CropToWrite("crop1", (0, 0, 0), {"mito_mem": real})])
+    # generated: five 16x16 samples; a 3x3 object, a 2x2 speck (too small), both, nothing, and one that screening
+    # rejected (unknown labels): the class is held by 2 of the 4 samples with labels
+    drawn = np.zeros((5, 16, 16), np.uint8)
+    _square(drawn, 0, 5, 5, 3)
+    _square(drawn, 1, 5, 5, 2)
+    _square(drawn, 2, 1, 1, 3)
+    _square(drawn, 2, 10, 10, 2)
+    drawn[4] = UNKNOWN
+    generated = write_store(tmp_path / "gen.zarr", np.zeros((5, 16, 16), np.uint8), (8, 8, 8),
+                            [CropToWrite("samples", (0, 0, 0), {"mito_mem": drawn})])
+    cmd = [sys.executable, "-m", "emserve.cli", "evaluate", "presence", str(generated), str(real_store),
+           "--classes", "mito_mem", "--json", str(tmp_path / "p.json")]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    report = json.loads((tmp_path / "p.json").read_text())
+    assert report["samples"] == 4 and report["patch_size"] == 16 and report["crops"] == ["real/crop1"]
+    assert report["classes"] == [{"name": "mito_mem", "min_object_pixels": 9, "generated": 0.5, "real": 3 / 8}]
+    assert "mito_mem" in done.stdout and "0.500" in done.stdout and "0.375" in done.stdout
+
+
+def test_presence_refuses_a_store_without_label_maps(toy_store, tmp_path):
+    em_only = write_store(tmp_path / "em.zarr", np.zeros((3, 16, 16), np.uint8), (8, 8, 8))
+    with pytest.raises(ValueError, match=r"generated: .*em\.zarr holds no label maps; generate pairs"):
+        evaluate_presence(str(em_only), [str(toy_store[0])], CLASSES)

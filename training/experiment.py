@@ -27,14 +27,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-from scipy import ndimage
 
 from emserve.card import ModelCard
 from emserve.classes import PRESENT, UNKNOWN
 from emserve.data.patches import PatchSampler, label_channels, load_crops
 from emserve.data.store import EMStore
 from emserve.diffusion import DEFAULT_LABEL_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_SPACING, DEFAULT_STEPS
-from emserve.evaluation import evaluate_realism, evaluate_segmentation, held_out_crops
+from emserve.evaluation import evaluate_presence, evaluate_realism, evaluate_segmentation, held_out_crops
 from emserve.metrics import format_score
 from emserve.pipelines import GenerationRequest, LabelSource, generate_store
 from emserve.postprocess import Screening
@@ -223,38 +222,21 @@ def _shuffled(labels: np.ndarray, seed: int) -> LabelSource:
 
 
 def class_balance(cfg: ExperimentConfig, ddpm_run: Path, crops: dict[str, list[str]]) -> dict:
-    """Share of generated samples containing the rarest training class, unguided vs guided to contain it.
-
-    A sample contains the class only if one of its objects is at least as large as the smallest tenth of the
-    real ones (2D connected pixels): an undertrained model sprinkles specks of every class everywhere, and
-    counting specks would call every sample a hit, guided or not.
-    """
+    """Share of generated samples holding the rarest training class (an object of real size: emserve.metrics,
+    presence), unguided vs guided to contain it, beside the share of real training patches that hold it."""
     checkpoint = sorted(ddpm_run.glob("step-*"))[-1]
     card = ModelCard.load(checkpoint)
     rare = rarest_class(cfg, crops)
-    real = real_object_sizes(cfg, crops, rare)
-    min_pixels = max(1, int(np.percentile(real, 10))) if real.size else 1
-    shares = {}
+    training = [f"{dataset}/{crop}" for dataset, names in crops.items() for crop in names]
+    found = {}
     for name, present in (("unguided", ()), ("guided", (rare,))):
         # unscreened: the question is what the model draws, not what survives screening
         store = _generate(cfg, checkpoint, ddpm_run.parent / f"balance-{name}.zarr", present, screen=False)
-        root = EMStore(store)
-        found = [root.read_crop(c, [rare]).labels[0] for c in root.crops]
-        shares[name] = float(np.mean([(plane_object_sizes(crop[i:i + 1]) >= min_pixels).any()
-                                      for crop in found for i in range(len(crop))]))
-    return {"class": rare, "model_classes": card.classes, "min_object_pixels": min_pixels, **shares}
-
-
-def real_object_sizes(cfg: ExperimentConfig, crops: dict[str, list[str]], name: str) -> np.ndarray:
-    """Pixel counts of the 2D objects of class `name` in every z-plane of the training crops."""
-    sizes = [plane_object_sizes(labels[0]) for labels in _training_labels(cfg, crops, [name])]
-    return np.concatenate(sizes) if sizes else np.zeros(0, np.int64)
-
-
-def plane_object_sizes(labels: np.ndarray) -> np.ndarray:
-    """Pixel counts of the 2D connected objects (4-connected, PRESENT voxels) of each z-plane of `labels`."""
-    sizes = [np.bincount(ndimage.label(plane == PRESENT)[0].ravel())[1:] for plane in labels]
-    return np.concatenate(sizes) if sizes else np.zeros(0, np.int64)
+        found[name] = evaluate_presence(str(store), cfg.stores, [rare], crops=training,
+                                        voxel_size=cfg.voxel_size)["classes"][0]
+    return {"class": rare, "model_classes": card.classes, "min_object_pixels": found["guided"]["min_object_pixels"],
+            "real": found["guided"]["real"], "unguided": found["unguided"]["generated"],
+            "guided": found["guided"]["generated"]}
 
 
 def _training_labels(cfg: ExperimentConfig, crops: dict[str, list[str]], classes: list[str],
@@ -316,7 +298,8 @@ def markdown_report(report: dict) -> str:
     lines += ["", "## Class-presence guidance", "",
               f"Rarest training class: `{balance['class']}`. Share of generated samples containing it (an "
               f"object of at least {balance['min_object_pixels']} pixels, the smallest tenth of the real ones): "
-              f"{balance['unguided']:.2f} unguided, {balance['guided']:.2f} guided to contain it.", "",
+              f"{format_score(balance['unguided'])} unguided, {format_score(balance['guided'])} guided to contain it; "
+              f"real training patches of the same size: {format_score(balance['real'])}.", "",
               "## Pictures", "", "Generated pairs (EM beside labels): ![full](generated-full.png) "
               "![few](generated-few.png)", ""]
     if report.get("rendered"):
