@@ -413,7 +413,7 @@ def test_tasks_run_big_batches_and_stop_when_cancelled(client):
     assert result["em"].shape == (12, 16, 16) and result["seeds"].tolist() == [sample_seed(5, i) for i in range(12)]
 
     long = client.post("/generate_pairs_task/submit", json={"samples": 400, "steps": 50}).json()["task_id"]
-    time.sleep(0.5)
+    wait_task(client, long, until="in_progress")  # cancelled while it runs, not before it starts
     client.put("/generate_pairs_task/cancel", params={"task_id": long})  # bentoml serve answers 400, yet marks it
     assert wait_task(client, long) == "failed"
     stopped = client.get("/generate_pairs_task/get", params={"task_id": long})
@@ -422,14 +422,15 @@ def test_tasks_run_big_batches_and_stop_when_cancelled(client):
     assert too_many.status_code == 400 and "EMSERVE_MAX_TASK_SAMPLES" in error(too_many)
 
 
-def wait_task(client: httpx.Client, task: str, timeout: float = 30) -> str:
+def wait_task(client: httpx.Client, task: str, timeout: float = 30, until: str | None = None) -> str:
+    """The task's status once it is `until`, or (by default) once it has ended."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         status = client.get("/generate_pairs_task/status", params={"task_id": task}).json()["status"]
-        if status not in ("in_progress", "canceled"):  # "canceled" until the task notices and stops
-            return status
+        if status == until or (until is None and status not in ("in_progress", "canceled")):
+            return status  # "canceled" lasts until the task notices and stops
         time.sleep(0.2)
-    raise TimeoutError(f"task {task} still running after {timeout} s")
+    raise TimeoutError(f"task {task} not {until or 'ended'} after {timeout} s")
 
 
 def test_concurrent_clients_get_their_own_samples(server):
