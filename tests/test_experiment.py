@@ -33,6 +33,11 @@ def test_the_smoke_experiment_scores_every_arm_and_resumes(toy_store, tmp_path):
     assert report["held_out"] == ["toy_b/crop1"]
     assert report["training_crops"] == {"toy_a": ["crop1"], "toy_b": []}
     assert list(report["arms"]) == [*ARMS, RENDERED_ARM]
+    cards = list(out.glob("*/step-*/card.json"))  # every network the experiment trained: none saw the held-out labels
+    assert len({c.parents[1] for c in cards}) == len(report["arms"]) + 3  # + the full, few and from-labels DDPMs
+    for card in cards:
+        crops = json.loads(card.read_text())["training"]["config"]["crops"]
+        assert crops is not None and "crop1" not in crops.get("toy_b", []), card
     for arm in report["arms"]:
         assert [c["name"] for c in report["arms"][arm]["classes"]] == CLASSES
         assert report["arms"][arm]["crops"] == ["toy_b/crop1"]
