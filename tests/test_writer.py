@@ -9,7 +9,6 @@ import pytest
 
 from emserve import __version__
 from emserve.classes import ABSENT, PRESENT, UNKNOWN
-from emserve.data import writer
 from emserve.data.store import EMStore
 from emserve.data.writer import CropToWrite, add_crop, atomic_directory, provenance, write_store
 
@@ -106,26 +105,25 @@ def test_provenance_is_written(tmp_path):
     assert attrs["seed"] == 3 and attrs["model_sha256"] == "ab" * 32 and attrs["command"] == ["emserve", "generate"]
 
 
-def test_failure_in_the_middle_leaves_nothing(tmp_path, monkeypatch):
-    real_create, calls = writer._create, []
+def bad_crop() -> CropToWrite:
+    """A crop with a class array holding a value that is no label: writing it fails with the EM pyramid already
+    on disk."""
+    data = labels()
+    data["er_mem"] = np.full((4, 8, 8), 7, np.uint8)
+    return CropToWrite("crop1", (2, 4, 6), data)
 
-    def failing_create(*args, **kwargs):
-        calls.append(args[1])
-        if len(calls) == 3:  # EM s0 and s1 written, then the first label array fails
-            raise OSError("disk full")
-        return real_create(*args, **kwargs)
 
-    monkeypatch.setattr(writer, "_create", failing_create)
-    with pytest.raises(OSError, match="disk full"):
-        write_store(tmp_path / "out" / "gen.zarr", raw_volume(), VOXEL, [crop()])
+def test_failure_in_the_middle_leaves_nothing(tmp_path):
+    with pytest.raises(ValueError, match=r"crop crop1/er_mem: label values must be 0 \(absent\), 1 \(present\) or "
+                                         r"255 \(unknown\); found \[7\]"):
+        write_store(tmp_path / "out" / "gen.zarr", raw_volume(), VOXEL, [bad_crop()])
     assert siblings(tmp_path / "out" / "gen.zarr") == []  # neither the store nor its temporary folder
 
 
-def test_failed_overwrite_keeps_the_old_store(tmp_path, monkeypatch):
+def test_failed_overwrite_keeps_the_old_store(tmp_path):
     path = write_store(tmp_path / "gen.zarr", raw_volume(), VOXEL, attrs={"generation": 1})
-    monkeypatch.setattr(writer, "_create", lambda *a, **k: (_ for _ in ()).throw(OSError("boom")))
-    with pytest.raises(OSError):
-        write_store(path, raw_volume(), VOXEL, attrs={"generation": 2}, overwrite=True)
+    with pytest.raises(ValueError, match="label values must be"):
+        write_store(path, raw_volume(), VOXEL, [bad_crop()], attrs={"generation": 2}, overwrite=True)
     assert json.loads((path / ".zattrs").read_text())["generation"] == 1
     assert siblings(path) == ["gen.zarr"]
 
