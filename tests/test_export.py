@@ -172,7 +172,8 @@ def test_exported_segmentation_network_segments_like_eager_torch(exported):
     x = np.random.default_rng(0).uniform(-1, 1, (2, 1, 24, 16)).astype(np.float32)
     with torch.no_grad():
         expected = model(torch.from_numpy(x)).numpy()
-    for runtime in (OnnxRuntime(models["segmentation"], threads=1), TorchScriptRuntime(models["segmentation"]),
+    for runtime in (OnnxRuntime(models["segmentation"], threads=1, device="cpu"),
+                    TorchScriptRuntime(models["segmentation"], device="cpu"),
                     load_runtime(ckpt["segmentation"], device="cpu")):  # eager torch on the checkpoint
         logits = runtime.segment(x)
         assert logits.shape == (2, 2, 24, 16) and logits.dtype == np.float32

@@ -37,7 +37,7 @@ def peak_of(call):
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
 
 model, backend, size = sys.argv[1], sys.argv[2], int(sys.argv[3])
-runtime = load_runtime(model, backend, **({"threads": 1} if backend == "onnx" else {}))
+runtime = load_runtime(model, backend, device="cpu", **({"threads": 1} if backend == "onnx" else {}))  # host memory
 x = np.random.default_rng(0).standard_normal((33, 1, size, size), dtype=np.float32)
 runtime.segment(x[:1])
 peaks = [peak_of(lambda b=batch: runtime.segment(x[:b])) for batch in (9, 33)]

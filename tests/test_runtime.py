@@ -57,8 +57,8 @@ def samples(runtime, request, mode):
 @pytest.mark.parametrize("mode", ["pairs", "em-from-labels"])
 def test_same_seed_and_request_give_the_same_samples_on_every_backend(models, mode):
     checkpoint, folder = models[mode]
-    runtimes = [load_runtime(checkpoint, "torch", device="cpu"), OnnxRuntime(folder, threads=1),
-                TorchScriptRuntime(folder)]
+    runtimes = [load_runtime(checkpoint, "torch", device="cpu"), OnnxRuntime(folder, threads=1, device="cpu"),
+                TorchScriptRuntime(folder, device="cpu")]
     assert [r.backend for r in runtimes] == ["torch", "onnx", "torchscript"]
     results = [samples(r, REQUESTS[mode], mode) for r in runtimes]
     assert results[0].shape == (3, len(runtimes[0].card.channels), 16, 16)
@@ -86,7 +86,7 @@ def test_bf16_runs_the_same_model_in_bf16_and_only_on_the_torch_backends(models,
 
 
 def test_runtimes_refuse_requests_the_card_does_not_allow_and_say_what_it_takes(models):
-    runtime = OnnxRuntime(models["pairs"][1], threads=1)
+    runtime = OnnxRuntime(models["pairs"][1], threads=1, device="cpu")
     x, t = np.zeros((2, 3, 16, 16), np.float32), np.full(2, 10.0, np.float32)
     cond = {"classes": np.zeros((2, 2), np.float32), "dataset": np.array([0, -1])}
     assert runtime(x, t, cond).shape == (2, 3, 16, 16)
