@@ -95,7 +95,7 @@ def test_sigkill_loses_at_most_one_checkpoint_interval(toy_store, tmp_path):
 
 def test_torchrun_data_parallel_with_two_processes(toy_store, tmp_path):
     run = tmp_path / "ddp"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}  # two CPU ranks on any machine
     with socket.socket() as s:  # torchrun's static rendezvous needs a concrete free port
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
