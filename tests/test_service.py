@@ -38,6 +38,7 @@ from emserve.diffusion import DEFAULT_LABEL_GUIDANCE
 from emserve.pictures import raw_to_uint8
 from emserve.pipelines import GenerationRequest, generate, label_codes, sample_seed, split_channels
 from emserve.runtime.onnx import OnnxRuntime
+from emserve.segmentation import segment_array
 from emserve.uploads import npz_bytes, zip_folder
 
 CLASSES = ["mito_mem", "ld_lum"]
@@ -223,7 +224,7 @@ def test_generate_from_labels_takes_index_maps_masks_pngs_and_zarr_stores(client
                                                         steps=3, guidance=DEFAULT_LABEL_GUIDANCE))["em"])
 
 
-def test_segment_images_and_volumes_from_npy_tiff_png_and_zarr(client, tmp_path):
+def test_segment_images_and_volumes_from_npy_tiff_png_and_zarr(client, models, tmp_path):
     import tifffile
 
     volume = np.random.default_rng(0).integers(0, 256, (3, 24, 20), dtype=np.uint8)
@@ -235,6 +236,15 @@ def test_segment_images_and_volumes_from_npy_tiff_png_and_zarr(client, tmp_path)
     assert np.array_equal(result["masks"][clear], (probs > 0.5)[clear])
     assert result["classes"].tolist() == CLASSES
     assert json.loads(result["metadata"].item())["parameters"]["image"] == {"shape": [3, 24, 20], "dtype": "uint8"}
+    with OnnxRuntime(models / "tiny-seg", threads=1) as runtime:  # what `emserve segment` computes, in-process
+        np.testing.assert_allclose(probs, segment_array(runtime, volume), atol=1e-3)  # float16 over HTTP
+        across = unpack(post(client, "segment", ("image", npy(volume)), axis="y", tile=16, overlap=4, threshold=0.8,
+                             probabilities=True))
+        expected = segment_array(runtime, volume, axis="y", tile=16, overlap=4)
+    np.testing.assert_allclose(across["probabilities"].astype(np.float32), expected, atol=1e-3)
+    clear = np.abs(expected - 0.8) > 1e-3
+    assert np.array_equal(across["masks"][clear], (expected > 0.8)[clear]) and not np.array_equal(
+        across["masks"], result["masks"])
 
     buffer = io.BytesIO()
     tifffile.imwrite(buffer, volume, photometric="minisblack")
