@@ -459,8 +459,8 @@ class EMServe:
                                present=settings["present"] or (), absent=settings["absent"] or (),
                                label_method=settings["label_method"], despeckle=settings["despeckle"])
         screening = Screening() if settings["screen"] else None
-        return self.generated(ctx, name, runtime, request, None, settings["output"], screening, "generate_pairs", {},
-                              progress)
+        return self.generated(ctx, name, runtime, request, None, settings["output"], screening, "generate_pairs",
+                              {"screen": settings["screen"]}, progress)
 
     def generated(self, ctx: bentoml.Context, name: str, runtime: Runtime, request: GenerationRequest,
                   maps: np.ndarray | None, output: str, screening: Screening | None, endpoint: str,

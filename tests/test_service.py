@@ -37,6 +37,7 @@ from emserve.data.writer import CropToWrite, write_store
 from emserve.diffusion import DEFAULT_LABEL_GUIDANCE
 from emserve.pictures import raw_to_uint8
 from emserve.pipelines import GenerationRequest, generate, label_codes, sample_seed, split_channels
+from emserve.postprocess import Screening
 from emserve.runtime.onnx import OnnxRuntime
 from emserve.segmentation import segment_array
 from emserve.uploads import npz_bytes, zip_folder
@@ -162,6 +163,25 @@ def test_generate_pairs_gives_the_pipelines_samples_and_records_how(client, mode
     assert np.array_equal(spacings["karras"], raw_to_uint8(karras.samples[:, 0]))
     assert np.array_equal(spacings[local.spacing], result["em"])  # the default is what GenerationRequest says
     assert not np.array_equal(spacings["karras"], spacings["trailing"])
+
+
+@pytest.mark.parametrize("options", [{"sampler": "ddim"}, {"sampler": "dpmpp_2m", "rescale": 0.7},
+                                     {"label_method": "argmax"}, {"screen": True, "despeckle": 3}])
+def test_every_generation_option_gives_what_the_pipeline_gives_in_process(client, models, options):
+    request = {"samples": 4, "seed": 2, "steps": 3, "guidance": 2.0, **options}
+    result = unpack(post(client, "generate_pairs", **request))
+    card = ModelCard.load(models / "tiny-pairs")
+    local = GenerationRequest(**{k: v for k, v in request.items() if k != "screen"})
+    with OnnxRuntime(models / "tiny-pairs", threads=1) as runtime:
+        (batch,) = generate(card, runtime, local)
+    raw, masks = split_channels(card, batch, local)
+    screening = Screening() if options.get("screen") else None
+    assert np.array_equal(result["em"], raw_to_uint8(raw))
+    assert np.array_equal(result["labels"], label_codes(card, masks, screening))
+    record = json.loads(result["metadata"].item())
+    assert all(record["parameters"][k] == v for k, v in options.items())
+    if screening is not None:
+        assert record["screening"] == screening.summary()
 
 
 def test_generate_pairs_as_png_preview_and_zipped_zarr_store(client, tmp_path):
