@@ -441,6 +441,9 @@ def test_tasks_run_big_batches_and_stop_when_cancelled(client):
     assert status == "completed"
     result = unpack(client.get("/generate_pairs_task/get", params={"task_id": task}))
     assert result["em"].shape == (12, 16, 16) and result["seeds"].tolist() == [sample_seed(5, i) for i in range(12)]
+    synchronous = unpack(post(client, "generate_pairs", samples=8, seed=5, steps=2))  # at most 8 here
+    assert np.array_equal(result["em"][:8], synchronous["em"])  # a sample depends on its seed, not on its batch
+    assert np.array_equal(result["labels"][:8], synchronous["labels"])
 
     long = client.post("/generate_pairs_task/submit", json={"samples": 400, "steps": 50}).json()["task_id"]
     wait_task(client, long, until="in_progress")  # cancelled while it runs, not before it starts
