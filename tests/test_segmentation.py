@@ -9,6 +9,7 @@ import pytest
 import torch
 import zarr
 from checkpoints import CLASSES, make_checkpoint
+from PIL import Image
 
 from emserve.card import ModelCard
 from emserve.classes import ABSENT, PRESENT, UNKNOWN
@@ -193,6 +194,14 @@ def test_segment_cli_writes_predictions_that_overlay_the_source(toy_store, tmp_p
     assert half.returncode == 2 and "precision: 'bf16' needs backend torchscript or torch" in half.stderr
     kept = zarr.open_group(str(out), mode="r")  # --overwrite was given, but the store is left as it was
     assert kept.attrs["emserve"]["segmented"]["model"]["precision"] == "fp32"
+
+    plane = np.asarray(store.em_volume(level)[3])  # one slice as a PNG: read as 0..255, no contrast window
+    Image.fromarray(plane).save(tmp_path / "slice.png")
+    from_png = subprocess.run([sys.executable, "-m", "emserve.cli", "segment", str(model), str(tmp_path / "slice.png"),
+                               str(tmp_path / "png.zarr"), "--tile", "32"], capture_output=True, text=True, timeout=120)
+    assert from_png.returncode == 0, from_png.stderr
+    masks = zarr.open_group(str(tmp_path / "png.zarr"), mode="r")[f"{INFERENCE_GROUP}/segmentation/{CLASSES[0]}/s0"]
+    np.testing.assert_array_equal(masks[...], segment_array(load_runtime(model, "onnx"), plane[None], tile=32)[0] > 0.5)
 
 
 def test_segment_store_leaves_nothing_behind_when_it_fails(tmp_path):
