@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -20,7 +22,7 @@ from emserve.runtime.load import load_runtime
 from emserve.runtime.onnx import ONNX_FILE, OnnxRuntime
 from emserve.runtime.torchscript import TORCHSCRIPT_FILE, TorchScriptRuntime
 from emserve.triton_config import triton_config
-from training.checkpoint import EMA_FILE
+from training.checkpoint import EMA_FILE, MODEL_FILE
 from training.export import ParityError, check_parity, export_model, load_module
 
 onnx = pytest.importorskip("onnx")
@@ -183,3 +185,18 @@ def test_exported_segmentation_network_segments_like_eager_torch(exported):
         with pytest.raises(ValueError, match="t: this model has no timestep input"):
             runtime(x, np.zeros(2, np.float32), {})
     assert (models["segmentation"] / TORCHSCRIPT_FILE).is_file()
+
+
+def test_export_cli_picks_the_weights_and_fails_cleanly_on_parity(exported, tmp_path):
+    ckpt, _, _ = exported
+    cli = [sys.executable, "-m", "emserve.cli", "export", str(ckpt["segmentation"]), str(tmp_path), "--exporter",
+           "legacy"]
+    done = subprocess.run([*cli, "--name", "raw-weights", "--weights", "model"], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    card = ModelCard.load(tmp_path / "raw-weights")
+    assert card.weights == {MODEL_FILE: ModelCard.load(ckpt["segmentation"]).weights[MODEL_FILE]}
+    strict = subprocess.run([*cli, "--name", "strict", "--tolerance", "0"], capture_output=True, text=True,
+                            timeout=300)
+    assert strict.returncode == 2 and "beyond the tolerance 0" in strict.stderr
+    assert "Traceback" not in strict.stderr and sorted(os.listdir(tmp_path)) == ["raw-weights"]
