@@ -7,13 +7,13 @@ inference as `emserve segment`, so what is evaluated is what users run.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
 from emserve.classes import UNKNOWN
-from emserve.data.patches import RawPatchSampler
+from emserve.data.patches import PatchSampler, RawPatchSampler
 from emserve.data.store import EMStore, LabelledCrop
 from emserve.diffusion import DEFAULT_LABEL_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_SPACING, DEFAULT_STEPS
 from emserve.metrics import (
@@ -100,9 +100,9 @@ def evaluate_presence(generated: str, real: Sequence[str], classes: Sequence[str
     patches of the samples' size that do: does the model draw a class as often as the data holds it, and does
     class-presence guidance raise that share? ("Of real size": emserve.metrics, presence.)
 
-    Real patches are the real crops' z-planes cut into non-overlapping tiles of the samples' size (edges left
-    out), at `voxel_size` (default: the finest); only samples and tiles where the class is annotated count (a
-    sample that screening rejected has no labels).
+    Real patches are the real crops' z-planes cut into tiles of the samples' size as training cuts them (a grid
+    whose last row and column sit flush with the border), at `voxel_size` (default: the finest); only samples and
+    tiles where the class is annotated count (a sample that screening rejected has no labels).
     """
     store = EMStore(generated)
     drawn = [store.read_crop(crop, classes).labels for crop in store.crops]  # [K, N, P, P] each
@@ -110,23 +110,17 @@ def evaluate_presence(generated: str, real: Sequence[str], classes: Sequence[str
         raise ValueError(f"generated: {generated} holds no label maps; generate pairs (`emserve generate pairs`)")
     size = drawn[0].shape[-1]
     real_crops = held_out_crops(real, classes, crops, voxel_size)
+    patches = PatchSampler(real_crops, size, augment=False)
+    tiles = patches.cut(patches.tiles()).labels  # [N, K, P, P]
     rows = []
     for k, name in enumerate(classes):
         min_pixels = presence_threshold(np.concatenate([plane_object_sizes(c.labels[k]) for c in real_crops]))
         samples = [plane for labels in drawn for plane in labels[k]]
-        tiles = [tile for c in real_crops for tile in _tiles(c.labels[k], size)]
         rows.append({"name": name, "min_object_pixels": min_pixels, "generated": presence_share(samples, min_pixels),
-                     "real": presence_share(tiles, min_pixels)})
+                     "real": presence_share(tiles[:, k], min_pixels)})
     return {"generated_store": generated, "real_stores": list(real), "crops": [f"{c.dataset}/{c.name}" for c in
             real_crops], "samples": sum(int((d != UNKNOWN).any(axis=(0, 2, 3)).sum()) for d in drawn),
             "patch_size": size, "classes": rows}
-
-
-def _tiles(labels: np.ndarray, size: int) -> Iterator[np.ndarray]:
-    """Non-overlapping size x size tiles [size, size] of every plane of labels [Z, Y, X]."""
-    for y in range(0, labels.shape[1] - size + 1, size):
-        for x in range(0, labels.shape[2] - size + 1, size):
-            yield from labels[:, y:y + size, x:x + size]
 
 
 def generated_patches(path: str, count: int) -> np.ndarray:
