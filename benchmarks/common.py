@@ -73,6 +73,7 @@ class Model:
     checkpoint: Path
     module: UNet
     random_weights: bool  # eager torch rows of an exported folder use the card's architecture, random weights
+    reexported: bool = False  # the graphs timed were exported by this run (--reexport), not the folder's files
 
     def describe(self) -> str:
         u = self.card.unet
@@ -111,6 +112,9 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
                         help="intra-op threads for torch and ONNX Runtime (None: torch's default, one per core)")
     parser.add_argument("--exporter", default="dynamo", choices=EXPORTERS,
                         help="ONNX exporter for named sizes (dynamo is what `emserve export` ships)")
+    parser.add_argument("--reexport", action="store_true",
+                        help="with a model folder: time graphs exported now from its architecture (random weights) "
+                             "instead of its own files, i.e. what re-exporting it with this code would serve")
     parser.add_argument("--workdir", type=Path, default=None,
                         help="keep the generated checkpoint and export here and reuse them next time "
                              "(None: a temporary folder)")
@@ -130,8 +134,9 @@ def workspace(workdir: Path | None) -> Iterator[Path]:
 
 # ---- models ---------------------------------------------------------------------------------------------------
 
-def prepare_model(spec: str, workdir: Path, exporter: str = "dynamo") -> Model:
-    """The Model for `spec`, a named size (SIZES) or an exported model folder.
+def prepare_model(spec: str, workdir: Path, exporter: str = "dynamo", reexport: bool = False) -> Model:
+    """The Model for `spec`, a named size (SIZES) or an exported model folder (its own graphs, or with `reexport`
+    graphs exported now from its architecture with random weights: speed does not depend on the values).
 
     Files go to `workdir/<name>/`; a checkpoint or export already there with the same architecture (and exporter;
     same seed, so the same weights) is reused, so a second run skips the export (a minute for the study's model).
@@ -150,7 +155,11 @@ def prepare_model(spec: str, workdir: Path, exporter: str = "dynamo") -> Model:
     card_only = dataclasses.replace(card, files={}, export={}, weights={}, training={})
     module = _random_unet(card_only)
     checkpoint = _checkpoint(workdir / folder.name / "checkpoint", card_only, module)
-    return Model(folder.name, card, folder, checkpoint, module, random_weights=True)
+    if not reexport:
+        return Model(folder.name, card, folder, checkpoint, module, random_weights=True)
+    exported = _export(checkpoint, workdir / folder.name, card_only, exporter)
+    return Model(folder.name, ModelCard.load(exported), exported, checkpoint, module, random_weights=True,
+                 reexported=True)
 
 
 def _named_model(name: str, folder: Path, exporter: str) -> Model:
@@ -162,11 +171,17 @@ def _named_model(name: str, folder: Path, exporter: str) -> Model:
                      datasets=[f"dataset{i}" for i in range(size["datasets"])], class_condition=True)
     module = _random_unet(card)
     checkpoint = _checkpoint(folder / "checkpoint", card, module)
+    exported = _export(checkpoint, folder, card, exporter)
+    return Model(name, ModelCard.load(exported), exported, checkpoint, module, random_weights=False)
+
+
+def _export(checkpoint: Path, folder: Path, card: ModelCard, exporter: str) -> Path:
+    """`folder/model`, exported from `checkpoint` unless an export of the same architecture and exporter is there."""
     exported = folder / "model"
     previous = ModelCard.load(exported) if (exported / "card.json").is_file() else None
     if previous is None or previous.unet != card.unet or previous.export.get("exporter") != exporter:
         export_model(checkpoint, folder, name="model", exporter=exporter, overwrite=True)
-    return Model(name, ModelCard.load(exported), exported, checkpoint, module, random_weights=False)
+    return exported
 
 
 def _random_unet(card: ModelCard) -> UNet:
@@ -183,6 +198,17 @@ def _checkpoint(run: Path, card: ModelCard, module: UNet) -> Path:
         return found[-1]
     optimizer = torch.optim.AdamW(module.parameters())
     return save_checkpoint(run, card, module, module, optimizer, TrainingState(step=1, ranks=[], losses=[]))
+
+
+def weight_facts(model: Model, rows: Sequence[Sequence[object]]) -> dict[str, str]:
+    """The report lines saying which rows ran random weights (and graphs not from the model folder)."""
+    facts = {}
+    if model.reexported:
+        facts["exported graphs"] = ("exported by this run from the card's architecture with random weights "
+                                    "(--reexport), not the folder's files")
+    if model.random_weights and any(str(row[0]).startswith("torch") for row in rows):
+        facts["eager torch"] = "the card's architecture with random weights (speed does not depend on the values)"
+    return facts
 
 
 def flops_per_sample(model: Model) -> int:

@@ -34,6 +34,7 @@ from benchmarks.common import (
     prepare_model,
     set_threads,
     timed,
+    weight_facts,
     workspace,
 )
 
@@ -101,8 +102,7 @@ def report(facts: dict[str, str], model: Model, args: argparse.Namespace, argv: 
     if any(row[1] == TRITON_DEVICE for row in rows):
         facts["triton"] = (f"{args.triton_url}, timed from this client: transport and the server's queue included; "
                            f"no % of peak (the server's hardware is not measured here)")
-    if model.random_weights and any(row[0].startswith("torch") for row in rows):
-        facts["eager torch"] = "the card's architecture with random weights (speed does not depend on the values)"
+    facts.update(weight_facts(model, rows))
     return (header(f"Denoiser speed: {model.name}", command_line(MODULE, argv), facts) + "\n"
             + markdown_table(COLUMNS, rows))
 
@@ -113,7 +113,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     threads = set_threads(args.threads)
     facts = machine_facts()  # the load average before this run adds to it
     with workspace(args.workdir) as workdir:
-        model = prepare_model(args.model, workdir, args.exporter)
+        model = prepare_model(args.model, workdir, args.exporter, args.reexport)
         flops = flops_per_sample(model)
         rows = [row for name in args.backends for row in measure_backend(name, model, args, threads, flops)]
         emit(report(facts, model, args, argv, threads, flops, rows), args.out)

@@ -36,6 +36,7 @@ from benchmarks.common import (
     prepare_model,
     set_threads,
     timed,
+    weight_facts,
     workspace,
 )
 from emserve.diffusion import SAMPLERS
@@ -170,8 +171,7 @@ def report(facts: dict[str, str], model: Model, args: argparse.Namespace, argv: 
                        + ("every row measured in full" if args.estimate is None else
                           f"rows over {args.estimate} steps estimated from {args.estimate_steps}-step runs"),
              "speed-up": "time of the study's configuration (ddim 250, torch fp32, guided) / time of the row"}
-    if model.random_weights and any(row[0].startswith("torch") for row in rows):
-        facts["eager torch"] = "the card's architecture with random weights (speed does not depend on the values)"
+    facts.update(weight_facts(model, rows))
     return (header(f"Sampling speed: {model.name}", command_line(MODULE, argv), facts) + "\n"
             + markdown_table(COLUMNS, rows))
 
@@ -182,7 +182,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     threads = set_threads(args.threads)
     facts = machine_facts()  # the load average before this run adds to it
     with workspace(args.workdir) as workdir:
-        model = prepare_model(args.model, workdir, args.exporter)
+        model = prepare_model(args.model, workdir, args.exporter, args.reexport)
         flops = flops_per_sample(model)
         rows = table_rows(measure(model, args, threads), flops)
         emit(report(facts, model, args, argv, threads, flops, rows), args.out)

@@ -15,6 +15,7 @@ import pytest
 import torch
 from torch import nn
 
+from emserve.card import ModelCard
 from training.unet import Attention, UNet
 
 REPO = Path(__file__).resolve().parents[1]
@@ -120,14 +121,35 @@ def test_sampling_report(workdir):
     assert float(reference["speed-up vs study"]) == 1
 
 
-def test_sampler_quality_report(workdir):
+@pytest.fixture(scope="module")
+def exported(workdir) -> Path:
+    """The tiny model's export folder, the one the other reports share."""
     export = ("import sys; from benchmarks.common import prepare_model; "
               "print(prepare_model('tiny', __import__('pathlib').Path(sys.argv[1]), 'legacy').exported)")
     done = subprocess.run([sys.executable, "-c", export, str(workdir)], cwd=REPO, capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    model = done.stdout.strip().splitlines()[-1]  # the export the other reports share
-    report = run("benchmarks.sampler_quality", "--model", str(model), "--threads", "1", "--reference", "ddim:8",
+    return Path(done.stdout.strip().splitlines()[-1])
+
+
+def test_reexport_times_graphs_exported_now_instead_of_the_folders(exported, tmp_path):
+    """--reexport times what re-exporting a model folder with this code would serve (after a change to the
+    UNet's graph, say), where the folder's own graphs were exported by older code."""
+    args = ["--model", str(exported), "--threads", "1", "--exporter", "legacy", "--backends", "torchscript",
+            "--batches", "1", "--warmup", "1", "--repeats", "1", "--peak-size", "64"]
+    own = run("benchmarks.denoiser", *args, "--workdir", str(tmp_path / "own"))
+    again = run("benchmarks.denoiser", *args, "--workdir", str(tmp_path / "again"), "--reexport")
+    assert "- exported graphs: " not in own
+    assert not (tmp_path / "own" / exported.name / "model").exists()
+    assert "--reexport" in fact(again, "exported graphs")
+    reexported = tmp_path / "again" / exported.name / "model"
+    assert (reexported / "1" / "model.pt").is_file()
+    assert ModelCard.load(reexported).unet == ModelCard.load(exported).unet
+    assert len(table(again)) == len(table(own)) == 1
+
+
+def test_sampler_quality_report(exported):
+    report = run("benchmarks.sampler_quality", "--model", str(exported), "--threads", "1", "--reference", "ddim:8",
                  "--samplers", "ddim:8,ddim:2,dpmpp_2m:3", "--samples", "24", "--batch", "12")
     rows = table(report)
     assert [(r["sampler"], int(r["steps"]), r["precision"]) for r in rows] == [
@@ -137,7 +159,7 @@ def test_sampler_quality_report(workdir):
 
     # bf16 rows are set against the fp32 reference and floor: the floor's fp32 row comes first, then the
     # reference's setting again in bf16 (that bf16 changes the samples: test_runtime.py)
-    bf16 = table(run("benchmarks.sampler_quality", "--model", str(model), "--threads", "1", "--reference", "ddim:8",
+    bf16 = table(run("benchmarks.sampler_quality", "--model", str(exported), "--threads", "1", "--reference", "ddim:8",
                      "--samplers", "dpmpp_2m:3", "--samples", "24", "--batch", "12", "--backend", "torchscript",
                      "--precision", "bf16"))
     assert [(r["sampler"], int(r["steps"]), r["precision"]) for r in bf16] == [
@@ -145,7 +167,7 @@ def test_sampler_quality_report(workdir):
     # the same fp32 draws on another backend, equal within float tolerance
     assert float(bf16[0]["FD to reference"]) == pytest.approx(float(floor["FD to reference"]), rel=0.01)
     check_quality_rows(bf16)
-    refused = subprocess.run([sys.executable, "-m", "benchmarks.sampler_quality", "--model", str(model),
+    refused = subprocess.run([sys.executable, "-m", "benchmarks.sampler_quality", "--model", str(exported),
                               "--precision", "bf16"], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert refused.returncode == 2
     assert "--precision: 'bf16' needs backend torchscript or torch; the onnx backend" in refused.stderr
