@@ -152,6 +152,7 @@ Balance = Annotated[float, typer.Option(help="Share of patches centred on a clas
 PatchAxis = Annotated[str, typer.Option(help="Axis the 2D patches are normal to: z | y | x.")]
 VoxelSize = Annotated[str, typer.Option(help="Scale level to train on, 'Z,Y,X' in nm (default: finest).")]
 Precision = Annotated[str, typer.Option(help="auto | fp32 | bf16 (auto: bf16 where the hardware has it).")]
+Device = Annotated[str, typer.Option(help="auto | cpu | cuda (auto: CUDA where present).")]
 Seed = Annotated[int, typer.Option(help="Seeds weights, batches and dropout; a run is reproducible from it.")]
 Sampler = Annotated[str, typer.Option(help=" | ".join(SAMPLERS) + ".")]
 RuntimePrecision = Annotated[str, typer.Option(
@@ -194,6 +195,7 @@ def train_ddpm(
     voxel_size: VoxelSize = "",
     labelled_slices: LabelledSlices = 0,
     precision: Precision = "auto",
+    device: Device = "auto",
     seed: Seed = 0,
     checkpoint_every: CheckpointEvery = 500,
     preview_every: PreviewEvery = 500,
@@ -214,8 +216,8 @@ def train_ddpm(
         objective=objective, timesteps=timesteps, class_condition=class_condition,
         dataset_condition=dataset_condition, p_drop=p_drop, raw_weight=raw_weight,
         class_groups=_groups(class_groups), balance=balance, axis=axis,
-        voxel_size=_voxel_size(voxel_size), labelled_slices=labelled_slices, precision=precision, seed=seed,
-        checkpoint_every=checkpoint_every, preview_every=preview_every, command=command_line(),
+        voxel_size=_voxel_size(voxel_size), labelled_slices=labelled_slices, precision=precision, device=device,
+        seed=seed, checkpoint_every=checkpoint_every, preview_every=preview_every, command=command_line(),
     )
     _report_checkpoint(run(cfg, resume=resume))
 
@@ -246,6 +248,7 @@ def train_seg(
     voxel_size: VoxelSize = "",
     labelled_slices: LabelledSlices = 0,
     precision: Precision = "auto",
+    device: Device = "auto",
     seed: Seed = 0,
     checkpoint_every: CheckpointEvery = 500,
     preview_every: PreviewEvery = 500,
@@ -266,8 +269,8 @@ def train_seg(
         dice_weight=dice_weight, patch_size=patch_size, batch_size=batch_size, steps=steps, lr=lr, width=width,
         multipliers=_ints("multipliers", multipliers), blocks_per_level=blocks_per_level,
         class_groups=_groups(class_groups), balance=balance, axis=axis, voxel_size=_voxel_size(voxel_size),
-        labelled_slices=labelled_slices, precision=precision, seed=seed, checkpoint_every=checkpoint_every,
-        preview_every=preview_every, command=command_line(),
+        labelled_slices=labelled_slices, precision=precision, device=device, seed=seed,
+        checkpoint_every=checkpoint_every, preview_every=preview_every, command=command_line(),
     )
     _report_checkpoint(run(cfg, resume=resume))
 
@@ -382,7 +385,7 @@ def generate(
                                               "model folder holds).")] = "auto",
     served_card: Annotated[str, typer.Option("--card", help="triton: the exported folder whose card the "
                                                            "server's model has.")] = "",
-    device: Annotated[str, typer.Option(help="auto | cpu | cuda (auto: CUDA where present).")] = "auto",
+    device: Device = "auto",
     precision: RuntimePrecision = "fp32",
 ) -> None:
     """Generate EM, label maps or EM + label pairs with a diffusion model, into the CellMap layout.
@@ -446,7 +449,7 @@ def segment(
     backend: Annotated[str, typer.Option(help="auto | onnx | torchscript | torch | triton.")] = "auto",
     served_card: Annotated[str, typer.Option("--card", help="triton: the exported folder whose card the "
                                                            "server's model has.")] = "",
-    device: Annotated[str, typer.Option(help="auto | cpu | cuda (auto: CUDA where present).")] = "auto",
+    device: Device = "auto",
     precision: RuntimePrecision = "fp32",
     overwrite: Annotated[bool, typer.Option(help="Replace OUT if it exists.")] = False,
 ) -> None:
@@ -490,7 +493,7 @@ def evaluate_seg(
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the report as JSON here.")] = None,
     csv_out: Annotated[Path | None, typer.Option("--csv", help="Write the per-class table as CSV here.")] = None,
     backend: Annotated[str, typer.Option(help="auto | onnx | torchscript | torch | triton.")] = "auto",
-    device: Annotated[str, typer.Option(help="auto | cpu | cuda (auto: CUDA where present).")] = "auto",
+    device: Device = "auto",
 ) -> None:
     """Per-class Dice (F1), IoU, precision and recall on held-out crops, and their means.
 

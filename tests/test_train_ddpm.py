@@ -10,11 +10,13 @@ import time
 
 import numpy as np
 import pytest
+import torch
 
 from training import checkpoint as ckpt
 from training.ddpm import DDPMConfig, train_ddpm
 
-TINY = {"patch_size": 32, "width": 16, "multipliers": (1, 2), "batch_size": 8, "preview_every": 10_000}
+# device cpu: resume is compared loss for loss, which CUDA's non-deterministic kernels would not reproduce
+TINY = {"patch_size": 32, "width": 16, "multipliers": (1, 2), "batch_size": 8, "preview_every": 10_000, "device": "cpu"}
 
 
 def config(toy_store, out, **kw):
@@ -58,6 +60,15 @@ def test_resume_continues_the_same_loss_curve(toy_store, tmp_path):
     assert losses(tmp_path / "split") == losses(tmp_path / "straight")
 
 
+def test_device_is_checked_before_anything_is_written(toy_store, tmp_path):
+    with pytest.raises(ValueError, match=r"device: 'gpu' is not allowed; choose one of auto, cuda, cpu"):
+        config(toy_store, tmp_path / "run", device="gpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="device: cuda asked for, but torch sees no CUDA device"):
+            train_ddpm(config(toy_store, tmp_path / "run", device="cuda", steps=1))
+    assert not (tmp_path / "run").exists()
+
+
 def test_resume_refuses_a_different_model(toy_store, tmp_path):
     train_ddpm(config(toy_store, tmp_path / "run", steps=2, checkpoint_every=2))
     with pytest.raises(ValueError, match=r"resume: .* unet="):
@@ -76,7 +87,8 @@ def test_sigkill_loses_at_most_one_checkpoint_interval(toy_store, tmp_path):
     run = tmp_path / "run"
     args = [sys.executable, "-m", "emserve.cli", "train", "ddpm", *map(str, toy_store), "--out", str(run),
             "--classes", "mito_mem,ld_lum", "--patch-size", "32", "--width", "8", "--multipliers", "1,2",
-            "--batch-size", "2", "--steps", "100000", "--checkpoint-every", "3", "--preview-every", "100000"]
+            "--batch-size", "2", "--steps", "100000", "--checkpoint-every", "3", "--preview-every", "100000",
+            "--device", "cpu"]
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 120
@@ -95,7 +107,7 @@ def test_sigkill_loses_at_most_one_checkpoint_interval(toy_store, tmp_path):
 
 def test_torchrun_data_parallel_with_two_processes(toy_store, tmp_path):
     run = tmp_path / "ddp"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}  # two CPU ranks on any machine
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     with socket.socket() as s:  # torchrun's static rendezvous needs a concrete free port
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -103,11 +115,12 @@ def test_torchrun_data_parallel_with_two_processes(toy_store, tmp_path):
         [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
          "--master-port", str(port), "-m", "emserve.cli", "train", "ddpm", *map(str, toy_store), "--out", str(run),
          "--classes", "mito_mem,ld_lum", "--patch-size", "32", "--width", "8", "--multipliers", "1,2",
-         "--batch-size", "4", "--steps", "4", "--checkpoint-every", "4", "--preview-every", "100"],
+         "--batch-size", "4", "--steps", "4", "--checkpoint-every", "4", "--preview-every", "100",
+         "--device", "cpu"],  # two CPU ranks on any machine (a one-GPU machine has no cuda:1)
         capture_output=True, text=True, timeout=180, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     card = json.loads((ckpt.checkpoints(run)[-1] / "card.json").read_text())
-    assert card["training"]["world_size"] == 2
+    assert card["training"]["world_size"] == 2 and card["training"]["config"]["device"] == "cpu"
     assert len(losses(run)) == 4
     ranks = json.loads((ckpt.checkpoints(run)[-1] / ckpt.STATE_FILE).read_text())["ranks"]
     assert len(ranks) == 2 and ranks[0]["numpy"] != ranks[1]["numpy"]  # each rank draws its own batches

@@ -18,6 +18,7 @@ from torch.nn.parallel import DistributedDataParallel
 from emserve.card import ModelCard
 from emserve.data.patches import load_crops
 from emserve.data.store import EMStore, LabelledCrop
+from emserve.runtime.base import check_device
 from training import checkpoint as ckpt
 from training.device import init_distributed, pick_device, resolve_precision
 from training.progress import Progress
@@ -51,6 +52,7 @@ class TrainConfig:
     crops: dict[str, list[str]] | None = None  # only these crops per dataset (the rest held out); None: all
     labelled_slices: int = 0  # keep labels on this many evenly spaced slices per crop (low-label regime); 0: all
     precision: str = "auto"
+    device: str = "auto"  # auto | cpu | cuda
     seed: int = 0
     checkpoint_every: int = 500
     preview_every: int = 500
@@ -62,6 +64,7 @@ class TrainConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be a positive integer, got {getattr(self, name)}")
         self.check_fractions("balance")
+        check_device(self.device)
         if self.labelled_slices < 0:
             raise ValueError(f"labelled_slices: must be >= 0 (0 = all), got {self.labelled_slices}")
 
@@ -87,7 +90,7 @@ class Run:
 
     def __init__(self, cfg: TrainConfig, card: ModelCard, build: Callable[[], UNet], resume: bool = False):
         self.cfg, self.card = cfg, card
-        self.device = pick_device()
+        self.device = pick_device(cfg.device)
         self.rank, self.world = init_distributed(self.device)
         self.precision = resolve_precision(cfg.precision, self.device)
         self.dir = Path(cfg.out)
