@@ -63,6 +63,23 @@ def test_realism_ranks_noise_far_from_real_em_and_real_near_the_floor(toy_store,
     assert (tmp_path / "quiz.png").exists()
 
 
+def test_realism_cli_reports_what_the_function_does_with_its_options(toy_store, tmp_path):
+    rng = np.random.default_rng(2)
+    noise = write_store(tmp_path / "noise.zarr", rng.integers(0, 256, (40, 32, 32), dtype=np.uint8), (1, 1, 1))
+    done = subprocess.run([sys.executable, "-m", "emserve.cli", "evaluate", "realism", str(noise), str(toy_store[0]),
+                           "--samples", "24", "--seed", "1", "--picture", str(tmp_path / "quiz.png"), "--json",
+                           str(tmp_path / "r.json")], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    report = json.loads((tmp_path / "r.json").read_text())
+    expected = evaluate_realism(str(noise), [str(toy_store[0])], samples=24, seed=1, picture=tmp_path / "q.png")
+    assert report["generated"] == expected["generated"] == 24
+    for key in ("fd", "fd_real_vs_real", "kid", "kid_real_vs_real"):
+        assert report[key] == pytest.approx(expected[key], rel=1e-6), key
+    assert report["quiz"]["answers"] == expected["quiz"]["answers"]  # the same seed: the same quiz order
+    assert (tmp_path / "quiz.png").is_file()
+    assert f"FD  {expected['fd']:.3f}" in done.stdout
+
+
 def test_held_out_crops_are_named_per_store_and_unknown_names_refused(toy_store):
     crops = held_out_crops([str(p) for p in toy_store], CLASSES, ["toy_b/crop1"])
     assert [(c.dataset, c.name) for c in crops] == [("toy_b", "crop1")]
@@ -106,6 +123,30 @@ def test_label_transfer_scores_the_segmentation_of_rendered_labels(toy_store):
     assert first["dice"] == pytest.approx(1.0) and first["present"] > 0
     assert second["present"] > 0 and second["recall"] == 0.0  # 64 windows: some hold the lipid droplet
     assert report["samples"] == 64
+
+
+def test_transfer_cli_renders_with_the_options_given(toy_store, tmp_path):
+    from emserve.evaluation import evaluate_label_transfer
+    from emserve.runtime.load import load_runtime
+
+    renderer = make_checkpoint(tmp_path / "renderer", "em-from-labels", label_channels=len(CLASSES),
+                               num_datasets=2)
+    segmenter = make_checkpoint(tmp_path / "seg", "segmentation", seed=1)
+    options = dict(dataset="b", samples=6, seed=3, sampler="ddim", steps=3, guidance=2.0)
+    done = subprocess.run([sys.executable, "-m", "emserve.cli", "evaluate", "transfer", str(renderer), str(segmenter),
+                           str(toy_store[0]), "--dataset", "b", "--samples", "6", "--seed", "3", "--sampler", "ddim",
+                           "--steps", "3", "--guidance", "2", "--json", str(tmp_path / "r.json")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    report = json.loads((tmp_path / "r.json").read_text())
+    with load_runtime(renderer) as denoiser, load_runtime(segmenter) as seg:
+        expected = evaluate_label_transfer(denoiser, seg, str(toy_store[0]), **options)
+    assert {k: report[k] for k in options} == options
+    assert [c["name"] for c in report["classes"]] == CLASSES
+    for got, want in zip(report["classes"], expected["classes"], strict=True):
+        assert got["annotated"] == want["annotated"] > 0
+        for metric in ("dice", "precision", "recall"):
+            assert got[metric] == pytest.approx(want[metric], abs=1e-6)
 
 
 def test_objects_are_counted_per_plane_with_4_connectivity():

@@ -1,5 +1,7 @@
 """The phantom generator: determinism, CellMap layout, class balance, physical sanity and imaging differences."""
 
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -176,3 +178,35 @@ def test_refuses_to_overwrite_and_checks_crop_shape(phantoms, tmp_path):
     with pytest.raises(ValueError, match="crop_shape"):
         write_phantoms(tmp_path, datasets=1, shape=(16, 64, 64), crop_shape=(8, 96, 96))
     assert not list(Path(tmp_path).iterdir())
+
+
+def test_the_cli_writes_what_write_phantoms_writes_and_refuses_to_overwrite(tmp_path):
+    def cli(seed: int, *extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "emserve.cli", "data", "phantom", str(tmp_path / "cli"),
+                               "--datasets", "1", "--crops", "1", "--seed", str(seed), *extra],
+                              capture_output=True, text=True, timeout=300)
+
+    def content(path: Path) -> tuple[np.ndarray, list[str], np.ndarray]:
+        store = EMStore(path)
+        level = store.em_level()
+        crop = store.crops[0]
+        return np.asarray(store.em_volume(level)[...]), list(store.crops), store.read_crop(crop, PHANTOM_CLASSES).labels
+
+    done = cli(5)
+    assert done.returncode == 0, done.stderr
+    (api,) = write_phantoms(tmp_path / "api", seed=5, datasets=1, crops_per_dataset=1)
+    written = tmp_path / "cli" / api.name
+    assert (tmp_path / "cli" / f"{api.stem}.png").is_file()
+    raw, crops, labels = content(written)
+    api_raw, api_crops, api_labels = content(api)
+    np.testing.assert_array_equal(raw, api_raw)
+    assert crops == api_crops and len(crops) == 1
+    np.testing.assert_array_equal(labels, api_labels)
+
+    again = cli(6)
+    assert again.returncode == 2
+    assert f"{written} already exists; choose another folder or pass --overwrite" in " ".join(again.stderr.split())
+    np.testing.assert_array_equal(content(written)[0], raw)  # refused: nothing touched
+    replaced = cli(6, "--overwrite")
+    assert replaced.returncode == 0, replaced.stderr
+    assert not np.array_equal(content(written)[0], raw)
