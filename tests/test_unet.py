@@ -276,7 +276,7 @@ def test_jit_trace_matches_eager():
 @pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
 def test_attention_runs_on_the_fused_kernel_in_eager_torch_and_traced():
     """q/k/v must reach scaled_dot_product_attention with the last dim at stride 1, or it silently falls back to
-    the unfused math kernel (3.5x slower on CPU at 16x16), in training and in the exported TorchScript graph."""
+    the unfused math kernel (~4x slower on CPU at 16x16), in training and in the exported TorchScript graph."""
     model = tiny()
     example = inputs(model, 2, 8, 8)
     with torch.no_grad():

@@ -153,7 +153,7 @@ class Attention(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         b, c = x.shape[0], x.shape[1]
         # contiguous: the fused attention kernels (CPU flash, CUDA flash / memory-efficient) need the last dim at
-        # stride 1; the transposed view falls back to the unfused math kernel, 3.5x slower on CPU at 16x16
+        # stride 1; the transposed view falls back to the unfused math kernel, ~4x slower on CPU at 16x16
         qkv = self.qkv(self.norm(x)).reshape(b, 3, self.heads, c // self.heads, -1).transpose(-1, -2).contiguous()
         out = F.scaled_dot_product_attention(qkv[:, 0], qkv[:, 1], qkv[:, 2])  # [B, heads, HW, head_dim]
         return x + self.proj(out.transpose(-1, -2).reshape(x.shape))
