@@ -4,6 +4,10 @@ with their documented class fractions and with labels that sit on darker EM; bad
 from __future__ import annotations
 
 import re
+import resource
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +16,6 @@ import tifffile
 from PIL import Image
 
 from emserve.classes import ABSENT, PRESENT, UNKNOWN
-from emserve.data import writer
 from emserve.data.stacks import (
     discover,
     import_stack,
@@ -231,22 +234,28 @@ def test_bad_input(fixture):
     _raises(FileExistsError, r"output: .*out.zarr already exists", import_stack, imgs, out, "1,1,1")
 
 
-def test_failure_while_writing_leaves_nothing(fixture, monkeypatch):
+def test_a_real_write_failure_leaves_nothing(fixture):
+    """A file-size limit on the importing process (what a full disk does) stops it at the EM's first chunk, after
+    the store's metadata is written: the import fails and leaves neither the store nor a temporary folder."""
     tmp, raw, masks = fixture
     imgs = _save_pngs(tmp / "img", raw)
     mito = _save_pngs(tmp / "mito", masks["mito"].astype(np.uint8) * 255)
-    calls = []
-
-    def broken(*args, **kwargs):  # the EM is already written when the first crop is
-        calls.append(1)
-        raise OSError("disk full")
-
-    monkeypatch.setattr(writer, "_write_crop", broken)
     out = tmp / "out" / "ds.zarr"
-    with pytest.raises(OSError, match="disk full"):
-        import_stack(imgs, out, "50,4,4", masks={"mito": mito}, holdout=2)
-    assert calls and not out.exists()
-    assert list(out.parent.iterdir()) == []  # no temp folder either
+    out.parent.mkdir()
+    command = [sys.executable, "-m", "emserve.cli", "data", "import", str(imgs), str(out), "--voxel-size", "50,4,4",
+               "--mask", f"mito={mito}", "--holdout", "2"]
+
+    def limit_file_size() -> None:  # in the child: writes past 10 kB raise EFBIG instead of a SIGXFSZ kill
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (10_000, 10_000))
+
+    assert raw.nbytes > 10_000  # random uint8 does not compress: the EM chunk cannot fit
+    failed = subprocess.run(command, capture_output=True, text=True, timeout=120, preexec_fn=limit_file_size)
+    assert failed.returncode != 0 and "File too large" in failed.stderr
+    assert list(out.parent.iterdir()) == []
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120)  # the limit was the only cause
+    assert done.returncode == 0, done.stderr
+    assert EMStore(out).crops
 
 
 # --- the two real datasets ---------------------------------------------------------------------------------
