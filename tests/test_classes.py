@@ -36,7 +36,7 @@ def test_group_masks_are_unions_of_member_ids():
 def test_unknown_or_duplicate_class_names_are_refused_with_the_allowed_names():
     with pytest.raises(ValueError, match=r"unknown class name 'mitochondria'.*mito_lum"):
         check_class_names(["mitochondria"])
-    with pytest.raises(ValueError, match="duplicate"):
+    with pytest.raises(ValueError, match=r"classes: duplicate class names \['pm'\]"):
         check_class_names(["pm", "pm"])
 
 

@@ -288,7 +288,7 @@ def test_model_sees_the_spacings_timesteps_as_float32(spacing: str) -> None:
     [
         ({"sampler": "euler"}, ["sampler", "'euler'", "'ddim'", "'dpmpp_2m'"]),
         ({"objective": "score"}, ["objective", "'score'", "'v'"]),
-        ({"steps": 0}, ["num_inference_steps", "[1, 1000]"]),
+        ({"steps": 0}, ["steps: got 0; allowed: an integer in [1, 1000]"]),
         ({"steps": 1001}, ["1001", "[1, 1000]"]),
         ({"eta": 0.5, "sampler": "dpmpp_2m"}, ["eta", "'ddim'"]),
         ({"spacing": "leading"}, ["spacing", "'leading'", "'trailing'", "'karras'"]),

@@ -210,7 +210,7 @@ def test_label_maps_given_as_channels_keep_unannotated_pixels_unannotated(checkp
 
 def test_bad_sampling_settings_are_refused_before_anything_is_written(checkpoints, tmp_path):
     card = ModelCard.load(checkpoints["pairs"])
-    with pytest.raises(ValueError, match="steps"):
+    with pytest.raises(ValueError, match=r"^steps: got 5000; allowed: an integer in \[1, 1000\]$"):
         check_request(card, GenerationRequest(samples=1, steps=5000))
     with pytest.raises(ValueError, match=r"rescale: 2\.0 is not in \[0, 1\]"):
         GenerationRequest(samples=1, rescale=2.0)

@@ -175,7 +175,7 @@ def test_refuses_to_overwrite_and_checks_crop_shape(phantoms, tmp_path):
     out, _ = phantoms
     with pytest.raises(FileExistsError):
         write_phantoms(out, seed=3, datasets=1, shape=SHAPE, crop_shape=CROP)
-    with pytest.raises(ValueError, match="crop_shape"):
+    with pytest.raises(ValueError, match=r"crop_shape: \(8, 96, 96\) must be three sizes between 1 and the EM shape"):
         write_phantoms(tmp_path, datasets=1, shape=(16, 64, 64), crop_shape=(8, 96, 96))
     assert not list(Path(tmp_path).iterdir())
 

@@ -191,9 +191,9 @@ def test_config_round_trip_and_validation():
     assert rebuilt.load_state_dict(model.state_dict()) is not None
     with pytest.raises(ValueError, match="unknown keys"):
         UNetConfig.from_dict({**data, "depth": 3})
-    with pytest.raises(ValueError, match="attention_levels"):
+    with pytest.raises(ValueError, match=r"attention_levels: each must be in \[0, 2\) .*got \(2,\)"):
         UNetConfig(1, 1, multipliers=(1, 2), attention_levels=(2,))
-    with pytest.raises(ValueError, match="dropout"):
+    with pytest.raises(ValueError, match=r"dropout: must be in \[0, 1\), got 1.0"):
         UNetConfig(1, 1, dropout=1.0)
 
 
@@ -224,7 +224,7 @@ def test_dropout_conditions_p0_keeps_and_p1_nulls():
     assert torch.all(classes != 0) and torch.all(dataset >= 0)  # inputs untouched
     assert dropout_conditions(None, None, None, 0.5, 0.5, 0.5) == (None, None, None)
     assert dropout_conditions(None, dataset, None, 1.0, 1.0, 1.0)[0::2] == (None, None)
-    with pytest.raises(ValueError, match="p_dataset"):
+    with pytest.raises(ValueError, match=r"p_dataset: must be in \[0, 1\], got 1.5"):
         dropout_conditions(classes, dataset, label_map, 0.5, 1.5, 0.5)
 
 

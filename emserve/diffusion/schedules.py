@@ -76,8 +76,8 @@ class NoiseSchedule:
         padded = np.concatenate([self.alphas_cumprod, [1.0]])  # index -1 -> the appended 1.0
         return padded[t.astype(np.int64)]
 
-    def timesteps(self, num_inference_steps: int, spacing: str = "trailing") -> np.ndarray:
-        """Descending timestep indices for sampling with ``num_inference_steps`` model evaluations.
+    def timesteps(self, steps: int, spacing: str = "trailing") -> np.ndarray:
+        """Descending timestep indices for sampling with ``steps`` model evaluations.
 
         Both spacings start at T - 1, the timestep whose input the model saw as (nearly) pure noise in training,
         so sampling starts from the distribution it was trained on ("leading" spacing, the original DDIM code,
@@ -97,7 +97,7 @@ class NoiseSchedule:
             int64 [n], strictly decreasing, first element T - 1 (and last 0 for "karras").
         """
         T = self.num_steps
-        n = _check_int("num_inference_steps", num_inference_steps, 1, T)
+        n = _check_int("steps", steps, 1, T)
         i = np.arange(n, dtype=np.int64)
         if spacing == "trailing":
             return (T - 1 - (i * T) // n).astype(np.int64)
