@@ -111,7 +111,8 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None,
                         help="intra-op threads for torch and ONNX Runtime (None: torch's default, one per core)")
     parser.add_argument("--exporter", default="dynamo", choices=EXPORTERS,
-                        help="ONNX exporter for named sizes (dynamo is what `emserve export` ships)")
+                        help="ONNX exporter for named sizes and --reexport (dynamo is what `emserve export` "
+                             "ships)")
     parser.add_argument("--reexport", action="store_true",
                         help="with a model folder: time graphs exported now from its architecture (random weights) "
                              "instead of its own files, i.e. what re-exporting it with this code would serve")
@@ -157,7 +158,7 @@ def prepare_model(spec: str, workdir: Path, exporter: str = "dynamo", reexport: 
     checkpoint = _checkpoint(workdir / folder.name / "checkpoint", card_only, module)
     if not reexport:
         return Model(folder.name, card, folder, checkpoint, module, random_weights=True)
-    exported = _export(checkpoint, workdir / folder.name, card_only, exporter)
+    exported = _export(checkpoint, workdir / folder.name, card_only, exporter, reuse=False)
     return Model(folder.name, ModelCard.load(exported), exported, checkpoint, module, random_weights=True,
                  reexported=True)
 
@@ -175,10 +176,11 @@ def _named_model(name: str, folder: Path, exporter: str) -> Model:
     return Model(name, ModelCard.load(exported), exported, checkpoint, module, random_weights=False)
 
 
-def _export(checkpoint: Path, folder: Path, card: ModelCard, exporter: str) -> Path:
-    """`folder/model`, exported from `checkpoint` unless an export of the same architecture and exporter is there."""
+def _export(checkpoint: Path, folder: Path, card: ModelCard, exporter: str, reuse: bool = True) -> Path:
+    """`folder/model`, exported from `checkpoint`, or with `reuse` an export of the same architecture and exporter
+    already there (which may come from older code: --reexport exists to time the current code, so it never reuses)."""
     exported = folder / "model"
-    previous = ModelCard.load(exported) if (exported / "card.json").is_file() else None
+    previous = ModelCard.load(exported) if reuse and (exported / "card.json").is_file() else None
     if previous is None or previous.unet != card.unet or previous.export.get("exporter") != exporter:
         export_model(checkpoint, folder, name="model", exporter=exporter, overwrite=True)
     return exported
@@ -206,7 +208,7 @@ def weight_facts(model: Model, rows: Sequence[Sequence[object]]) -> dict[str, st
     if model.reexported:
         facts["exported graphs"] = ("exported by this run from the card's architecture with random weights "
                                     "(--reexport), not the folder's files")
-    if model.random_weights and any(str(row[0]).startswith("torch") for row in rows):
+    if model.random_weights and any(BACKENDS[str(row[0])][0] == "torch" for row in rows):
         facts["eager torch"] = "the card's architecture with random weights (speed does not depend on the values)"
     return facts
 
@@ -232,10 +234,14 @@ def resolve_device(device: str) -> str:
     return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
 
 
-def check_triton_url(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """Fail at the command line, before any export, when the triton backend has no server to call."""
+def check_triton_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Fail at the command line, before any export, when the triton backend has no server to call, or is asked to
+    time a re-export (the server runs the graphs it was given)."""
     if "triton" in args.backends and not args.triton_url:
         parser.error("--backends: triton needs --triton-url (grpc://host:port/<model name> or http://...)")
+    if "triton" in args.backends and args.reexport:
+        parser.error("--reexport: the triton backend times the server's own graphs, not a re-export; time triton "
+                     "without --reexport")
 
 
 def open_backend(name: str, model: Model, device: str, threads: int, triton_url: str = "") -> Backend:

@@ -20,7 +20,7 @@ from benchmarks.common import (
     TRITON_DEVICE,
     Model,
     add_common_arguments,
-    check_triton_url,
+    check_triton_options,
     command_line,
     emit,
     example_inputs,
@@ -63,7 +63,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.warmup < 0 or args.repeats < 1 or args.peak_size < 1:
         parser.error("--warmup must be >= 0, --repeats and --peak-size >= 1")
-    check_triton_url(parser, args)
+    check_triton_options(parser, args)
     return args
 
 

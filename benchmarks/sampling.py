@@ -24,7 +24,7 @@ from benchmarks.common import (
     Backend,
     Model,
     add_common_arguments,
-    check_triton_url,
+    check_triton_options,
     command_line,
     emit,
     flops_per_sample,
@@ -95,7 +95,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         parser.error("--guidance: 0 and 1 skip one half of the guided call; give another scale, e.g. 6")
     if args.batch < 1 or args.repeats < 1 or args.estimate_steps < 1:
         parser.error("--batch, --repeats and --estimate-steps must be at least 1")
-    check_triton_url(parser, args)
+    check_triton_options(parser, args)
     return args
 
 

@@ -6,6 +6,7 @@ finite numbers, and a FLOP count that agrees with an independent count from the 
 
 import math
 import os
+import shutil
 import subprocess
 import sys
 from datetime import UTC, datetime
@@ -134,18 +135,22 @@ def exported(workdir) -> Path:
 
 def test_reexport_times_graphs_exported_now_instead_of_the_folders(exported, tmp_path):
     """--reexport times what re-exporting a model folder with this code would serve (after a change to the
-    UNet's graph, say), where the folder's own graphs were exported by older code."""
-    args = ["--model", str(exported), "--threads", "1", "--exporter", "legacy", "--backends", "torchscript",
-            "--batches", "1", "--warmup", "1", "--repeats", "1", "--peak-size", "64"]
-    own = run("benchmarks.denoiser", *args, "--workdir", str(tmp_path / "own"))
-    again = run("benchmarks.denoiser", *args, "--workdir", str(tmp_path / "again"), "--reexport")
-    assert "- exported graphs: " not in own
-    assert not (tmp_path / "own" / exported.name / "model").exists()
+    UNet's graph, say), not the folder's own graphs: here the folder's TorchScript file is corrupt, which the
+    plain run refuses (sha256 against the card) and the re-export never reads."""
+    folder = tmp_path / "model"
+    shutil.copytree(exported, folder)
+    graph = folder / "1" / "model.pt"
+    graph.write_bytes(graph.read_bytes()[:-10])
+    args = ["benchmarks.denoiser", "--model", str(folder), "--threads", "1", "--exporter", "legacy", "--backends",
+            "torchscript,torch", "--batches", "1", "--warmup", "1", "--repeats", "1", "--peak-size", "64"]
+    own = subprocess.run([sys.executable, "-m", *args], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert own.returncode != 0 and "model.pt" in own.stderr
+    again = run(*args, "--workdir", str(tmp_path / "again"), "--reexport")
     assert "--reexport" in fact(again, "exported graphs")
-    reexported = tmp_path / "again" / exported.name / "model"
-    assert (reexported / "1" / "model.pt").is_file()
+    assert "random weights" in fact(again, "eager torch")
+    reexported = tmp_path / "again" / folder.name / "model"
     assert ModelCard.load(reexported).unet == ModelCard.load(exported).unet
-    assert len(table(again)) == len(table(own)) == 1
+    assert [r["backend"] for r in table(again)] == ["torchscript", "torch"]
 
 
 def test_sampler_quality_report(exported):
@@ -202,8 +207,12 @@ def test_segmentation_report():
 
 
 @pytest.mark.parametrize("module", ["benchmarks.denoiser", "benchmarks.sampling"])
-def test_the_triton_backend_without_a_server_url_is_refused_before_any_export(module, tmp_path):
-    done = subprocess.run([sys.executable, "-m", module, *TINY, "--backends", "onnx,triton", "--workdir",
-                           str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 2 and "--backends: triton needs --triton-url" in done.stderr
-    assert not any(tmp_path.iterdir())  # nothing exported
+def test_triton_without_a_server_url_or_with_reexport_is_refused_before_any_export(module, tmp_path):
+    refusals = [((), "--backends: triton needs --triton-url"),
+                (("--triton-url", "grpc://127.0.0.1:1/m", "--reexport"),
+                 "--reexport: the triton backend times the server's own graphs")]
+    for extra, message in refusals:
+        done = subprocess.run([sys.executable, "-m", module, *TINY, "--backends", "onnx,triton", "--workdir",
+                               str(tmp_path), *extra], cwd=REPO, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 2 and message in done.stderr
+        assert not any(tmp_path.iterdir())  # nothing exported

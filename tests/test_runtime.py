@@ -16,7 +16,7 @@ import pytest
 from checkpoints import make_checkpoint
 
 from emserve.pipelines import GenerationRequest, generate
-from emserve.runtime.base import CallableRuntime, Runtime
+from emserve.runtime.base import CallableRuntime, Runtime, torch_device
 from emserve.runtime.load import BACKENDS, load_runtime, pick_backend
 from emserve.runtime.memory import activation_bytes
 from emserve.runtime.onnx import ONNX_FILE, OnnxRuntime, providers
@@ -207,3 +207,19 @@ def test_onnx_providers_prefer_cuda_only_where_onnxruntime_has_it():
             providers("cuda")
     with pytest.raises(ValueError, match="device: 'tpu' is not allowed"):
         providers("tpu")
+
+
+def test_torch_device_is_cuda_per_torchrun_rank_where_present_and_cpu_when_asked(monkeypatch):
+    """The torch backends and training place work the same way; what CUDA machines get is checked here by making
+    torch report a GPU (this machine may have none)."""
+    torch = pytest.importorskip("torch")
+    monkeypatch.setenv("LOCAL_RANK", "1")  # the second process of a torchrun launch
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert torch_device("auto") == torch_device("cuda") == torch.device("cuda", 1)
+    assert torch_device("cpu") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert torch_device("auto") == torch.device("cpu")
+    with pytest.raises(RuntimeError, match="device: cuda asked for, but torch sees no CUDA device"):
+        torch_device("cuda")
+    with pytest.raises(ValueError, match=r"device: 'cuda:1' is not allowed; choose one of auto, cuda, cpu"):
+        torch_device("cuda:1")

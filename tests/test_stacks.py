@@ -4,8 +4,6 @@ with their documented class fractions and with labels that sit on darker EM; bad
 from __future__ import annotations
 
 import re
-import resource
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -242,18 +240,20 @@ def test_a_real_write_failure_leaves_nothing(fixture):
     mito = _save_pngs(tmp / "mito", masks["mito"].astype(np.uint8) * 255)
     out = tmp / "out" / "ds.zarr"
     out.parent.mkdir()
-    command = [sys.executable, "-m", "emserve.cli", "data", "import", str(imgs), str(out), "--voxel-size", "50,4,4",
-               "--mask", f"mito={mito}", "--holdout", "2"]
-
-    def limit_file_size() -> None:  # in the child: writes past 10 kB raise EFBIG instead of a SIGXFSZ kill
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (10_000, 10_000))
-
+    arguments = ["data", "import", str(imgs), str(out), "--voxel-size", "50,4,4", "--mask", f"mito={mito}",
+                 "--holdout", "2"]
+    # the limit is set in the child's own Python (preexec_fn is unsafe in a threaded parent); writes past 10 kB
+    # then raise EFBIG instead of a SIGXFSZ kill
+    limited = ("import resource, runpy, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+               "resource.setrlimit(resource.RLIMIT_FSIZE, (10_000, 10_000)); sys.argv = ['emserve', *sys.argv[1:]]; "
+               "runpy.run_module('emserve.cli', run_name='__main__')")
     assert raw.nbytes > 10_000  # random uint8 does not compress: the EM chunk cannot fit
-    failed = subprocess.run(command, capture_output=True, text=True, timeout=120, preexec_fn=limit_file_size)
+    failed = subprocess.run([sys.executable, "-c", limited, *arguments], capture_output=True, text=True, timeout=120)
     assert failed.returncode != 0 and "File too large" in failed.stderr
+    assert "emserve/data/writer.py" in failed.stderr  # it failed writing the store, not somewhere before
     assert list(out.parent.iterdir()) == []
-    done = subprocess.run(command, capture_output=True, text=True, timeout=120)  # the limit was the only cause
+    done = subprocess.run([sys.executable, "-m", "emserve.cli", *arguments], capture_output=True, text=True,
+                          timeout=120)  # the limit was the only cause
     assert done.returncode == 0, done.stderr
     assert EMStore(out).crops
 

@@ -281,12 +281,17 @@ def test_attention_runs_on_the_fused_kernel_in_eager_torch_and_traced():
     example = inputs(model, 2, 8, 8)
     with torch.no_grad():
         traced = torch.jit.trace(model, tuple(example.values()), check_trace=False)
-        for run in (lambda: model(**example), lambda: traced(*example.values())):
-            with torch.profiler.profile() as profile:
-                run()
-            ops = {event.key for event in profile.key_averages()}
-            assert "aten::_scaled_dot_product_flash_attention_for_cpu" in ops
-            assert "aten::_scaled_dot_product_attention_math" not in ops
+
+    def traced_inference() -> None:
+        with torch.no_grad():
+            traced(*example.values())
+
+    for run in (lambda: model(**example).sum().backward(), traced_inference):  # a training step; a served call
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+            run()
+        ops = {event.key for event in profile.key_averages()}
+        assert "aten::_scaled_dot_product_flash_attention_for_cpu" in ops
+        assert "aten::_scaled_dot_product_attention_math" not in ops
 
 
 def test_onnx_export_matches_eager(tmp_path):

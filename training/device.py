@@ -9,20 +9,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from emserve.runtime.base import check_device
-
 PRECISIONS = ("auto", "fp32", "bf16")
-
-
-def pick_device(device: str = "auto") -> torch.device:
-    """"auto": CUDA when present, else the CPU; "cuda" fails where there is none; "cpu" keeps a GPU machine's run
-    on the CPU (bit-reproducible). CUDA means one device per torchrun process (LOCAL_RANK)."""
-    check_device(device)
-    if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device: cuda asked for, but torch sees no CUDA device")
-    if device != "cpu" and torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return torch.device("cpu")
 
 
 def cpu_has_bf16() -> bool:

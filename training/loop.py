@@ -18,9 +18,9 @@ from torch.nn.parallel import DistributedDataParallel
 from emserve.card import ModelCard
 from emserve.data.patches import load_crops
 from emserve.data.store import EMStore, LabelledCrop
-from emserve.runtime.base import check_device
+from emserve.runtime.base import torch_device
 from training import checkpoint as ckpt
-from training.device import init_distributed, pick_device, resolve_precision
+from training.device import init_distributed, resolve_precision
 from training.progress import Progress
 from training.unet import UNet
 
@@ -64,7 +64,7 @@ class TrainConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be a positive integer, got {getattr(self, name)}")
         self.check_fractions("balance")
-        check_device(self.device)
+        torch_device(self.device)  # a device this machine lacks fails here, before any store is read
         if self.labelled_slices < 0:
             raise ValueError(f"labelled_slices: must be >= 0 (0 = all), got {self.labelled_slices}")
 
@@ -90,7 +90,7 @@ class Run:
 
     def __init__(self, cfg: TrainConfig, card: ModelCard, build: Callable[[], UNet], resume: bool = False):
         self.cfg, self.card = cfg, card
-        self.device = pick_device(cfg.device)
+        self.device = torch_device(cfg.device)
         self.rank, self.world = init_distributed(self.device)
         self.precision = resolve_precision(cfg.precision, self.device)
         self.dir = Path(cfg.out)

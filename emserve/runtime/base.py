@@ -10,13 +10,18 @@ segmentation networks (no timestep). Backends implement `_run`.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from emserve.card import ModelCard, sha256_file
 from emserve.runtime.memory import samples_within
+
+if TYPE_CHECKING:
+    import torch
 
 INPUT_NAMES = ("x", "t", "classes", "dataset", "label_map")  # the exported graph's input names, in order
 OUTPUT_NAME = "out"
@@ -32,6 +37,20 @@ def check_device(device: str) -> str:
     if device not in DEVICES:
         raise ValueError(f"device: {device!r} is not allowed; choose one of {', '.join(DEVICES)}")
     return device
+
+
+def torch_device(device: str) -> torch.device:
+    """The torch device for `device` (DEVICES): "auto" is CUDA where present, else the CPU; "cuda" fails by name
+    where there is none; "cpu" keeps a GPU machine's work on the CPU. CUDA is `cuda:LOCAL_RANK`, one GPU per
+    torchrun process (0 outside torchrun). Imports torch: only for the torch-based backends and training."""
+    import torch
+
+    check_device(device)
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device: cuda asked for, but torch sees no CUDA device")
+    if device != "cpu" and torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
 
 
 def check_precision(precision: str, backend: str) -> str:

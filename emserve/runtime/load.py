@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from emserve.card import ModelCard
-from emserve.runtime.base import BF16_BACKENDS, CallableRuntime, Runtime, check_precision
+from emserve.runtime.base import BF16_BACKENDS, CallableRuntime, Runtime, check_precision, torch_device
 
 #: loader(model: str, **options) -> Runtime; options are the backend's keyword arguments (device, max_batch,
 #: memory_budget, ...).
@@ -92,13 +92,13 @@ def _load_torch(model: str, *, device: str = "auto", precision: str = "fp32", ma
                 memory_budget: int | None = None, weights: str = "ema") -> Runtime:
     """Eager torch on a training checkpoint (EMA weights unless weights="model"); imports the training code."""
     try:
-        from training.device import autocast, pick_device
+        from training.device import autocast
         from training.export import load_module
         from training.sampling import module_denoiser
     except ImportError as error:
         raise ImportError(f"torch backend: needs torch and the training code ({error}); pip install "
                           f"'emserve[train]', or export the model and use the onnx backend") from None
-    target = pick_device(device)
+    target = torch_device(device)
     card, module, _ = load_module(model, weights)
     denoise = module_denoiser(module.to(target), target)
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from emserve.card import ModelCard
-from emserve.runtime.base import Runtime, check_device, check_precision, verified_file
+from emserve.runtime.base import Runtime, check_precision, torch_device, verified_file
 
 TORCHSCRIPT_FILE = "1/model.pt"
 
@@ -35,17 +35,14 @@ class TorchScriptRuntime(Runtime):
 
     def __init__(self, model: str | Path, *, device: str = "auto", precision: str = "fp32",
                  max_batch: int | None = None, memory_budget: int | None = None, verify: bool = True) -> None:
-        check_device(device)
         self.precision = check_precision(precision, self.backend)
+        torch = _torch()
+        self._torch_device = torch_device(device)
+        self.device = self._torch_device.type
         folder = Path(model)
         card = ModelCard.load(folder)
         super().__init__(card, max_batch, memory_budget)
         path = verified_file(folder, TORCHSCRIPT_FILE, card) if verify else folder / TORCHSCRIPT_FILE
-        torch = _torch()
-        if device == "cuda" and not torch.cuda.is_available():
-            raise RuntimeError("device: cuda asked for, but torch sees no CUDA device")
-        self.device = "cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu"
-        self._torch_device = torch.device(self.device)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)  # torch 2.10+ deprecates TorchScript; still works
             self.module = torch.jit.load(str(path), map_location=self._torch_device).eval()
