@@ -3,7 +3,6 @@
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -108,12 +107,9 @@ def test_sigkill_loses_at_most_one_checkpoint_interval(toy_store, tmp_path):
 def test_torchrun_data_parallel_with_two_processes(toy_store, tmp_path):
     run = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    with socket.socket() as s:  # torchrun's static rendezvous needs a concrete free port
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-         "--master-port", str(port), "-m", "emserve.cli", "train", "ddpm", *map(str, toy_store), "--out", str(run),
+    result = subprocess.run(  # --standalone: torchrun's rendezvous takes a free port itself (no pick-then-bind race)
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         "-m", "emserve.cli", "train", "ddpm", *map(str, toy_store), "--out", str(run),
          "--classes", "mito_mem,ld_lum", "--patch-size", "32", "--width", "8", "--multipliers", "1,2",
          "--batch-size", "4", "--steps", "4", "--checkpoint-every", "4", "--preview-every", "100",
          "--device", "cpu"],  # two CPU ranks on any machine (a one-GPU machine has no cuda:1)
