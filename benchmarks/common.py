@@ -72,7 +72,7 @@ class Model:
     exported: Path
     checkpoint: Path
     module: UNet
-    random_weights: bool  # eager torch rows of an exported folder use the card's architecture, random weights
+    stand_in_weights: bool  # eager torch rows run random weights in place of the trained folder's
     reexported: bool = False  # the graphs timed were exported by this run (--reexport), not the folder's files
 
     def describe(self) -> str:
@@ -157,9 +157,9 @@ def prepare_model(spec: str, workdir: Path, exporter: str = "dynamo", reexport: 
     module = _random_unet(card_only)
     checkpoint = _checkpoint(workdir / folder.name / "checkpoint", card_only, module)
     if not reexport:
-        return Model(folder.name, card, folder, checkpoint, module, random_weights=True)
+        return Model(folder.name, card, folder, checkpoint, module, stand_in_weights=True)
     exported = _export(checkpoint, workdir / folder.name, card_only, exporter, reuse=False)
-    return Model(folder.name, ModelCard.load(exported), exported, checkpoint, module, random_weights=True,
+    return Model(folder.name, ModelCard.load(exported), exported, checkpoint, module, stand_in_weights=True,
                  reexported=True)
 
 
@@ -173,7 +173,7 @@ def _named_model(name: str, folder: Path, exporter: str) -> Model:
     module = _random_unet(card)
     checkpoint = _checkpoint(folder / "checkpoint", card, module)
     exported = _export(checkpoint, folder, card, exporter)
-    return Model(name, ModelCard.load(exported), exported, checkpoint, module, random_weights=False)
+    return Model(name, ModelCard.load(exported), exported, checkpoint, module, stand_in_weights=False)
 
 
 def _export(checkpoint: Path, folder: Path, card: ModelCard, exporter: str, reuse: bool = True) -> Path:
@@ -208,7 +208,7 @@ def weight_facts(model: Model, rows: Sequence[Sequence[object]]) -> dict[str, st
     if model.reexported:
         facts["exported graphs"] = ("exported by this run from the card's architecture with random weights "
                                     "(--reexport), not the folder's files")
-    if model.random_weights and any(BACKENDS[str(row[0])][0] == "torch" for row in rows):
+    if model.stand_in_weights and any(BACKENDS[str(row[0])][0] == "torch" for row in rows):
         facts["eager torch"] = "the card's architecture with random weights (speed does not depend on the values)"
     return facts
 
