@@ -5,8 +5,10 @@ the working tensors of the level being computed, and the attention scores (quadr
 attention levels). `activation_bytes` estimates that per sample from the card's UNet config alone, so it holds for
 every backend (ONNX Runtime, TorchScript, Triton behind its own budget) and needs no trial run. The constant
 `WORKING_MAPS` is calibrated on this project's exported models: on CPU, ONNX Runtime took 11.4 MB per 64x64
-sample and 67 MB per 128x128 sample of phantom-seg, TorchScript 5.9 and 47 MB (peak resident size growth from a
-call of 9 samples to one of 33), and the estimate is 12.4 and 75 MB; tests/test_memory.py measures it again.
+sample and 67 MB per 128x128 sample of the width-32 phantom-seg, and 5.7 and 34 MB of the width-16 one (peak
+resident size growth from a call of 9 samples to one of 33), where the estimate is 12.4 / 75 and 6.4 / 38 MB.
+TorchScript takes less (3.0 and 11.6 MB for the width-16 model): its fused attention keeps no score matrix, which
+the estimate counts because ONNX Runtime does. tests/test_memory.py measures it again.
 """
 
 from __future__ import annotations

@@ -1,0 +1,73 @@
+"""The default models shipped in models/: small, recorded, and exported by the current code.
+
+They are what `bentoml serve` answers with from a fresh clone and what the Docker image carries, so the plan's
+promises about them are checked here: each folder is a few MB, models/README.md holds the exact command its card
+says trained it, and the TorchScript graph runs attention on PyTorch's fused kernel (graphs exported before
+2026-12-03's attention layout fell back to the unfused math kernel, ~4x slower per attention on CPU).
+"""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from emserve.card import ModelCard
+
+MODELS = Path(__file__).resolve().parent.parent / "models"
+FOLDERS = sorted(p.parent for p in MODELS.glob("*/card.json"))
+FEW_MB = 8 * 2**20
+# Still the width-32 models exported before the fused attention: at width 16 they drew worse (models/README.md);
+# a smaller architecture is training. Strict, so these fail once they are replaced.
+NOT_YET_RETRAINED = {"phantom-pairs", "phantom-from-labels"}
+
+
+def retrained_cases() -> list:
+    """FOLDERS, with the ones not yet retrained expected to fail."""
+    pending = pytest.mark.xfail(strict=True, reason="not yet retrained smaller with the fused attention (issue 6)")
+    return [pytest.param(f, id=f.name, marks=pending if f.name in NOT_YET_RETRAINED else ()) for f in FOLDERS]
+
+
+def test_the_three_defaults_are_shipped():
+    assert {f.name: ModelCard.load(f).mode for f in FOLDERS} == {
+        "phantom-pairs": "pairs", "phantom-from-labels": "em-from-labels", "phantom-seg": "segmentation"}
+
+
+@pytest.mark.parametrize("folder", retrained_cases())
+def test_each_default_model_is_a_few_megabytes(folder):
+    size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+    assert size <= FEW_MB, f"{folder.name}: {size / 2**20:.1f} MB"
+
+
+def readme_commands() -> list[list[str]]:
+    """Every `emserve train` command in models/README.md, as argv (continuations joined, comments and a leading
+    environment assignment such as OMP_NUM_THREADS=1 dropped)."""
+    lines = (MODELS / "README.md").read_text().replace("\\\n", " ").splitlines()
+    argvs = [shlex.split(line, comments=True) for line in lines if "emserve train " in line]
+    return [argv[next(i for i, a in enumerate(argv) if a == "emserve"):] for argv in argvs]
+
+
+@pytest.mark.parametrize("folder", FOLDERS, ids=lambda f: f.name)
+def test_models_readme_records_the_command_that_trained_each_model(folder):
+    recorded = ModelCard.load(folder).training["config"]["command"]
+    assert shlex.split(recorded) in readme_commands(), f"{folder.name}: models/README.md lacks `{recorded}`"
+
+
+@pytest.mark.parametrize("folder", retrained_cases())
+def test_the_shipped_torchscript_graph_runs_attention_on_the_fused_kernel(folder):
+    torch = pytest.importorskip("torch")
+    from emserve.runtime.torchscript import TorchScriptRuntime
+
+    runtime = TorchScriptRuntime(folder, device="cpu")
+    card = runtime.card
+    size = {"B": 1, "H": 32, "W": 32}
+    cond = {name: np.full([size.get(d, d) for d in spec["shape"]], spec["null"], spec["dtype"])
+            for name, spec in card.conditions.items()}
+    x = np.zeros((1, card.unet["in_channels"], 32, 32), np.float32)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        runtime(x, None if card.mode == "segmentation" else np.array([500]), cond)
+    ops = {event.key for event in profile.key_averages()}
+    assert "aten::_scaled_dot_product_flash_attention_for_cpu" in ops
+    assert "aten::_scaled_dot_product_attention_math" not in ops
