@@ -155,15 +155,15 @@ def served(tmp_path_factory, request):
     env = {**os.environ, "PYTRITON_HOME": str(tmp / "pytriton-home"),  # nothing piles up in ~/.cache/pytriton
            "LD_LIBRARY_PATH": os.pathsep.join(filter(None, [libdir, os.environ.get("LD_LIBRARY_PATH")]))}
     http, grpc = free_ports(2)
-    log = tmp / "server.log"
+    log, ready = tmp / "server.log", tmp / "ready"
     command = [python, SERVER_SCRIPT, repository, "--http-port", http, "--grpc-port", grpc, "--workspace",
-               tmp / "workspace"]
+               tmp / "workspace", "--ready-file", ready]
     with open(log, "w") as out:
         server = subprocess.Popen(list(map(str, command)), stdout=out, stderr=subprocess.STDOUT, env=env,
                                   start_new_session=True)  # its own process group: tritonserver goes with it
     try:
         started, deadline = time.perf_counter(), time.perf_counter() + 120
-        while not any(line.startswith("ready") for line in log.read_text().splitlines()):
+        while not ready.exists():  # not the printed "ready": tritonserver's own output can splice into that line
             if server.poll() is not None or time.perf_counter() > deadline:
                 pytest.fail(f"the Triton server did not start (exit {server.poll()}); its log {log} ends:\n"
                             + "\n".join(log.read_text().splitlines()[-20:]))

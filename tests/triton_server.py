@@ -10,9 +10,11 @@ Run with the Python of a separate virtualenv holding nvidia-pytriton, numpy<2 an
 numpy<2; the project uses numpy 2), with LD_LIBRARY_PATH set to that Python's library directory (else the model
 process fails with "'_thread.RLock' object has no attribute '_recursion_count'"):
 
-    python tests/triton_server.py REPOSITORY --http-port P --grpc-port Q --workspace DIR
+    python tests/triton_server.py REPOSITORY --http-port P --grpc-port Q --workspace DIR [--ready-file F]
 
-Prints "ready" on stdout once every model is ready and serves on 127.0.0.1 until SIGTERM (or SIGINT), then
+Prints "ready" on stdout once every model is ready (and, with --ready-file, writes the model names to F, all at
+once: tritonserver writes to the same stdout, so a caller that waits on the printed line can find it spliced into
+one of the server's) and serves on 127.0.0.1 until SIGTERM (or SIGINT), then
 stops the server and deletes the workspace. Imports nothing from emserve: it runs in the other environment.
 """
 
@@ -79,6 +81,7 @@ def main() -> None:
     parser.add_argument("--http-port", type=int, required=True)
     parser.add_argument("--grpc-port", type=int, required=True)
     parser.add_argument("--workspace", required=True, help="an empty or missing directory; removed at exit")
+    parser.add_argument("--ready-file", type=Path, help="written (atomically) with the model names once ready")
     args = parser.parse_args()
 
     config = TritonConfig(http_address="127.0.0.1", http_port=args.http_port, grpc_address="127.0.0.1",
@@ -93,6 +96,10 @@ def main() -> None:
             sys.exit(f"triton_server: no model folders (<name>/config.pbtxt) in {args.repository}")
         triton.run()
         print("ready", *names, flush=True)
+        if args.ready_file:
+            partial = args.ready_file.with_name(args.ready_file.name + ".partial")
+            partial.write_text(" ".join(names))
+            partial.rename(args.ready_file)
         while not stop.wait(1.0):
             if not triton.is_alive():
                 sys.exit("triton_server: the server or a model process died")
