@@ -8,6 +8,8 @@ says trained it, and the TorchScript graph runs attention on PyTorch's fused ker
 
 from __future__ import annotations
 
+import itertools
+import re
 import shlex
 from pathlib import Path
 
@@ -42,11 +44,12 @@ def test_each_default_model_is_a_few_megabytes(folder):
 
 
 def readme_commands() -> list[list[str]]:
-    """Every `emserve train` command in models/README.md, as argv (continuations joined, comments and a leading
-    environment assignment such as OMP_NUM_THREADS=1 dropped)."""
-    lines = (MODELS / "README.md").read_text().replace("\\\n", " ").splitlines()
-    argvs = [shlex.split(line, comments=True) for line in lines if "emserve train " in line]
-    return [argv[next(i for i, a in enumerate(argv) if a == "emserve"):] for argv in argvs]
+    """Every `emserve train` command in models/README.md's code blocks, as argv (continuations joined, comments
+    and leading environment assignments such as OMP_NUM_THREADS=1 dropped); prose is not parsed."""
+    blocks = re.findall(r"```bash\n(.*?)```", (MODELS / "README.md").read_text(), flags=re.S)
+    argvs = [shlex.split(line, comments=True) for block in blocks for line in block.replace("\\\n", " ").splitlines()]
+    commands = [list(itertools.dropwhile(lambda arg: "=" in arg and not arg.startswith("-"), argv)) for argv in argvs]
+    return [argv for argv in commands if argv[:2] == ["emserve", "train"]]
 
 
 @pytest.mark.parametrize("folder", FOLDERS, ids=lambda f: f.name)
