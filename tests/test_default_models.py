@@ -21,15 +21,6 @@ from emserve.card import ModelCard
 MODELS = Path(__file__).resolve().parent.parent / "models"
 FOLDERS = sorted(p.parent for p in MODELS.glob("*/card.json"))
 FEW_MB = 8 * 2**20
-# Still the width-32 models exported before the fused attention: at width 16 they drew worse (models/README.md);
-# a smaller architecture is training. Strict, so these fail once they are replaced.
-NOT_YET_RETRAINED = {"phantom-pairs", "phantom-from-labels"}
-
-
-def retrained_cases() -> list:
-    """FOLDERS, with the ones not yet retrained expected to fail."""
-    pending = pytest.mark.xfail(strict=True, reason="not yet retrained smaller with the fused attention (issue 6)")
-    return [pytest.param(f, id=f.name, marks=pending if f.name in NOT_YET_RETRAINED else ()) for f in FOLDERS]
 
 
 def test_the_three_defaults_are_shipped():
@@ -37,7 +28,7 @@ def test_the_three_defaults_are_shipped():
         "phantom-pairs": "pairs", "phantom-from-labels": "em-from-labels", "phantom-seg": "segmentation"}
 
 
-@pytest.mark.parametrize("folder", retrained_cases())
+@pytest.mark.parametrize("folder", FOLDERS, ids=lambda f: f.name)
 def test_each_default_model_is_a_few_megabytes(folder):
     size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
     assert size <= FEW_MB, f"{folder.name}: {size / 2**20:.1f} MB"
@@ -58,7 +49,7 @@ def test_models_readme_records_the_command_that_trained_each_model(folder):
     assert shlex.split(recorded) in readme_commands(), f"{folder.name}: models/README.md lacks `{recorded}`"
 
 
-@pytest.mark.parametrize("folder", retrained_cases())
+@pytest.mark.parametrize("folder", FOLDERS, ids=lambda f: f.name)
 def test_the_shipped_torchscript_graph_runs_attention_on_the_fused_kernel(folder):
     torch = pytest.importorskip("torch")
     from emserve.runtime.torchscript import TorchScriptRuntime

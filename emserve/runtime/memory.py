@@ -19,7 +19,7 @@ from typing import Any
 
 WORKING_MAPS = 16  # feature maps of a level's width, at its resolution, alive at once while it is computed
 BYTES_PER_VALUE = 4  # the graphs compute in float32
-DEFAULT_MEMORY_BUDGET = "4GiB"  # generate, segment and the service: ~340 samples per 64x64 denoiser call
+DEFAULT_MEMORY_BUDGET = "4GiB"  # generate, segment and the service: ~380 samples per 64x64 denoiser call
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
 
 
