@@ -231,6 +231,11 @@ def train_seg(
                                                              "repeatable.")] = None,
     generated_fraction: Annotated[float, typer.Option(help="With real and generated stores: share of every "
                                                            "batch from the generated ones.")] = 0.5,
+    generated_weight: Annotated[float, typer.Option(help="With real and generated stores: loss weight of a "
+                                                         "generated patch, in (0, 1] (a real one weighs 1).")] = 1.0,
+    init: Annotated[Path | None, typer.Option(help="Start from this segmentation checkpoint's (EMA) weights, "
+                                                   "e.g. one pretrained on generated pairs; same classes and "
+                                                   "UNet.")] = None,
     classes: ClassList = "",
     exclusive: Annotated[bool, typer.Option(help="One class per voxel (softmax over background + classes) "
                                                  "instead of a sigmoid per class.")] = False,
@@ -265,6 +270,7 @@ def train_seg(
     stores, generated = list(stores or []), list(generated or [])
     cfg = SegConfig(
         stores=stores, out=str(out), generated=generated, generated_fraction=generated_fraction,
+        generated_weight=generated_weight, init=str(init or ""),
         classes=_csv(classes) or _annotated_classes(stores + generated), exclusive=exclusive,
         dice_weight=dice_weight, patch_size=patch_size, batch_size=batch_size, steps=steps, lr=lr, width=width,
         multipliers=_ints("multipliers", multipliers), blocks_per_level=blocks_per_level,
@@ -299,16 +305,25 @@ def experiment(
     spacing: Spacing = DEFAULT_SPACING,
     despeckle: Despeckle = 0,
     mix: Annotated[float, typer.Option(help="Mixed arms: share of generated patches per batch.")] = 0.5,
+    generated_weight: Annotated[float, typer.Option(help="Weighted arms: loss weight of a generated patch "
+                                                         "(a real one weighs 1).")] = 0.25,
+    filter_quantile: Annotated[float, typer.Option(
+        help="Filtered arms: keep a generated pair if the baseline network agrees with it at least as well as "
+             "with this quantile of real training patches.")] = 0.25,
     few_slices: Annotated[int, typer.Option(help="Low-label arms: labelled slices kept per crop.")] = 2,
     class_groups: ClassGroups = "",
     voxel_size: VoxelSize = "",
-    seed: Seed = 0,
+    arms: Annotated[str, typer.Option(help="Arms to run, comma-separated (their baselines are added); default: "
+                                           "every arm the budgets allow. See `training/experiment/config.py`.")] = "",
+    seeds: Annotated[str, typer.Option(help="Seeds, comma-separated; each trains every network anew. Intervals "
+                                            "need 3 or more.")] = "0,1,2",
 ) -> None:
-    """Does generated data help? Train segmentation on real, generated, mixed and few-label data, score all.
+    """Does generated data help? Train segmentation on real, generated, mixed, pretrained, filtered, weighted
+    and few-label data over several seeds, score all with 95 % intervals and paired differences.
 
-    Also trains the pairs DDPMs it generates with (and, with --from-labels-steps, an EM-from-labels DDPM for a
-    few+rendered arm), and reports realism (FD / KID) and class-presence guidance.
-    Rerun the same command to resume an interrupted experiment.
+    Also trains the pairs DDPMs it generates with (and, with --from-labels-steps, an EM-from-labels DDPM for the
+    few+rendered and few+augmented arms), and reports realism (FD / KID) and class-presence guidance.
+    Rerun the same command to resume an interrupted experiment; add seeds to extend it.
     """
     from training.experiment import ExperimentConfig, run_experiment
 
@@ -317,9 +332,9 @@ def experiment(
         patch_size=patch_size, width=width, multipliers=_ints("multipliers", multipliers),
         blocks_per_level=blocks_per_level, batch_size=batch_size, lr=lr, seg_steps=seg_steps, ddpm_steps=ddpm_steps,
         from_labels_steps=from_labels_steps, samples=samples, sampler=sampler, sample_steps=sample_steps,
-        spacing=spacing, despeckle=despeckle, mix=mix,
-        few_slices=few_slices,
-        class_groups=_groups(class_groups), voxel_size=_voxel_size(voxel_size), seed=seed, command=command_line(),
+        spacing=spacing, despeckle=despeckle, mix=mix, generated_weight=generated_weight,
+        filter_quantile=filter_quantile, few_slices=few_slices, class_groups=_groups(class_groups),
+        voxel_size=_voxel_size(voxel_size), arms=_csv(arms), seeds=list(_ints("seeds", seeds)), command=command_line(),
     )
     console.print(f"report: {run_experiment(cfg)}")
 

@@ -23,6 +23,7 @@ from emserve.metrics import (
     presence_threshold,
     realism,
     segmentation_report,
+    tile_counts,
 )
 from emserve.pictures import grid, raw_to_rgb, save_png
 from emserve.pipelines import GenerationRequest, generate, label_codes, store_label_maps
@@ -52,17 +53,25 @@ def held_out_crops(paths: Sequence[str], classes: Sequence[str], crops: Sequence
 
 
 def evaluate_segmentation(runtime: Runtime, crops: Sequence[LabelledCrop], *, axis: str = "z",
-                          tile: int | None = None, overlap: int | None = None, threshold: float = 0.5) -> dict:
-    """Per-class and mean Dice / IoU / precision / recall of the network's masks on the crops."""
+                          tile: int | None = None, overlap: int | None = None, threshold: float = 0.5,
+                          count_tile: int | None = None) -> dict:
+    """Per-class and mean Dice / IoU / precision / recall of the network's masks on the crops. With
+    `count_tile`, also "tile_counts": (tp, fp, fn) per class of every `count_tile`-pixel block of every z-plane
+    [tiles][classes][3], crop after crop, for intervals (emserve.statistics)."""
     card = runtime.card
     counts = [Counts() for _ in card.classes]
+    tiles = []
     for crop in crops:
         probs = segment_array(runtime, crop.raw, axis=axis, tile=tile, overlap=overlap)
         masks = masks_from_probabilities(card, probs, threshold)
         for k, c in enumerate(counts):
             c.add(masks[k], crop.labels[k])
+        if count_tile:
+            tiles.append(tile_counts(masks, crop.labels, count_tile))
     report = segmentation_report(card.classes, counts)
     report["crops"] = [f"{c.dataset}/{c.name}" for c in crops]
+    if count_tile:
+        report["tile_counts"] = np.concatenate(tiles).tolist()
     return report
 
 

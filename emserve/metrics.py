@@ -51,6 +51,21 @@ class Counts:
         self.annotated += int(known.sum())
 
 
+def tile_counts(predicted: np.ndarray, labels: np.ndarray, tile: int) -> np.ndarray:
+    """(tp, fp, fn) per tile and class [T, K, 3] of masks against labels [K, Z, Y, X] (0/1/255; 255 skipped):
+    tiles are `tile` x `tile` blocks of every z-plane (the last row and column of blocks may be smaller), the
+    units a bootstrap over held-out data resamples (emserve.statistics)."""
+    if tile < 1:
+        raise ValueError(f"tile: {tile} must be a positive number of pixels")
+    known = labels != UNKNOWN
+    truth = labels == PRESENT
+    maps = np.stack([predicted & truth & known, predicted & ~truth & known, ~predicted & truth & known], -1)
+    _, _, height, width = labels.shape
+    rows, cols = np.arange(0, height, tile), np.arange(0, width, tile)
+    summed = np.add.reduceat(np.add.reduceat(maps.astype(np.int64), rows, axis=2), cols, axis=3)  # [K, Z, R, C, 3]
+    return summed.transpose(1, 2, 3, 0, 4).reshape(-1, labels.shape[0], 3)
+
+
 @dataclass
 class ClassScores:
     name: str

@@ -1,70 +1,133 @@
-"""`emserve experiment`: every arm scored on held-out crops never trained on; a rerun resumes, not retrains."""
+"""`emserve experiment`: every arm over several seeds, scored on held-out crops never trained on, with intervals
+and paired differences; a rerun resumes, not retrains."""
 
 import json
 import subprocess
 import sys
 
 import numpy as np
+import pytest
 from checkpoints import CLASSES
 
 from emserve.classes import UNKNOWN
 from emserve.data.patches import load_crops
 from emserve.data.store import EMStore
-from emserve.metrics import plane_object_sizes
-from training.experiment import (
-    ARMS,
-    RENDERED_ARM,
-    ExperimentConfig,
-    few_label_maps,
-    split_in_proportion,
-)
+from training.experiment import ARMS, ExperimentConfig, baseline_of
+from training.experiment.generated import deform, few_label_maps, label_source, split_in_proportion
+
+SMOKE = ["--patch-size", "16", "--width", "8", "--multipliers", "1,2", "--batch-size", "4", "--seg-steps", "6",
+         "--ddpm-steps", "6", "--samples", "8", "--sample-steps", "3", "--despeckle", "5", "--from-labels-steps", "6"]
 
 
-def test_the_smoke_experiment_scores_every_arm_and_resumes(toy_store, tmp_path):
-    out = tmp_path / "exp"
-    cmd = [sys.executable, "-m", "emserve.cli", "experiment", *map(str, toy_store), "--out", str(out),
-           "--holdout", "toy_b/crop1", "--classes", ",".join(CLASSES), "--patch-size", "16", "--width", "8",
-           "--multipliers", "1,2", "--batch-size", "4", "--seg-steps", "6", "--ddpm-steps", "6", "--samples", "8",
-           "--sample-steps", "3", "--despeckle", "5", "--from-labels-steps", "6"]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={"OMP_NUM_THREADS": "1",
-                                                                                 "PATH": ""})
+def run_cli(args):
+    return subprocess.run([sys.executable, "-m", "emserve.cli", *args], capture_output=True, text=True, timeout=600,
+                          env={"OMP_NUM_THREADS": "1", "PATH": ""})
+
+
+@pytest.fixture(scope="module")
+def experiment(toy_store, tmp_path_factory):
+    out = tmp_path_factory.mktemp("exp") / "exp"
+    cmd = ["experiment", *map(str, toy_store), "--out", str(out), "--holdout", "toy_b/crop1", "--classes",
+           ",".join(CLASSES), "--seeds", "0,1", *SMOKE]
+    done = run_cli(cmd)
     assert done.returncode == 0, done.stderr
-    report = json.loads((out / "report.json").read_text())
+    return out, cmd, json.loads((out / "report.json").read_text())
+
+
+def test_every_arm_is_scored_for_every_seed_on_held_out_crops_only(experiment):
+    out, _, report = experiment
     assert report["held_out"] == ["toy_b/crop1"]
     assert report["training_crops"] == {"toy_a": ["crop1"], "toy_b": []}
-    assert list(report["arms"]) == [*ARMS, RENDERED_ARM]
-    cards = list(out.glob("*/step-*/card.json"))  # every network the experiment trained: none saw the held-out labels
-    assert len({c.parents[1] for c in cards}) == len(report["arms"]) + 3  # + the full, few and from-labels DDPMs
+    assert list(report["arms"]) == list(ARMS) and list(report["runs"]) == ["0", "1"]
+    cards = list(out.glob("seed-*/*/step-*/card.json"))  # every network the experiment trained
+    # per seed: each arm, two pretraining runs, the full, few and from-labels DDPMs
+    assert len({c.parents[1] for c in cards}) == 2 * (len(ARMS) + 2 + 3)
     for card in cards:
-        crops = json.loads(card.read_text())["training"]["config"]["crops"]
-        assert crops is not None and "crop1" not in crops.get("toy_b", []), card
-    for arm in report["arms"]:
-        assert [c["name"] for c in report["arms"][arm]["classes"]] == CLASSES
-        assert report["arms"][arm]["crops"] == ["toy_b/crop1"]
-    for name in ("full", "few"):
-        assert report["realism"][name]["generated"] == 8
-        assert (out / f"quiz-{name}.png").exists() and (out / f"generated-{name}.png").exists()
-    assert report["class_balance"]["class"] in CLASSES and report["class_balance"]["min_object_pixels"] >= 1
-    generated = EMStore(out / "generated-full.zarr")  # --despeckle 5: no labelled object under 5 pixels is left
-    sizes = np.concatenate([plane_object_sizes(labels) for crop in generated.crops
-                            for labels in generated.read_crop(crop, CLASSES).labels])
-    assert sizes.size and sizes.min() >= 5
+        config = json.loads(card.read_text())["training"]["config"]
+        assert config["crops"] is not None and "crop1" not in config["crops"].get("toy_b", []), card
+        assert config["seed"] == int(card.parts[-4].removeprefix("seed-"))
+    for seed, run in report["runs"].items():
+        for arm, scores in run["arms"].items():
+            assert [c["name"] for c in scores["classes"]] == CLASSES and scores["crops"] == ["toy_b/crop1"]
+            counts = np.array(scores["tile_counts"])  # 8 planes of 64 x 64 in blocks of 32: 32 tiles
+            assert counts.shape == (32, len(CLASSES), 3)
+            for k, row in enumerate(scores["classes"]):
+                tp, fp, fn = counts[:, k].sum(0)
+                assert row["dice"] == (2 * tp / (2 * tp + fp + fn) if 2 * tp + fp + fn else None), (seed, arm)
+        for name in ("full", "few"):
+            assert run["realism"][name]["generated"] == 8
+            assert (out / f"seed-{seed}" / f"generated-{name}.png").exists()
+        assert run["class_balance"]["class"] in CLASSES
+
+
+def test_arms_carry_intervals_and_each_generated_arm_its_paired_difference(experiment):
+    _, _, report = experiment
+    for arm, row in report["arms"].items():
+        assert row["seeds"] == 2
+        assert row["mean_dice"] == pytest.approx(np.mean(row["per_seed"]))
+        assert row["ci95"][0] <= row["mean_dice"] <= row["ci95"][1], arm
+    compared = [c["arm"] for c in report["comparisons"]]
+    assert compared == [a for a in ARMS if a not in ("real", "few")]
+    for c in report["comparisons"]:
+        assert set(c) == {"arm", "baseline", "mean_dice_diff", "ci95", "seeds", "verdict"}
+        assert c["baseline"] == baseline_of(c["arm"]) and c["seeds"] == 2
+        arm, base = report["arms"][c["arm"]], report["arms"][c["baseline"]]
+        assert c["mean_dice_diff"] == pytest.approx(arm["mean_dice"] - base["mean_dice"])
+        assert c["ci95"][0] <= c["mean_dice_diff"] <= c["ci95"][1]
+    markdown = (experiment[0] / "report.md").read_text()
+    assert all(f"| {c['arm']} | {c['baseline']} | {c['mean_dice_diff']:+.3f} |" in markdown
+               for c in report["comparisons"])
+
+
+def test_pretrained_arms_start_from_generated_pretraining_with_the_same_total_budget(experiment):
+    out, _, _ = experiment
+    for regime, arm in (("full", "real-pretrained"), ("few", "few-pretrained")):
+        pretrain = json.loads(next((out / "seed-0" / f"pretrain-{regime}").glob("step-*/card.json")).read_text())
+        tuned = json.loads(next((out / "seed-0" / f"seg-{arm}").glob("step-*/card.json")).read_text())
+        assert pretrain["training"]["config"]["stores"] == []
+        assert pretrain["training"]["generated"] == [str(out / "seed-0" / f"generated-{regime}.zarr")]
+        assert pretrain["training"]["config"]["steps"] + tuned["training"]["config"]["steps"] == 6
+        assert tuned["training"]["init"]["sha256"] == pretrain["weights"]
+        assert tuned["training"]["generated"] == []
+
+
+def test_filtered_stores_drop_only_pairs_the_baseline_disagrees_with(experiment):
+    out, _, report = experiment
+    for regime in ("full", "few"):
+        record = report["runs"]["0"]["filtered"][regime]
+        source = EMStore(out / "seed-0" / f"generated-{regime}.zarr")
+        kept = EMStore(out / "seed-0" / f"filtered-{regime}.zarr")
+        before = np.concatenate([source.read_crop(c, CLASSES).labels for c in source.crops], axis=1)
+        after = np.concatenate([kept.read_crop(c, CLASSES).labels for c in kept.crops], axis=1)
+        screened = (before != UNKNOWN).any(axis=(0, 2, 3))
+        left = (after != UNKNOWN).any(axis=(0, 2, 3))
+        assert record["screened_pairs"] == screened.sum() and record["kept"] == left.sum()
+        assert not (left & ~screened).any()  # nothing screening rejected comes back
+        np.testing.assert_array_equal(after[:, left], before[:, left])  # kept pairs are unchanged
+        assert record["segmenter"].endswith(
+            f"seg-{'few' if regime == 'few' else 'real'}/step-00000006")
+
+
+def test_a_rerun_resumes_and_trains_nothing(experiment):
+    out, cmd, report = experiment
+    checkpoints = sorted(p.stat().st_mtime_ns for p in out.glob("seed-*/*/step-*"))
+    again = run_cli(cmd)
+    assert again.returncode == 0, again.stderr
+    assert sorted(p.stat().st_mtime_ns for p in out.glob("seed-*/*/step-*")) == checkpoints
+    assert json.loads((out / "report.json").read_text())["arms"] == report["arms"]
+
+
+def test_rendered_arms_draw_only_labelled_slices_of_training_crops(experiment, toy_store):
+    out, _, report = experiment
     cfg = ExperimentConfig(stores=[str(p) for p in toy_store], out=str(out), holdout=["toy_b/crop1"],
                            classes=list(CLASSES), patch_size=16, few_slices=2)
     maps = few_label_maps(cfg, report["training_crops"])["toy_a"]
-    rendered = EMStore(out / "rendered-toy_a.zarr")  # real labels of the labelled slices only, under new EM
-    assert report["rendered"] == {"stores": [str(out / "rendered-toy_a.zarr")], "guidance": 3.0}
+    rendered = EMStore(out / "seed-0" / "rendered-toy_a.zarr")  # real labels of the labelled slices, new EM
     drawn = np.concatenate([rendered.read_crop(c, CLASSES).labels.transpose(1, 0, 2, 3) for c in rendered.crops])
     assert len(drawn) == 8 and all(any(np.array_equal(d, m) for m in maps) for d in drawn)
-    markdown = (out / "report.md").read_text()
-    assert all(f"| {arm} |" in markdown for arm in report["arms"]) and "rendered-toy_a.png" in markdown
-
-    checkpoints = sorted(p.stat().st_mtime_ns for p in out.glob("*/step-*"))
-    again = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={"OMP_NUM_THREADS": "1",
-                                                                                  "PATH": ""})
-    assert again.returncode == 0, again.stderr
-    assert sorted(p.stat().st_mtime_ns for p in out.glob("*/step-*")) == checkpoints  # nothing retrained
-    assert json.loads((out / "report.json").read_text())["arms"] == report["arms"]
+    augmented = EMStore(out / "seed-0" / "augmented-toy_a.zarr")  # the same maps, deformed: new shapes
+    shapes = np.concatenate([augmented.read_crop(c, CLASSES).labels.transpose(1, 0, 2, 3) for c in augmented.crops])
+    assert len(shapes) == 8 and not all(any(np.array_equal(d, m) for m in maps) for d in shapes)
 
 
 def test_few_labelled_slices_keep_raw_everywhere_and_labels_on_evenly_spaced_planes(toy_store):
@@ -88,7 +151,44 @@ def test_rendered_label_maps_come_from_labelled_planes_of_training_crops_only(to
     assert sorted(m.tobytes() for m in maps["toy_a"]) == sorted(t.tobytes() for t in expected)
 
 
+def test_deformed_label_maps_keep_their_codes_and_move_boundaries_by_a_few_pixels():
+    yy, xx = np.mgrid[:64, :64]
+    disc = ((yy - 32) ** 2 + (xx - 32) ** 2 < 15**2).astype(np.uint8)
+    labels = np.stack([disc, np.where(xx < 8, 255, 1 - disc).astype(np.uint8)])
+    out = deform(labels, np.random.default_rng(0))
+    assert out.shape == labels.shape and set(np.unique(out)) <= set(np.unique(labels))
+    assert not any(np.array_equal(out, np.rot90(v, k, axes=(-2, -1))) for k in range(4)
+                   for v in (labels, labels[..., ::-1]))  # more than a flip or rotation
+    assert abs(int(out[0].sum()) - int(disc.sum())) < 0.25 * disc.sum()  # bent, not torn or blown up
+    still = deform(labels, np.random.default_rng(0), amplitude=0.0)  # no displacement: a flip or rotation of it
+    assert any(np.array_equal(still, np.rot90(v, k, axes=(-2, -1))) for k in range(4)
+               for v in (labels, labels[..., ::-1]))
+
+
+def test_a_deformed_sample_does_not_depend_on_the_batch_it_is_drawn_in():
+    maps = np.random.default_rng(1).integers(0, 2, size=(5, 2, 16, 16)).astype(np.uint8)
+    source = label_source(maps, seed=3, deformed=True)
+    whole = source(0, 7)
+    np.testing.assert_array_equal(np.concatenate([source(0, 2), source(2, 5), source(5, 7)]), whole)
+    assert not np.array_equal(whole[0], whole[5])  # the same map drawn again (7 > 5) is deformed anew
+
+
 def test_rendered_samples_are_shared_among_datasets_in_proportion_and_add_up():
     assert split_in_proportion(256, [10, 10, 10]) == [86, 85, 85]
     assert split_in_proportion(8, [1000, 1]) == [8, 0]  # a dataset with a sliver of the maps may get none
     assert split_in_proportion(7, [3, 1]) == [5, 2]
+
+
+def test_arms_that_need_what_the_options_leave_out_are_refused_by_name(toy_store, tmp_path):
+    base = {"stores": [str(p) for p in toy_store], "out": str(tmp_path), "holdout": ["toy_b/crop1"],
+            "classes": list(CLASSES)}
+    with pytest.raises(ValueError, match=r"arms: \['few\+augmented'\] need an EM-from-labels DDPM; set "
+                                         r"from_labels_steps"):
+        ExperimentConfig(**base, arms=["few+augmented"])
+    with pytest.raises(ValueError, match=r"arms: \['few\+magic'\] are not arms; allowed: real, generated"):
+        ExperimentConfig(**base, arms=["few+magic"])
+    with pytest.raises(ValueError, match=r"seeds: \[1, 1\]; give distinct"):
+        ExperimentConfig(**base, seeds=[1, 1])
+    chosen = ExperimentConfig(**base, arms=["few+filtered", "generated"]).chosen_arms
+    assert chosen == ["real", "generated", "few", "few+filtered"]  # baselines added, table order
+    assert "few+rendered" not in ExperimentConfig(**base).chosen_arms  # no from-labels DDPM: no rendered arms

@@ -122,6 +122,22 @@ def test_unannotated_voxels_do_not_change_the_loss():
         assert not torch.isclose(base, seg_loss(annotated, labels, exclusive, 1.0))
 
 
+def test_a_patch_weighing_twice_another_counts_like_two_copies_of_it():
+    """seg_loss([a, b], weights [2, 1]) is the loss of [a, a, b] unweighted: a weight multiplies a patch's voxels
+    in both the cross-entropy and the Dice sums."""
+    rng = np.random.default_rng(3)
+    labels = torch.from_numpy(rng.choice([ABSENT, PRESENT, UNKNOWN], size=(2, 2, 8, 8), p=[0.5, 0.3, 0.2])
+                              .astype(np.uint8))
+    for exclusive in (False, True):
+        logits = torch.from_numpy(rng.normal(size=(2, 2 + exclusive, 8, 8)).astype(np.float32))
+        weighted = seg_loss(logits, labels, exclusive, 1.0, torch.tensor([2.0, 1.0]))
+        copies = seg_loss(logits[[0, 0, 1]], labels[[0, 0, 1]], exclusive, 1.0)
+        assert torch.isclose(weighted, copies, rtol=1e-5)
+        assert torch.isclose(seg_loss(logits, labels, exclusive, 1.0, torch.ones(2)), seg_loss(logits, labels,
+                                                                                               exclusive, 1.0))
+        assert not torch.isclose(weighted, seg_loss(logits, labels, exclusive, 1.0))
+
+
 @pytest.fixture(scope="module")
 def trained(toy_store, tmp_path_factory):
     """A tiny segmentation network trained on the toy stores (mito bright, lipid droplets dark)."""
@@ -143,6 +159,23 @@ def test_training_learns_the_toy_organelles_and_tiled_inference_finds_them(train
     truth = crop.labels[:, :2] == PRESENT
     dice = [2 * (m & t).sum() / (m.sum() + t.sum()) for m, t in zip(masks, truth, strict=True)]
     assert min(dice) > 0.7, dice
+
+
+def test_fine_tuning_starts_from_the_checkpoints_weights_and_refuses_another_network(trained, toy_store, tmp_path):
+    checkpoint, _ = trained
+    start = load_runtime(checkpoint, "torch", device="cpu")
+    common = dict(stores=[str(toy_store[0])], classes=CLASSES, patch_size=32, width=8, multipliers=(1, 2),
+                  blocks_per_level=1, batch_size=4, steps=1, checkpoint_every=1, preview_every=1)
+    frozen = train_seg(SegConfig(out=str(tmp_path / "tuned"), lr=0.0, init=str(checkpoint), **common))
+    tuned = load_runtime(frozen, "torch", device="cpu")  # lr 0: still the starting weights after a step
+    x = np.random.default_rng(0).uniform(-1, 1, (2, 1, 32, 32)).astype(np.float32)
+    np.testing.assert_allclose(tuned.segment(x), start.segment(x), atol=1e-6)
+    card = ModelCard.load(frozen)
+    assert card.training["init"] == {"checkpoint": str(checkpoint), "sha256": start.card.weights}
+    fresh = load_runtime(train_seg(SegConfig(out=str(tmp_path / "fresh"), lr=0.0, **common)), "torch", device="cpu")
+    assert not np.allclose(fresh.segment(x), start.segment(x), atol=1e-3)
+    with pytest.raises(ValueError, match=r"init: .* has unet=.*; this run needs"):
+        train_seg(SegConfig(out=str(tmp_path / "wider"), init=str(checkpoint), **{**common, "width": 16}))
 
 
 def test_generated_stores_train_alone_or_mixed(toy_store, tmp_path):

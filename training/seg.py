@@ -7,7 +7,9 @@ cross-entropy plus soft Dice, both over annotated voxels only: a class nobody an
 nothing there, neither present nor absent.
 
 Training data are real stores, generated stores (from `emserve generate`, whose rejected samples are marked
-unannotated and so drop out of the loss), or both, with a chosen share of generated patches in every batch.
+unannotated and so drop out of the loss), or both, with a chosen share of generated patches in every batch and,
+optionally, a lower loss weight for them (they are not as right as real annotations). `init` starts from another
+segmentation checkpoint's weights: pretrain on generated pairs, then fine-tune on real ones.
 """
 
 from __future__ import annotations
@@ -38,12 +40,15 @@ PREVIEW_PATCHES = 6
 @dataclass
 class SegConfig(TrainConfig):
     """Options of `emserve train seg`. `stores` are real data, `generated` generated stores (either may be
-    empty, not both); with both, `generated_fraction` of every batch comes from the generated ones."""
+    empty, not both); with both, `generated_fraction` of every batch comes from the generated ones, each weighted
+    `generated_weight` in the loss (a real patch weighs 1). `init`: a segmentation checkpoint to start from."""
 
     generated: list[str] = field(default_factory=list)
     generated_fraction: float = 0.5
+    generated_weight: float = 1.0
     exclusive: bool = False
     dice_weight: float = 1.0
+    init: str = ""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -53,6 +58,9 @@ class SegConfig(TrainConfig):
             raise ValueError("stores: give real stores, --generated stores, or both")
         if self.dice_weight < 0:
             raise ValueError(f"dice_weight: must be >= 0, got {self.dice_weight}")
+        if not 0 < self.generated_weight <= 1:
+            raise ValueError(f"generated_weight: must be in (0, 1] (a real patch weighs 1), got "
+                             f"{self.generated_weight}")
         self.check_fractions("generated_fraction")
 
 
@@ -78,13 +86,16 @@ class SegBatchSource:
         self.generated = sampler(cfg.generated, generated)
         both = self.real is not None and self.generated is not None
         self.fraction = cfg.generated_fraction if both else float(self.generated is not None)
+        self.generated_weight = cfg.generated_weight if both else 1.0  # alone, generated patches weigh like real
 
-    def sample(self, rng: np.random.Generator, batch: int) -> PatchBatch:
+    def sample(self, rng: np.random.Generator, batch: int) -> tuple[PatchBatch, np.ndarray]:
+        """A batch and the loss weight of each of its patches [B] (real first, then generated)."""
         n_generated = round(batch * self.fraction)
         parts = [s.sample(rng, n) for s, n in ((self.real, batch - n_generated), (self.generated, n_generated))
                  if n > 0]
+        weight = np.r_[np.ones(batch - n_generated), np.full(n_generated, self.generated_weight)].astype(np.float32)
         return PatchBatch(np.concatenate([p.raw for p in parts]), np.concatenate([p.labels for p in parts]),
-                          np.concatenate([p.dataset for p in parts]))
+                          np.concatenate([p.dataset for p in parts])), weight
 
     def fixed(self, count: int) -> PatchBatch:
         """The same few patches every time (for previews): the first tiles of the real (else generated) data."""
@@ -92,27 +103,33 @@ class SegBatchSource:
         return source.cut(source.tiles()[:count])
 
 
-def seg_loss(logits: torch.Tensor, labels: torch.Tensor, exclusive: bool, dice_weight: float) -> torch.Tensor:
-    """Cross-entropy + `dice_weight` x (1 - soft Dice), over annotated voxels only. labels: uint8 0/1/255."""
+def seg_loss(logits: torch.Tensor, labels: torch.Tensor, exclusive: bool, dice_weight: float,
+             weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Cross-entropy + `dice_weight` x (1 - soft Dice), over annotated voxels only, each patch's voxels counted
+    `weight` [B] times (default once). labels: uint8 0/1/255."""
     annotated = labels != UNKNOWN
     present = labels == PRESENT
+    per_patch = (torch.ones(len(labels), device=labels.device) if weight is None else weight)[:, None, None, None]
     if exclusive:
         # background where every class is known absent; class k where it is present; else unknown
         target = torch.where(present.any(1), present.float().argmax(1) + 1,
                              torch.where(annotated.all(1), 0, IGNORE))
-        ce = F.cross_entropy(logits, target, ignore_index=IGNORE) if (target != IGNORE).any() else logits.sum() * 0
+        ce_map = F.cross_entropy(logits, target, ignore_index=IGNORE, reduction="none")[:, None]
+        counted = (target != IGNORE)[:, None] * per_patch
         probs = logits.softmax(1)[:, 1:]
-        mask = (target != IGNORE)[:, None].expand_as(probs)
+        mask = counted.expand_as(probs)
     else:
         ce_map = F.binary_cross_entropy_with_logits(logits, present.float(), reduction="none")
-        ce = (ce_map * annotated).sum() / annotated.sum().clamp(min=1)
+        counted = annotated * per_patch
         probs = logits.sigmoid()
-        mask = annotated
+        mask = counted
+    ce = (ce_map * counted).sum() / counted.sum().clamp(min=1e-6)
     return ce + dice_weight * (1 - soft_dice(probs, present.float(), mask))
 
 
 def soft_dice(probs: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean Dice over classes with any voxel in `mask` (summed over the batch, so small objects count)."""
+    """Mean Dice over classes with any voxel in `mask` (summed over the batch, so small objects count); `mask`
+    may weigh voxels (0 leaves one out)."""
     mask = mask.float()
     dims = (0, 2, 3)
     inter = (probs * target * mask).sum(dims)
@@ -139,6 +156,8 @@ def train_seg(cfg: SegConfig, resume: bool = False) -> Path | None:
                      unet=unet.to_dict(), exclusive=cfg.exclusive)
     card.training["generated"] = list(cfg.generated)
     run = Run(cfg, card, lambda: UNet(**unet.to_dict()), resume)
+    if cfg.init and run.step == 0:  # a resumed run continues its own weights
+        run.start_from(Path(cfg.init))
     shown = source.fixed(PREVIEW_PATCHES)
 
     def preview(ema: torch.nn.Module, path: Path) -> None:
@@ -147,12 +166,13 @@ def train_seg(cfg: SegConfig, resume: bool = False) -> Path | None:
     data_time = 0.0
     while not run.done:
         t0 = time.perf_counter()
-        batch = source.sample(run.rng, cfg.batch_size // run.world)
+        batch, weight = source.sample(run.rng, cfg.batch_size // run.world)
         raw, labels = run.tensor(batch.raw), run.tensor(batch.labels)
         data_time += time.perf_counter() - t0
         with autocast(run.precision, run.device):
             logits = run.net(raw)
-        run.optimize(seg_loss(logits.float(), labels, cfg.exclusive, cfg.dice_weight), data_time, preview)
+        loss = seg_loss(logits.float(), labels, cfg.exclusive, cfg.dice_weight, run.tensor(weight))
+        run.optimize(loss, data_time, preview)
     return run.close()
 
 

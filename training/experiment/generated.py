@@ -1,0 +1,172 @@
+"""The generated data of an experiment: pairs from a pairs DDPM, those pairs filtered by agreement with a
+network trained on real data, and real label maps (as they are, or deformed) drawn as new EM.
+
+Filtering by agreement: a generated pair is only useful if its EM shows what its labels say. A segmentation
+network trained on real pairs reads the generated EM; its Dice against the generated labels is the pair's
+agreement. The threshold is set on real data the network trained on, never on held-out crops: a pair is kept if
+the network agrees with it at least as well as with the lower `quantile` of real training patches.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import zarr
+from scipy import ndimage
+
+from emserve.classes import UNKNOWN
+from emserve.data.patches import PatchSampler, label_channels, load_crops
+from emserve.data.store import GROUNDTRUTH_GROUP, EMStore
+from emserve.data.writer import atomic_directory
+from emserve.diffusion import DEFAULT_LABEL_GUIDANCE
+from emserve.metrics import tile_counts
+from emserve.pipelines import GenerationRequest, LabelSource, generate_store
+from emserve.postprocess import Screening
+from emserve.runtime.base import Runtime
+from emserve.runtime.load import load_runtime
+from emserve.segmentation import masks_from_probabilities, probabilities
+from emserve.statistics import mean_dice
+from training.experiment.config import ExperimentConfig
+
+
+def generate_pairs(cfg: ExperimentConfig, checkpoint: Path, store: Path, seed: int, present: tuple[str, ...] = (),
+                   screen: bool = True) -> Path:
+    """Generate `cfg.samples` pairs (screened, for training) from a DDPM checkpoint into `store` (resuming)."""
+    request = GenerationRequest(samples=cfg.samples, seed=seed, sampler=cfg.sampler, steps=cfg.sample_steps,
+                                spacing=cfg.spacing, present=present, despeckle=cfg.despeckle)
+    with load_runtime(checkpoint, "torch") as runtime:
+        generate_store(runtime.card, runtime, request, store, screening=Screening() if screen else None,
+                       resume=store.exists())
+    return store
+
+
+def agreement(segmenter: Runtime, raw: np.ndarray, labels: np.ndarray, batch: int = 32) -> np.ndarray:
+    """Per patch, the mean Dice over classes of the network's masks for raw [N, H, W] (in [-1, 1]) against
+    labels [N, K, H, W] (0/1/255); 1 where neither holds any class (they agree that nothing is there)."""
+    scores = []
+    for start in range(0, len(raw), batch):
+        logits = segmenter.segment(raw[start:start + batch, None].astype(np.float32))
+        masks = np.stack([masks_from_probabilities(segmenter.card, p) for p in probabilities(segmenter.card, logits)])
+        part = labels[start:start + batch]
+        counts = tile_counts(masks.transpose(1, 0, 2, 3), part.transpose(1, 0, 2, 3), part.shape[-1])
+        scores.append(np.nan_to_num(mean_dice(counts), nan=1.0))
+    return np.concatenate(scores) if scores else np.zeros(0)
+
+
+def real_agreement(cfg: ExperimentConfig, segmenter: Runtime, crops: dict[str, list[str]],
+                   labelled_slices: int) -> np.ndarray:
+    """Agreement of the network with the patch-sized tiles of the real training crops that it was trained on
+    (only annotated tiles: with `labelled_slices`, those of the labelled planes)."""
+    loaded = load_crops([EMStore(p) for p in cfg.stores], cfg.classes, cfg.voxel_size, crops, labelled_slices)
+    sampler = PatchSampler(loaded, cfg.patch_size, augment=False)
+    tiles = sampler.cut(sampler.tiles())
+    annotated = (tiles.labels != UNKNOWN).any(axis=(1, 2, 3))
+    return agreement(segmenter, tiles.raw[annotated, 0], tiles.labels[annotated])
+
+
+def filter_store(source: Path, out: Path, segmenter_path: Path, threshold_from: np.ndarray, quantile: float,
+                 classes: list[str]) -> dict:
+    """Copy the generated store `source` to `out` with the labels of the pairs the segmenter disagrees with
+    marked unannotated (so training leaves them out, as screening does), and return what was kept.
+
+    `threshold_from`: the segmenter's agreement with real training patches; the threshold is its `quantile`.
+    """
+    if out.exists():
+        return zarr.open_group(str(out), mode="r").attrs["emserve"]["filtered"]
+    threshold = float(np.quantile(threshold_from, quantile))
+    store = EMStore(source)
+    with load_runtime(segmenter_path, "torch") as segmenter, atomic_directory(out) as tmp:
+        shutil.copytree(source, tmp)
+        root = zarr.open_group(str(tmp), mode="r+")
+        kept = total = 0
+        for crop in store.crops:
+            pairs = store.read_crop(crop, classes)
+            labelled = (pairs.labels != UNKNOWN).any(axis=(0, 2, 3))  # screening's rejects have no labels
+            score = agreement(segmenter, pairs.raw, pairs.labels.transpose(1, 0, 2, 3))
+            dropped = labelled & (score < threshold)
+            for name in classes:
+                array = root[f"{GROUNDTRUTH_GROUP}/{crop}/{name}/s0"]
+                for z in np.flatnonzero(dropped):
+                    array[int(z)] = UNKNOWN
+            kept += int((labelled & ~dropped).sum())
+            total += int(labelled.sum())
+        record = {"source": str(source), "segmenter": str(segmenter_path), "quantile": quantile,
+                  "threshold": threshold, "real_patches": len(threshold_from), "kept": kept, "screened_pairs": total}
+        root.attrs.update({"emserve": {**root.attrs["emserve"], "filtered": record}})
+    return record
+
+
+def few_label_maps(cfg: ExperimentConfig, crops: dict[str, list[str]]) -> dict[str, np.ndarray]:
+    """{dataset: label maps [N, K, P, P] in the store encoding}: every patch-sized tile of the few-label training
+    crops that holds an annotated voxel, so only the annotations the few-label arms may use."""
+    loaded = load_crops([EMStore(p) for p in cfg.stores], cfg.classes, cfg.voxel_size, crops, cfg.few_slices)
+    sampler = PatchSampler(loaded, cfg.patch_size, augment=False)  # z planes, like the arms' training
+    labelled = {(i, int(z)) for i, crop in enumerate(loaded)
+                for z in np.flatnonzero((crop.labels != UNKNOWN).any(axis=(0, 2, 3)))}
+    tiles = sampler.cut([t for t in sampler.tiles() if t[:2] in labelled])  # only planes the few-label arms keep
+    annotated = (tiles.labels != UNKNOWN).any(axis=(1, 2, 3))
+    names = {i: name for name, i in sampler.dataset_ids.items()}
+    return {names[i]: tiles.labels[annotated & (tiles.dataset == i)] for i in sorted(names)
+            if (annotated & (tiles.dataset == i)).any()}
+
+
+def deform(labels: np.ndarray, rng: np.random.Generator, smoothness: float = 8.0, amplitude: float = 4.0,
+           ) -> np.ndarray:
+    """One label map [K, P, P] (0/1/255) elastically deformed, then flipped and rotated at random.
+
+    The displacement is white noise smoothed over `smoothness` pixels and scaled to `amplitude` pixels (root mean
+    square): membranes bend and objects change shape without tearing. Nearest-neighbour sampling keeps the
+    codes (no blended labels); borders reflect.
+    """
+    size = labels.shape[-1]
+    field = np.stack([ndimage.gaussian_filter(rng.standard_normal((size, size)), smoothness) for _ in range(2)])
+    field *= amplitude / max(float(np.sqrt((field**2).sum(0).mean())), 1e-12)
+    coords = np.mgrid[:size, :size].astype(np.float64) + field
+    out = np.stack([ndimage.map_coordinates(channel, coords, order=0, mode="mirror") for channel in labels])
+    out = np.rot90(out, int(rng.integers(4)), axes=(-2, -1))
+    return np.ascontiguousarray(out[..., ::-1] if rng.integers(2) else out)
+
+
+def label_source(labels: np.ndarray, seed: int, deformed: bool) -> LabelSource:
+    """Sample i -> label map i of an order shuffled by `seed` (repeating once every map was drawn), deformed with
+    its own random stream (seed, i) if asked, so a sample does not depend on the batch it is drawn in."""
+    order = np.random.default_rng(seed).permutation(len(labels))
+
+    def maps(start: int, stop: int) -> np.ndarray:
+        chosen = [labels[order[i % len(labels)]] for i in range(start, stop)]
+        if deformed:
+            chosen = [deform(m, np.random.default_rng([seed, i])) for m, i in zip(chosen, range(start, stop),
+                                                                                  strict=True)]
+        return label_channels(np.stack(chosen))
+
+    return maps
+
+
+def render(cfg: ExperimentConfig, checkpoint: Path, maps: dict[str, np.ndarray], out: Path, seed: int,
+           deformed: bool) -> list[Path]:
+    """Draw `cfg.samples` EM images for the label maps (deformed or not) into `<rendered|augmented>-<dataset>.zarr`
+    stores: shared among the datasets by their number of maps, each in its own dataset's style, with its own
+    seed (seed + its index) for the noise, the shuffled order and the deformations."""
+    counts = split_in_proportion(cfg.samples, [len(m) for m in maps.values()])
+    stores = []
+    with load_runtime(checkpoint, "torch") as runtime:
+        for index, ((dataset, labels), count) in enumerate(zip(maps.items(), counts, strict=True)):
+            if not count:
+                continue
+            request = GenerationRequest(samples=count, seed=seed + index, sampler=cfg.sampler, steps=cfg.sample_steps,
+                                        spacing=cfg.spacing, guidance=DEFAULT_LABEL_GUIDANCE, dataset=dataset)
+            store = out / f"{'augmented' if deformed else 'rendered'}-{dataset}.zarr"
+            generate_store(runtime.card, runtime, request, store, label_source(labels, seed + index, deformed),
+                           resume=store.exists())
+            stores.append(store)
+    return stores
+
+
+def split_in_proportion(total: int, weights: list[int]) -> list[int]:
+    """`total` split in proportion to `weights`, rounded so the parts add up to `total` (largest remainders)."""
+    exact = np.asarray(weights, float) * total / sum(weights)
+    parts = np.floor(exact).astype(int)
+    parts[np.argsort(parts - exact)[: total - parts.sum()]] += 1
+    return parts.tolist()

@@ -1,0 +1,137 @@
+"""The experiment's report: every arm's mean Dice over seeds with its 95 % interval, each generated-data arm's
+paired difference to its baseline with its interval and what that interval says, and the seeds' details."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from emserve.metrics import format_score
+from emserve.statistics import dice_interval, paired_difference, verdict
+from training.experiment.config import BASELINE, PRETRAIN_SHARE, baseline_of
+
+
+def summarize(runs: dict[str, dict], arms: list[str]) -> dict:
+    """{"arms": {arm: mean Dice, interval, per-seed and per-class Dice}, "comparisons": [paired differences]}
+    from every seed's scores (runs: seed -> SeedRun.run's result)."""
+    seeds = list(runs)
+    counts = {arm: np.array([runs[s]["arms"][arm]["tile_counts"] for s in seeds]) for arm in arms}
+    summary = {}
+    for arm in arms:
+        per_seed = [runs[s]["arms"][arm] for s in seeds]
+        classes = [{"name": row["name"], "dice": _mean([r["classes"][k]["dice"] for r in per_seed])}
+                   for k, row in enumerate(per_seed[0]["classes"])]
+        summary[arm] = {**dice_interval(counts[arm]), "per_seed": [r["mean"]["dice"] for r in per_seed],
+                        "classes": classes}
+    comparisons = []
+    for arm in arms:
+        baseline = baseline_of(arm)
+        if arm in BASELINE.values() or baseline not in counts:
+            continue
+        diff = paired_difference(counts[arm], counts[baseline])
+        comparisons.append({"arm": arm, "baseline": baseline, **diff, "verdict": verdict(diff["ci95"])})
+    return {"arms": summary, "comparisons": comparisons}
+
+
+def _mean(values: list[float | None]) -> float | None:
+    known = [v for v in values if v is not None]
+    return float(np.mean(known)) if known else None
+
+
+def _interval(ci: list[float]) -> str:
+    return f"[{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci[0] < 0 or ci[1] < 0 else f"[{ci[0]:.3f}, {ci[1]:.3f}]"
+
+
+def markdown_report(report: dict) -> str:
+    """The report people read: what was run, scores with intervals, the differences in words, then details."""
+    cfg, arms, seeds = report["config"], report["arms"], list(report["runs"])
+    lines = ["# Does generated data help segmentation?", "",
+             f"Stores: {', '.join(cfg['stores'])}. Held out (scored, never trained on): "
+             f"{', '.join(report['held_out'])}. Seeds: {', '.join(seeds)} (each seed trains every DDPM and network "
+             f"of the experiment anew).", "",
+             f"Command: `{cfg['command'] or 'emserve experiment (library call)'}`", "",
+             f"Budget: segmentation {cfg['seg_steps']} steps (pretrained arms: {PRETRAIN_SHARE:.0%} of them on "
+             f"generated pairs, the rest on real ones), DDPM {cfg['ddpm_steps']} steps, batch {cfg['batch_size']}, "
+             f"patch {cfg['patch_size']}, UNet width {cfg['width']} x {tuple(cfg['multipliers'])}; {cfg['samples']} "
+             f"generated pairs per DDPM ({cfg['sampler']}, {cfg['sample_steps']} {cfg['spacing']}-spaced steps, label "
+             f"objects under {cfg['despeckle']} pixels dropped); mix {cfg['mix']}; weighted arms: generated patches "
+             f"weigh {cfg['generated_weight']}; filtered arms: kept if the baseline network agrees with the pair at "
+             f"least as well as with the lower {cfg['filter_quantile']:.0%} of real training patches (none kept: the "
+             f"arm trains as its baseline); few = "
+             f"{cfg['few_slices']} labelled slices per crop; real data at voxel size "
+             f"{cfg['voxel_size'] or 'finest'} nm."
+             + (f" Rendered arms: an EM-from-labels DDPM of {cfg['from_labels_steps']} steps, trained on the few-label "
+                f"data (and unlabelled EM of whole volumes), draws the labelled slices' label maps (augmented: "
+                f"deformed first) as EM." if cfg.get("from_labels_steps") else ""), "",
+             "## Segmentation on the held-out crops", "",
+             f"Mean Dice over classes, averaged over seeds; 95 % interval from a bootstrap over seeds and held-out "
+             f"blocks of {report['count_tile']} x {report['count_tile']} pixels.", "",
+             "| arm | mean Dice | 95 % interval | " + " | ".join(f"seed {s}" for s in seeds) + " |",
+             "|---" * (3 + len(seeds)) + "|"]
+    for arm, row in arms.items():
+        lines.append(f"| {arm} | {row['mean_dice']:.3f} | {_interval(row['ci95'])} | "
+                     + " | ".join(format_score(v) for v in row["per_seed"]) + " |")
+    if report["comparisons"]:
+        lines += ["", "## Does the generated data help?", "",
+                  "Each generated-data arm against its baseline (real annotations only, same seeds): the paired "
+                  "difference in mean Dice, resampled with the same seeds and blocks for both.", "",
+                  "| arm | baseline | difference | 95 % interval | reading |", "|---|---|---|---|---|"]
+        for c in report["comparisons"]:
+            lines.append(f"| {c['arm']} | {c['baseline']} | {c['mean_dice_diff']:+.3f} | {_interval(c['ci95'])} | "
+                         f"{c['verdict']} |")
+        lines += ["", _in_words(report["comparisons"])]
+    lines += ["", "Dice per class, mean over seeds (- : undefined, the class is absent there and never predicted):",
+              "", "| class | " + " | ".join(arms) + " |", "|---" * (len(arms) + 1) + "|"]
+    first = next(iter(arms.values()))
+    for k, row in enumerate(first["classes"]):
+        lines.append(f"| {row['name']} | " + " | ".join(format_score(a["classes"][k]["dice"]) for a in arms.values())
+                     + " |")
+    lines += _seed_details(report["runs"])
+    return "\n".join(lines) + "\n"
+
+
+def _in_words(comparisons: list[dict]) -> str:
+    better = [c["arm"] for c in comparisons if c["ci95"][0] > 0]
+    worse = [c["arm"] for c in comparisons if c["ci95"][1] < 0]
+    unclear = [c["arm"] for c in comparisons if c["ci95"][0] <= 0 <= c["ci95"][1]]
+    parts = []
+    if better:
+        parts.append(f"Better than their baseline, with the interval above zero: {', '.join(better)}.")
+    if worse:
+        parts.append(f"Worse than their baseline, with the interval below zero: {', '.join(worse)}.")
+    if unclear:
+        parts.append(f"Not distinguishable from their baseline at this number of seeds and blocks: "
+                     f"{', '.join(unclear)}.")
+    return " ".join(parts)
+
+
+def _seed_details(runs: dict[str, dict]) -> list[str]:
+    lines = []
+    filtered = [(s, regime, f) for s, run in runs.items() for regime, f in run["filtered"].items()]
+    if filtered:
+        lines += ["", "## Filtering by agreement", "", "| seed | regime | threshold (mean Dice) | kept of screened |",
+                  "|---|---|---|---|"]
+        lines += [f"| {s} | {regime} | {f['threshold']:.3f} | {f['kept']} of {f['screened_pairs']} |"
+                  for s, regime, f in filtered]
+    realism = [(s, name, r) for s, run in runs.items() for name, r in run["realism"].items()]
+    if realism:
+        lines += ["", "## Realism of the generated EM", "",
+                  "Features: emserve's fixed filter bank; the floor is real vs real (two independent draws).", "",
+                  "| seed | DDPM trained on | FD | FD real vs real | KID | KID real vs real |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| {s} | {name} labels | {r['fd']:.3f} | {r['fd_real_vs_real']:.3f} | {r['kid']:.4f} | "
+                  f"{r['kid_real_vs_real']:.4f} |" for s, name, r in realism]
+    balance = [(s, run["class_balance"]) for s, run in runs.items() if run["class_balance"]]
+    if balance:
+        lines += ["", "## Class-presence guidance", "",
+                  "Share of the full-label DDPM's samples holding the rarest training class (an object of at least "
+                  "the smallest tenth of real sizes), unguided and guided to contain it, beside real patches.", "",
+                  "| seed | class | min pixels | unguided | guided | real |", "|---|---|---|---|---|---|"]
+        lines += [f"| {s} | {b['class']} | {b['min_object_pixels']} | {format_score(b['unguided'])} | "
+                  f"{format_score(b['guided'])} | {format_score(b['real'])} |" for s, b in balance]
+    first = next(iter(runs))
+    pictures = [f"![{name}](seed-{first}/{name}.png)" for name in ("generated-full", "generated-few")
+                if name.split("-")[1] in runs[first]["realism"]]
+    if pictures:
+        lines += ["", "## Pictures", "", f"Generated pairs of seed {first} (EM beside labels): " + " ".join(pictures)]
+    return lines
+

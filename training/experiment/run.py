@@ -1,0 +1,188 @@
+"""Run (or resume) an experiment: for every seed, the DDPMs its arms need, their generated data, every arm's
+segmentation network, and the scores on the held-out crops; then the report over all seeds.
+
+Each seed's work lives in `<out>/seed-<s>/`, one folder per network and one store per generated set, each skipped
+when already there, so an interrupted experiment resumes by running the same command (and adding a seed to
+`seeds` adds only that seed's runs).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+from emserve.card import ModelCard
+from emserve.classes import PRESENT
+from emserve.data.store import EMStore
+from emserve.evaluation import evaluate_presence, evaluate_realism, evaluate_segmentation, held_out_crops
+from emserve.runtime.load import load_runtime
+from training.ddpm import DDPMConfig, train_ddpm
+from training.experiment.config import BASELINE, PRETRAIN_SHARE, ExperimentConfig, regime_of
+from training.experiment.generated import (
+    few_label_maps,
+    filter_store,
+    generate_pairs,
+    real_agreement,
+    render,
+)
+from training.experiment.report import markdown_report, summarize
+from training.seg import SegConfig, train_seg
+
+
+def training_crops(cfg: ExperimentConfig) -> dict[str, list[str]]:
+    """{dataset: crops to train on}: every crop that is not held out."""
+    held = set(cfg.holdout)
+    out = {}
+    for path in cfg.stores:
+        store = EMStore(path)
+        out[store.name] = [c for c in store.crops if c not in held and f"{store.name}/{c}" not in held]
+    if not any(out.values()):
+        raise ValueError(f"holdout: {cfg.holdout} leaves no crops to train on")
+    return out
+
+
+def count_tile(cfg: ExperimentConfig) -> int:
+    """Side of the held-out blocks the intervals resample: two patches, so a block holds whole organelles."""
+    return 2 * cfg.patch_size
+
+
+def run_experiment(cfg: ExperimentConfig) -> Path:
+    """Run (or resume) every seed and arm, and write report.md and report.json into cfg.out; return the report."""
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    crops = training_crops(cfg)
+    held = held_out_crops(cfg.stores, cfg.classes, cfg.holdout, cfg.voxel_size)
+    maps = few_label_maps(cfg, crops) if cfg.from_labels_steps else {}
+    if cfg.from_labels_steps and not maps:  # found out before hours of training, not after
+        raise ValueError(f"from_labels_steps: the training crops {crops} have no annotated tile of classes "
+                         f"{cfg.classes} on their {cfg.few_slices} labelled slices, so nothing to draw")
+    runs = {str(seed): SeedRun(cfg, seed, crops, maps).run(held) for seed in cfg.seeds}
+    report = {"config": asdict(cfg) | {"arms": cfg.chosen_arms}, "held_out": [f"{c.dataset}/{c.name}" for c in held],
+              "training_crops": crops, "count_tile": count_tile(cfg), **summarize(runs, cfg.chosen_arms), "runs": runs}
+    (out / "report.json").write_text(json.dumps(report, indent=2, default=list))
+    path = out / "report.md"
+    path.write_text(markdown_report(report))
+    return path
+
+
+class SeedRun:
+    """One seed's networks and data, trained, generated and scored in the order the arms need them."""
+
+    def __init__(self, cfg: ExperimentConfig, seed: int, crops: dict[str, list[str]], maps: dict):
+        self.cfg, self.seed, self.crops, self.maps = cfg, seed, crops, maps
+        self.dir = Path(cfg.out) / f"seed-{seed}"
+        self.arms = cfg.chosen_arms
+        self.shared = {"classes": cfg.classes, "patch_size": cfg.patch_size, "width": cfg.width,
+                       "multipliers": tuple(cfg.multipliers), "blocks_per_level": cfg.blocks_per_level,
+                       "batch_size": cfg.batch_size, "lr": cfg.lr, "class_groups": cfg.class_groups, "seed": seed,
+                       "voxel_size": cfg.voxel_size, "crops": crops, "command": cfg.command}
+        self.real = {"full": {"stores": cfg.stores}, "few": {"stores": cfg.stores, "labelled_slices": cfg.few_slices}}
+        self.checkpoints: dict[str, Path] = {}
+
+    def ddpm(self, name: str) -> Path:
+        """The last checkpoint of the pairs DDPM `name` ("full" / "few") or of "from-labels", trained if needed."""
+        if name not in self.checkpoints:
+            mode, steps = ("em-from-labels", self.cfg.from_labels_steps) if name == "from-labels" else (
+                "pairs", self.cfg.ddpm_steps)
+            slices = 0 if name == "full" else self.cfg.few_slices
+            config = DDPMConfig(stores=self.cfg.stores, out=str(self.dir / f"ddpm-{name}"), mode=mode, steps=steps,
+                                labelled_slices=slices, checkpoint_every=max(steps // 4, 1), preview_every=steps,
+                                **self.shared)
+            self.checkpoints[name] = train_ddpm(config, resume=True)
+        return self.checkpoints[name]
+
+    def generated(self, regime: str) -> Path:
+        return generate_pairs(self.cfg, self.ddpm(regime), self.dir / f"generated-{regime}.zarr", self.seed)
+
+    def seg(self, arm: str, steps: int, data: dict, folder: str | None = None) -> Path:
+        name = folder or f"seg-{arm.replace('+', '-')}"
+        config = SegConfig(out=str(self.dir / name), steps=steps, checkpoint_every=max(steps // 4, 1),
+                           preview_every=steps, **{**self.shared, **data})
+        return train_seg(config, resume=True)
+
+    def arm_data(self, arm: str) -> tuple[dict, int]:
+        """(training data options, steps) of an arm; trains what it depends on first."""
+        cfg, steps = self.cfg, self.cfg.seg_steps
+        if arm in ("real", "few"):
+            return self.real[regime_of(arm)], steps
+        if arm == "generated":
+            return {"stores": [], "generated": [str(self.generated("full"))]}, steps
+        regime, method = regime_of(arm), arm.split("+")[1]
+        real, mixed = self.real[regime], {"generated_fraction": cfg.mix}
+        if method == "pretrained":
+            first = round(steps * PRETRAIN_SHARE)
+            start = self.seg(arm, first, {"stores": [], "generated": [str(self.generated(regime))]},
+                             folder=f"pretrain-{regime}")
+            return {**real, "init": str(start)}, steps - first
+        if method == "filtered":  # nothing kept: nothing to mix in, the arm trains as its baseline does
+            store = self.filtered(regime)
+            kept = EMStore(store).root.attrs["emserve"]["filtered"]["kept"]
+            return ({**real, "generated": [str(store)], **mixed} if kept else real), steps
+        if method == "weighted":
+            return {**real, "generated": [str(self.generated(regime))], "generated_weight": cfg.generated_weight,
+                    **mixed}, steps
+        if method in ("rendered", "augmented"):
+            stores = render(cfg, self.ddpm("from-labels"), self.maps, self.dir, self.seed, method == "augmented")
+            return {**real, "generated": [str(p) for p in stores], **mixed}, steps
+        return {**real, "generated": [str(self.generated(regime))], **mixed}, steps
+
+    def filtered(self, regime: str) -> Path:
+        """The regime's generated pairs that its baseline network agrees with (threshold from training patches)."""
+        baseline = self.seg(BASELINE[regime], self.cfg.seg_steps, self.real[regime])
+        slices = self.cfg.few_slices if regime == "few" else 0
+        store = self.dir / f"filtered-{regime}.zarr"
+        if not store.exists():
+            with load_runtime(baseline, "torch") as segmenter:
+                real = real_agreement(self.cfg, segmenter, self.crops, slices)
+            filter_store(self.generated(regime), store, baseline, real, self.cfg.filter_quantile, self.cfg.classes)
+        return store
+
+    def run(self, held: list) -> dict:
+        """Train and score every arm; the realism of each pairs DDPM's EM; class-presence guidance."""
+        scores, filtered = {}, {}
+        for arm in self.arms:
+            data, steps = self.arm_data(arm)
+            with load_runtime(self.seg(arm, steps, data), "torch") as runtime:
+                scores[arm] = evaluate_segmentation(runtime, held, count_tile=count_tile(self.cfg))
+        for regime in ("full", "few"):
+            store = self.dir / f"filtered-{regime}.zarr"
+            if store.exists():
+                filtered[regime] = EMStore(store).root.attrs["emserve"]["filtered"]
+        realism = {name: evaluate_realism(str(self.generated(name)), self.cfg.stores, samples=self.cfg.samples,
+                                          seed=self.seed, picture=self.dir / f"quiz-{name}.png",
+                                          voxel_size=self.cfg.voxel_size)
+                   for name in ("full", "few") if name in self.checkpoints}
+        balance = self.class_balance() if "full" in self.checkpoints else {}
+        return {"arms": scores, "filtered": filtered, "realism": realism, "class_balance": balance}
+
+    def class_balance(self) -> dict:
+        """Share of the full DDPM's samples holding the rarest training class (an object of real size), unguided
+        vs guided to contain it, beside the share of real training patches that hold it."""
+        checkpoint = self.ddpm("full")
+        rare = rarest_class(self.cfg, self.crops)
+        training = [f"{dataset}/{crop}" for dataset, names in self.crops.items() for crop in names]
+        found = {}
+        for name, present in (("unguided", ()), ("guided", (rare,))):
+            # unscreened: the question is what the model draws, not what survives screening
+            store = generate_pairs(self.cfg, checkpoint, self.dir / f"balance-{name}.zarr", self.seed, present,
+                                   screen=False)
+            found[name] = evaluate_presence(str(store), self.cfg.stores, [rare], crops=training,
+                                            voxel_size=self.cfg.voxel_size)["classes"][0]
+        return {"class": rare, "model_classes": ModelCard.load(checkpoint).classes,
+                "min_object_pixels": found["guided"]["min_object_pixels"], "real": found["guided"]["real"],
+                "unguided": found["unguided"]["generated"], "guided": found["guided"]["generated"]}
+
+
+def rarest_class(cfg: ExperimentConfig, crops: dict[str, list[str]]) -> str:
+    """The class present in the fewest training slices (ties: the fewest voxels)."""
+    counts = {name: [0, 0] for name in cfg.classes}
+    for path in cfg.stores:
+        store = EMStore(path)
+        for crop in crops.get(store.name, []):
+            present = store.read_crop(crop, cfg.classes, cfg.voxel_size).labels == PRESENT
+            for k, name in enumerate(cfg.classes):
+                counts[name][0] += int(present[k].any(axis=(1, 2)).sum())
+                counts[name][1] += int(present[k].sum())
+    found = {n: c for n, c in counts.items() if c[1]}
+    return min(found or counts, key=lambda n: tuple(counts[n]))
