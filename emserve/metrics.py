@@ -43,27 +43,33 @@ class Counts:
 
     def add(self, predicted: np.ndarray, labels: np.ndarray) -> None:
         """Add a prediction (bool) against labels (0/1/255) of the same shape; 255 voxels are skipped."""
-        known = labels != UNKNOWN
-        truth = labels == PRESENT
-        self.tp += int((predicted & truth & known).sum())
-        self.fp += int((predicted & ~truth & known).sum())
-        self.fn += int((~predicted & truth & known).sum())
-        self.annotated += int(known.sum())
+        tp, fp, fn = confusion(predicted, labels).reshape(-1, 3).sum(0)
+        self.tp += int(tp)
+        self.fp += int(fp)
+        self.fn += int(fn)
+        self.annotated += int((labels != UNKNOWN).sum())
+
+
+def confusion(predicted: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Per voxel, whether it is a true positive, a false positive or a false negative [..., 3] (bool), for a
+    prediction (bool) against labels (0/1/255) of the same shape; unannotated voxels are none of them."""
+    known = labels != UNKNOWN
+    truth = labels == PRESENT
+    return np.stack([predicted & truth & known, predicted & ~truth & known, ~predicted & truth & known], -1)
 
 
 def tile_counts(predicted: np.ndarray, labels: np.ndarray, tile: int) -> np.ndarray:
-    """(tp, fp, fn) per tile and class [T, K, 3] of masks against labels [K, Z, Y, X] (0/1/255; 255 skipped):
-    tiles are `tile` x `tile` blocks of every z-plane (the last row and column of blocks may be smaller), the
-    units a bootstrap over held-out data resamples (emserve.statistics)."""
+    """(tp, fp, fn) per tile and class [T, K, 3] of masks against labels [K, Z, Y, X] (0/1/255; 255 skipped),
+    the units a bootstrap over held-out data resamples (emserve.statistics). A tile is a column: a `tile` x `tile`
+    block through every z-plane (the last row and column of blocks may be narrower), because neighbouring planes
+    show the same organelles and would not be independent draws."""
     if tile < 1:
         raise ValueError(f"tile: {tile} must be a positive number of pixels")
-    known = labels != UNKNOWN
-    truth = labels == PRESENT
-    maps = np.stack([predicted & truth & known, predicted & ~truth & known, ~predicted & truth & known], -1)
     _, _, height, width = labels.shape
+    columns = confusion(predicted, labels).sum(axis=1)  # [K, Y, X, 3]
     rows, cols = np.arange(0, height, tile), np.arange(0, width, tile)
-    summed = np.add.reduceat(np.add.reduceat(maps.astype(np.int64), rows, axis=2), cols, axis=3)  # [K, Z, R, C, 3]
-    return summed.transpose(1, 2, 3, 0, 4).reshape(-1, labels.shape[0], 3)
+    summed = np.add.reduceat(np.add.reduceat(columns, rows, axis=1), cols, axis=2)  # [K, R, C, 3]
+    return summed.transpose(1, 2, 0, 3).reshape(-1, labels.shape[0], 3)
 
 
 @dataclass

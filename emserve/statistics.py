@@ -1,10 +1,15 @@
 """Intervals for segmentation scores: how sure is "this arm beats that one"?
 
 A score on held-out data varies with two things: which network training produced (the seed) and which part of
-the volume it was scored on (the tiles). The bootstrap here resamples both, hierarchically: each draw picks the
-seeds with replacement and, independently, the held-out tiles with replacement, recomputes every drawn seed's
-mean Dice from the voxel counts summed over the drawn tiles (Dice is a ratio of sums, never an average of
-per-tile ratios, so small tiles with nothing in them do not swing it), and averages over the drawn seeds.
+the volume it was scored on (the tiles). The bootstrap here resamples both: each draw picks the seeds with
+replacement and, independently, one set of held-out tiles with replacement (shared by the drawn seeds, since they
+are scored on the same tiles), recomputes every drawn seed's mean Dice from the voxel counts summed over the drawn
+tiles (Dice is a ratio of sums, never an average of per-tile ratios, so small tiles with nothing in them do not
+swing it), and averages over the drawn seeds. A class with nothing to score in a draw's tiles is left out of that
+draw's mean, as the reports leave out such a class.
+
+With few seeds the resampled seed spread runs narrow (three seeds give ten distinct draws and shrink the seed
+variance by a third), so `verdict` also asks every seed to show the difference with the same sign.
 
 A paired difference uses the same seeds and tiles for the arm and its baseline in every draw, which removes the
 variation both share (a hard tile is hard for both), so it is far tighter than two separate intervals.
@@ -69,22 +74,24 @@ def dice_interval(counts: np.ndarray, *, draws: int = DRAWS, seed: int = 0) -> d
 
 
 def paired_difference(counts: np.ndarray, baseline: np.ndarray, *, draws: int = DRAWS, seed: int = 0) -> dict:
-    """{"mean_dice_diff": arm minus baseline (mean over seeds), "ci95": [low, high], "seeds": n}, both resampled
-    with the same seeds and tiles in every draw."""
+    """{"mean_dice_diff": arm minus baseline (mean over seeds), "ci95": [low, high], "seeds": n, "per_seed": each
+    seed's difference}, both resampled with the same seeds and tiles in every draw."""
     counts, baseline = _check(counts, "counts"), _check(baseline, "baseline")
     if counts.shape[:2] != baseline.shape[:2] or counts.shape[2] != baseline.shape[2]:
         raise ValueError(f"baseline: shape {baseline.shape} does not pair with the arm's {counts.shape} (same seeds, "
                          f"tiles and classes needed)")
     both = _bootstrap(np.stack([counts, baseline]), draws, seed)
-    point = np.nanmean(mean_dice(counts.sum(1))) - np.nanmean(mean_dice(baseline.sum(1)))
-    return {"mean_dice_diff": float(point), "ci95": _interval(both[0] - both[1]), "seeds": counts.shape[0]}
+    per_seed = mean_dice(counts.sum(1)) - mean_dice(baseline.sum(1))
+    return {"mean_dice_diff": float(np.nanmean(per_seed)), "ci95": _interval(both[0] - both[1]),
+            "seeds": counts.shape[0], "per_seed": per_seed.tolist()}
 
 
-def verdict(ci95: list[float]) -> str:
-    """The interval in words: which way the difference goes, if it can be told from zero at all."""
+def verdict(ci95: list[float], per_seed: list[float]) -> str:
+    """A difference in words: "better" or "worse" only when the interval leaves out zero and every seed goes the
+    same way; otherwise it cannot be told from zero."""
     low, high = ci95
-    if low > 0:
-        return "better (interval above zero)"
-    if high < 0:
-        return "worse (interval below zero)"
+    if low > 0 and min(per_seed) > 0:
+        return "better"
+    if high < 0 and max(per_seed) < 0:
+        return "worse"
     return "not distinguishable from zero"

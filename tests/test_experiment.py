@@ -49,8 +49,8 @@ def test_every_arm_is_scored_for_every_seed_on_held_out_crops_only(experiment):
     for seed, run in report["runs"].items():
         for arm, scores in run["arms"].items():
             assert [c["name"] for c in scores["classes"]] == CLASSES and scores["crops"] == ["toy_b/crop1"]
-            counts = np.array(scores["tile_counts"])  # 8 planes of 64 x 64 in blocks of 32: 32 tiles
-            assert counts.shape == (32, len(CLASSES), 3)
+            counts = np.array(scores["tile_counts"])  # 64 x 64 in columns of 16 x 16 (the patch size)
+            assert counts.shape == (16, len(CLASSES), 3)
             for k, row in enumerate(scores["classes"]):
                 tp, fp, fn = counts[:, k].sum(0)
                 assert row["dice"] == (2 * tp / (2 * tp + fp + fn) if 2 * tp + fp + fn else None), (seed, arm)
@@ -69,10 +69,11 @@ def test_arms_carry_intervals_and_each_generated_arm_its_paired_difference(exper
     compared = [c["arm"] for c in report["comparisons"]]
     assert compared == [a for a in ARMS if a not in ("real", "few")]
     for c in report["comparisons"]:
-        assert set(c) == {"arm", "baseline", "mean_dice_diff", "ci95", "seeds", "verdict"}
+        assert set(c) == {"arm", "baseline", "mean_dice_diff", "ci95", "seeds", "per_seed", "verdict"}
         assert c["baseline"] == baseline_of(c["arm"]) and c["seeds"] == 2
         arm, base = report["arms"][c["arm"]], report["arms"][c["baseline"]]
         assert c["mean_dice_diff"] == pytest.approx(arm["mean_dice"] - base["mean_dice"])
+        assert c["per_seed"] == pytest.approx(np.subtract(arm["per_seed"], base["per_seed"]))
         assert c["ci95"][0] <= c["mean_dice_diff"] <= c["ci95"][1]
     markdown = (experiment[0] / "report.md").read_text()
     assert all(f"| {c['arm']} | {c['baseline']} | {c['mean_dice_diff']:+.3f} |" in markdown
@@ -87,7 +88,7 @@ def test_pretrained_arms_start_from_generated_pretraining_with_the_same_total_bu
         assert pretrain["training"]["config"]["stores"] == []
         assert pretrain["training"]["generated"] == [str(out / "seed-0" / f"generated-{regime}.zarr")]
         assert pretrain["training"]["config"]["steps"] + tuned["training"]["config"]["steps"] == 6
-        assert tuned["training"]["init"]["sha256"] == pretrain["weights"]
+        assert tuned["training"]["init"]["weights"] == pretrain["weights"]
         assert tuned["training"]["generated"] == []
 
 
@@ -115,6 +116,15 @@ def test_a_rerun_resumes_and_trains_nothing(experiment):
     assert again.returncode == 0, again.stderr
     assert sorted(p.stat().st_mtime_ns for p in out.glob("seed-*/*/step-*")) == checkpoints
     assert json.loads((out / "report.json").read_text())["arms"] == report["arms"]
+
+
+def test_a_rerun_with_other_options_is_refused_naming_them(experiment):
+    out, cmd, _ = experiment
+    changed = [*cmd[:cmd.index("--samples")], "--samples", "9", *cmd[cmd.index("--samples") + 2:]]
+    refused = run_cli([*changed, "--generated-weight", "0.5"])
+    assert refused.returncode == 2
+    assert f"out: {out} was run with samples=8 (now 9), generated_weight=0.25 (now 0.5); a rerun may only add seeds " \
+           "or arms" in " ".join(refused.stderr.split())
 
 
 def test_rendered_arms_draw_only_labelled_slices_of_training_crops(experiment, toy_store):

@@ -25,7 +25,7 @@ from emserve.segmentation import (
     segment_store,
 )
 from training.export import export_model
-from training.seg import SegConfig, seg_loss, train_seg
+from training.seg import SegBatchSource, SegConfig, seg_loss, train_seg
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -171,7 +171,7 @@ def test_fine_tuning_starts_from_the_checkpoints_weights_and_refuses_another_net
     x = np.random.default_rng(0).uniform(-1, 1, (2, 1, 32, 32)).astype(np.float32)
     np.testing.assert_allclose(tuned.segment(x), start.segment(x), atol=1e-6)
     card = ModelCard.load(frozen)
-    assert card.training["init"] == {"checkpoint": str(checkpoint), "sha256": start.card.weights}
+    assert card.training["init"] == {"checkpoint": str(checkpoint), "weights": start.card.weights}
     fresh = load_runtime(train_seg(SegConfig(out=str(tmp_path / "fresh"), lr=0.0, **common)), "torch", device="cpu")
     assert not np.allclose(fresh.segment(x), start.segment(x), atol=1e-3)
     with pytest.raises(ValueError, match=r"init: .* has unet=.*; this run needs"):
@@ -196,6 +196,23 @@ def test_generated_stores_train_alone_or_mixed(toy_store, tmp_path):
                                          r"ld_lum anywhere .*generate with --despeckle N"):
         train_seg(SegConfig(stores=[], generated=[str(rejected)], out=str(tmp_path / "rej"), **common))
     assert not (tmp_path / "rej").exists()
+
+
+def test_rejected_generated_samples_take_no_batch_slots_and_generated_patches_carry_their_weight(toy_store, tmp_path):
+    labels = np.zeros((6, 16, 16), np.uint8)
+    labels[:, 4:9, 4:9] = 1
+    labels[[1, 2, 4]] = UNKNOWN  # screening (or filtering) rejected samples 1, 2 and 4
+    raw = np.repeat(np.arange(6, dtype=np.uint8)[:, None, None] * 40, 16, axis=1).repeat(16, axis=2)
+    store = write_store(tmp_path / "gen.zarr", raw, (8, 8, 8), [CropToWrite("crop1", (0, 0, 0), {c: labels
+                                                                                               for c in CLASSES})])
+    source = SegBatchSource(SegConfig(stores=[str(toy_store[0])], generated=[str(store)], generated_fraction=0.5,
+                                      generated_weight=0.25, out=str(tmp_path / "run"), classes=CLASSES,
+                                      patch_size=16))
+    batch, weight = source.sample(np.random.default_rng(0), 64)
+    drawn = np.unique(batch.raw[32:].round(3))  # each generated sample has its own grey value
+    expected = EMStore(store).normalize(np.array([0, 120, 200], np.uint8))  # samples 0, 3 and 5
+    np.testing.assert_allclose(drawn, expected, atol=1e-3)
+    np.testing.assert_array_equal(weight, [1.0] * 32 + [0.25] * 32)
 
 
 def test_segment_cli_writes_predictions_that_overlay_the_source(toy_store, tmp_path):

@@ -21,12 +21,15 @@ def test_mean_dice_is_the_reports_mean_over_classes_leaving_out_classes_with_not
     assert np.isnan(mean_dice(np.zeros((2, 3), int)))
 
 
-def test_tile_counts_add_up_to_the_whole_crops_counts():
+def test_tile_counts_are_columns_through_every_plane_and_add_up_to_the_whole_crops_counts():
     rng = np.random.default_rng(0)
     labels = rng.choice([0, 1, 255], size=(2, 3, 50, 70)).astype(np.uint8)
     predicted = rng.random((2, 3, 50, 70)) < 0.5
     tiles = tile_counts(predicted, labels, 32)
-    assert tiles.shape == (3 * 2 * 3, 2, 3)  # 3 planes of 2 x 3 blocks (the last ones smaller)
+    assert tiles.shape == (2 * 3, 2, 3)  # 2 x 3 columns (the last ones narrower), each through all 3 planes
+    corner = Counts()
+    corner.add(predicted[1, :, :32, :32], labels[1, :, :32, :32])
+    assert tuple(tiles[0, 1]) == (corner.tp, corner.fp, corner.fn)
     for k in range(2):
         whole = Counts()
         whole.add(predicted[k], labels[k])
@@ -48,11 +51,18 @@ def test_an_arm_better_on_every_tile_and_seed_is_told_apart_and_the_same_arm_is_
     better[..., 0] += 20  # more true positives everywhere...
     better[..., 2] = np.maximum(better[..., 2] - 20, 0)  # ...found among the misses
     diff = paired_difference(better, base)
-    assert diff["mean_dice_diff"] > 0 and diff["ci95"][0] > 0 and verdict(diff["ci95"]).startswith("better")
+    assert diff["mean_dice_diff"] > 0 and diff["ci95"][0] > 0 and verdict(diff["ci95"], diff["per_seed"]) == "better"
     same = paired_difference(base, base)
-    assert same["mean_dice_diff"] == 0 and same["ci95"] == [0.0, 0.0]
-    assert verdict(same["ci95"]) == "not distinguishable from zero"
-    assert verdict(paired_difference(base, better)["ci95"]).startswith("worse")
+    assert same["mean_dice_diff"] == 0 and same["ci95"] == [0.0, 0.0] and same["per_seed"] == [0.0] * 3
+    assert verdict(same["ci95"], same["per_seed"]) == "not distinguishable from zero"
+    worse = paired_difference(base, better)
+    assert verdict(worse["ci95"], worse["per_seed"]) == "worse"
+
+
+def test_a_difference_that_one_seed_contradicts_is_not_called():
+    assert verdict([0.01, 0.05], [0.04, 0.03, -0.01]) == "not distinguishable from zero"
+    assert verdict([-0.05, -0.01], [-0.04, 0.01, -0.03]) == "not distinguishable from zero"
+    assert verdict([0.01, 0.05], [0.04, 0.03, 0.01]) == "better"
 
 
 def test_pairing_removes_the_variation_arm_and_baseline_share():

@@ -157,7 +157,7 @@ class Run:
 
     def start_from(self, path: Path) -> None:
         """Fine-tuning: start model and EMA from the EMA weights of another run's checkpoint of the same network
-        (mode, classes, UNet); the optimizer starts afresh. The card records where the weights came from."""
+        (mode, classes, UNet); the optimizer starts afresh."""
         old, _, ema_weights, _, _ = ckpt.load_checkpoint(path)
         for key in ("mode", "classes", "unet", "exclusive"):
             if getattr(old, key) != getattr(self.card, key):
@@ -165,7 +165,6 @@ class Run:
                                  f"{getattr(self.card, key)!r}")
         self.model.load_state_dict(ema_weights)
         self.ema.load_state_dict(ema_weights)
-        self.card.training["init"] = {"checkpoint": str(path), "sha256": old.weights}
 
     def _resume(self, path: Path) -> None:
         """Load a checkpoint into model, EMA and optimizer; refuse one made for a different model."""

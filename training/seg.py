@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -68,7 +68,7 @@ class SegBatchSource:
     """Batches of raw patches and their labels (0/1/255), mixing real and generated stores as configured."""
 
     def __init__(self, cfg: SegConfig):
-        def sampler(paths: Sequence[str], crops: list[LabelledCrop]) -> PatchSampler | None:
+        def sampler(paths: Sequence[str], crops: list[LabelledCrop], samples: bool = False) -> PatchSampler | None:
             if not paths:
                 return None
             if not crops:
@@ -77,13 +77,15 @@ class SegBatchSource:
                 raise ValueError(f"stores: {list(paths)} annotate none of the classes {', '.join(cfg.classes)} "
                                  "anywhere (a generated store whose samples screening all rejected, say: generate "
                                  "with --despeckle N)")
+            if samples:
+                crops = labelled_samples(crops)
             return PatchSampler(crops, cfg.patch_size, axis=cfg.axis, class_groups=cfg.class_groups,
                                 balance=cfg.balance)
 
         self.real = sampler(cfg.stores, cfg.labelled_crops([EMStore(p) for p in cfg.stores]))
         # generated stores: every crop, all labels as generated, at their one (nominal) voxel size
         generated = load_crops([EMStore(p) for p in cfg.generated], cfg.classes)
-        self.generated = sampler(cfg.generated, generated)
+        self.generated = sampler(cfg.generated, generated, samples=True)
         both = self.real is not None and self.generated is not None
         self.fraction = cfg.generated_fraction if both else float(self.generated is not None)
         self.generated_weight = cfg.generated_weight if both else 1.0  # alone, generated patches weigh like real
@@ -101,6 +103,17 @@ class SegBatchSource:
         """The same few patches every time (for previews): the first tiles of the real (else generated) data."""
         source = self.real if self.real is not None else self.generated
         return source.cut(source.tiles()[:count])
+
+
+def labelled_samples(crops: Sequence[LabelledCrop]) -> list[LabelledCrop]:
+    """The samples (z-slices) of generated crops that carry labels: those screening or filtering rejected are
+    unannotated throughout and, left in, would take batch slots without adding to the loss."""
+    kept = []
+    for crop in crops:
+        labelled = (crop.labels != UNKNOWN).any(axis=(0, 2, 3))
+        if labelled.any():
+            kept.append(replace(crop, raw=crop.raw[labelled], labels=crop.labels[:, labelled]))
+    return kept
 
 
 def seg_loss(logits: torch.Tensor, labels: torch.Tensor, exclusive: bool, dice_weight: float,
@@ -155,6 +168,8 @@ def train_seg(cfg: SegConfig, resume: bool = False) -> Path | None:
     card = ModelCard(mode="segmentation", classes=list(cfg.classes), patch_size=cfg.patch_size,
                      unet=unet.to_dict(), exclusive=cfg.exclusive)
     card.training["generated"] = list(cfg.generated)
+    if cfg.init:  # recorded in every checkpoint, resumed ones too
+        card.training["init"] = {"checkpoint": cfg.init, "weights": ModelCard.load(Path(cfg.init)).weights}
     run = Run(cfg, card, lambda: UNet(**unet.to_dict()), resume)
     if cfg.init and run.step == 0:  # a resumed run continues its own weights
         run.start_from(Path(cfg.init))

@@ -11,7 +11,9 @@ Two regimes, each with a baseline trained on real annotations only and arms that
   few              real pairs, labels kept on only `few_slices` slices per crop (baseline of the low-label regime)
   few+...          the same four arms with the few-label DDPM's pairs and the `few` network as the filter
   few+rendered     the labelled slices' label maps drawn as new EM by an EM-from-labels DDPM (real labels,
-                   generated EM), mixed in
+                   generated EM), mixed in; that DDPM's label-free quarter of each batch reads raw EM from whole
+                   volumes, held-out crops' EM included (never their labels): the one generator that sees
+                   unlabelled held-out EM
   few+augmented    the same label maps deformed (elastic, flips, rotations) before they are drawn: new label
                    shapes, not only new EM
 
@@ -78,7 +80,7 @@ class ExperimentConfig:
             raise ValueError("holdout: name the crops to score on (e.g. --holdout crop3); they are never trained on")
         if not self.classes:
             raise ValueError("classes: the experiment needs a class list")
-        for name in ("samples", "seg_steps", "ddpm_steps", "few_slices", "sample_steps"):
+        for name in ("samples", "ddpm_steps", "few_slices", "sample_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be a positive integer, got {getattr(self, name)}")
         if self.seg_steps < 2:

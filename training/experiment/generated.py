@@ -21,8 +21,8 @@ from emserve.data.patches import PatchSampler, label_channels, load_crops
 from emserve.data.store import GROUNDTRUTH_GROUP, EMStore
 from emserve.data.writer import atomic_directory
 from emserve.diffusion import DEFAULT_LABEL_GUIDANCE
-from emserve.metrics import tile_counts
-from emserve.pipelines import GenerationRequest, LabelSource, generate_store
+from emserve.metrics import confusion
+from emserve.pipelines import GenerationRequest, LabelSource, generate_store, sample_seed
 from emserve.postprocess import Screening
 from emserve.runtime.base import Runtime
 from emserve.runtime.load import load_runtime
@@ -49,8 +49,7 @@ def agreement(segmenter: Runtime, raw: np.ndarray, labels: np.ndarray, batch: in
     for start in range(0, len(raw), batch):
         logits = segmenter.segment(raw[start:start + batch, None].astype(np.float32))
         masks = np.stack([masks_from_probabilities(segmenter.card, p) for p in probabilities(segmenter.card, logits)])
-        part = labels[start:start + batch]
-        counts = tile_counts(masks.transpose(1, 0, 2, 3), part.transpose(1, 0, 2, 3), part.shape[-1])
+        counts = confusion(masks, labels[start:start + batch]).sum(axis=(2, 3))  # [N, K, 3]
         scores.append(np.nan_to_num(mean_dice(counts), nan=1.0))
     return np.concatenate(scores) if scores else np.zeros(0)
 
@@ -73,8 +72,6 @@ def filter_store(source: Path, out: Path, segmenter_path: Path, threshold_from: 
 
     `threshold_from`: the segmenter's agreement with real training patches; the threshold is its `quantile`.
     """
-    if out.exists():
-        return zarr.open_group(str(out), mode="r").attrs["emserve"]["filtered"]
     threshold = float(np.quantile(threshold_from, quantile))
     store = EMStore(source)
     with load_runtime(segmenter_path, "torch") as segmenter, atomic_directory(out) as tmp:
@@ -148,17 +145,18 @@ def render(cfg: ExperimentConfig, checkpoint: Path, maps: dict[str, np.ndarray],
            deformed: bool) -> list[Path]:
     """Draw `cfg.samples` EM images for the label maps (deformed or not) into `<rendered|augmented>-<dataset>.zarr`
     stores: shared among the datasets by their number of maps, each in its own dataset's style, with its own
-    seed (seed + its index) for the noise, the shuffled order and the deformations."""
+    seed (a stream of `seed` split off by the dataset's index) for the noise, the order and the deformations."""
     counts = split_in_proportion(cfg.samples, [len(m) for m in maps.values()])
     stores = []
     with load_runtime(checkpoint, "torch") as runtime:
         for index, ((dataset, labels), count) in enumerate(zip(maps.items(), counts, strict=True)):
             if not count:
                 continue
-            request = GenerationRequest(samples=count, seed=seed + index, sampler=cfg.sampler, steps=cfg.sample_steps,
+            own = sample_seed(seed, index)
+            request = GenerationRequest(samples=count, seed=own, sampler=cfg.sampler, steps=cfg.sample_steps,
                                         spacing=cfg.spacing, guidance=DEFAULT_LABEL_GUIDANCE, dataset=dataset)
             store = out / f"{'augmented' if deformed else 'rendered'}-{dataset}.zarr"
-            generate_store(runtime.card, runtime, request, store, label_source(labels, seed + index, deformed),
+            generate_store(runtime.card, runtime, request, store, label_source(labels, own, deformed),
                            resume=store.exists())
             stores.append(store)
     return stores

@@ -24,11 +24,11 @@ def summarize(runs: dict[str, dict], arms: list[str]) -> dict:
                         "classes": classes}
     comparisons = []
     for arm in arms:
-        baseline = baseline_of(arm)
-        if arm in BASELINE.values() or baseline not in counts:
+        if arm in BASELINE.values():
             continue
-        diff = paired_difference(counts[arm], counts[baseline])
-        comparisons.append({"arm": arm, "baseline": baseline, **diff, "verdict": verdict(diff["ci95"])})
+        diff = paired_difference(counts[arm], counts[baseline_of(arm)])
+        comparisons.append({"arm": arm, "baseline": baseline_of(arm), **diff,
+                            "verdict": verdict(diff["ci95"], diff["per_seed"])})
     return {"arms": summary, "comparisons": comparisons}
 
 
@@ -60,11 +60,12 @@ def markdown_report(report: dict) -> str:
              f"{cfg['few_slices']} labelled slices per crop; real data at voxel size "
              f"{cfg['voxel_size'] or 'finest'} nm."
              + (f" Rendered arms: an EM-from-labels DDPM of {cfg['from_labels_steps']} steps, trained on the few-label "
-                f"data (and unlabelled EM of whole volumes), draws the labelled slices' label maps (augmented: "
-                f"deformed first) as EM." if cfg.get("from_labels_steps") else ""), "",
+                f"data and on unlabelled EM of whole volumes (held-out crops' EM included, never their labels: the "
+                f"one generator that sees held-out EM), draws the labelled slices' label maps (augmented: deformed "
+                f"first) as EM." if cfg.get("from_labels_steps") else ""), "",
              "## Segmentation on the held-out crops", "",
              f"Mean Dice over classes, averaged over seeds; 95 % interval from a bootstrap over seeds and held-out "
-             f"blocks of {report['count_tile']} x {report['count_tile']} pixels.", "",
+             f"columns ({report['count_tile']} x {report['count_tile']} pixels through every section).", "",
              "| arm | mean Dice | 95 % interval | " + " | ".join(f"seed {s}" for s in seeds) + " |",
              "|---" * (3 + len(seeds)) + "|"]
     for arm, row in arms.items():
@@ -74,10 +75,11 @@ def markdown_report(report: dict) -> str:
         lines += ["", "## Does the generated data help?", "",
                   "Each generated-data arm against its baseline (real annotations only, same seeds): the paired "
                   "difference in mean Dice, resampled with the same seeds and blocks for both.", "",
-                  "| arm | baseline | difference | 95 % interval | reading |", "|---|---|---|---|---|"]
+                  "| arm | baseline | difference | 95 % interval | per seed | reading |", "|---|---|---|---|---|---|"]
         for c in report["comparisons"]:
+            seeds = " / ".join(f"{d:+.3f}" for d in c["per_seed"])
             lines.append(f"| {c['arm']} | {c['baseline']} | {c['mean_dice_diff']:+.3f} | {_interval(c['ci95'])} | "
-                         f"{c['verdict']} |")
+                         f"{seeds} | {c['verdict']} |")
         lines += ["", _in_words(report["comparisons"])]
     lines += ["", "Dice per class, mean over seeds (- : undefined, the class is absent there and never predicted):",
               "", "| class | " + " | ".join(arms) + " |", "|---" * (len(arms) + 1) + "|"]
@@ -90,17 +92,16 @@ def markdown_report(report: dict) -> str:
 
 
 def _in_words(comparisons: list[dict]) -> str:
-    better = [c["arm"] for c in comparisons if c["ci95"][0] > 0]
-    worse = [c["arm"] for c in comparisons if c["ci95"][1] < 0]
-    unclear = [c["arm"] for c in comparisons if c["ci95"][0] <= 0 <= c["ci95"][1]]
+    said = {"better": "Better than their baseline (interval above zero, every seed gains)",
+            "worse": "Worse than their baseline (interval below zero, every seed loses)",
+            "not distinguishable from zero": "Not distinguishable from their baseline at this number of seeds"}
     parts = []
-    if better:
-        parts.append(f"Better than their baseline, with the interval above zero: {', '.join(better)}.")
-    if worse:
-        parts.append(f"Worse than their baseline, with the interval below zero: {', '.join(worse)}.")
-    if unclear:
-        parts.append(f"Not distinguishable from their baseline at this number of seeds and blocks: "
-                     f"{', '.join(unclear)}.")
+    for reading, words in said.items():
+        arms = [c["arm"] for c in comparisons if c["verdict"] == reading]
+        if arms:
+            parts.append(f"{words}: {', '.join(arms)}.")
+    if comparisons and comparisons[0]["seeds"] < 3:
+        parts.append(f"Only {comparisons[0]['seeds']} seed(s): too few for a claim either way (3 at least).")
     return " ".join(parts)
 
 

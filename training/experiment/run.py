@@ -43,14 +43,35 @@ def training_crops(cfg: ExperimentConfig) -> dict[str, list[str]]:
 
 
 def count_tile(cfg: ExperimentConfig) -> int:
-    """Side of the held-out blocks the intervals resample: two patches, so a block holds whole organelles."""
-    return 2 * cfg.patch_size
+    """Side of the held-out columns the intervals resample: one training patch."""
+    return cfg.patch_size
+
+
+FREE_ON_RERUN = ("seeds", "arms", "command")  # a rerun may add seeds and arms; every other option shapes the runs
+
+
+def check_same_experiment(cfg: ExperimentConfig, out: Path) -> None:
+    """Record the options in `out/experiment.json` on the first run; refuse a rerun that changes one, since the
+    networks and stores already there were made with the old value and would be reused as they are."""
+    mine = {k: v for k, v in json.loads(json.dumps(asdict(cfg), default=list)).items() if k not in FREE_ON_RERUN}
+    record = out / "experiment.json"
+    if not record.exists():
+        tmp = record.with_suffix(".tmp")
+        tmp.write_text(json.dumps(mine, indent=2))
+        tmp.rename(record)
+        return
+    before = json.loads(record.read_text())
+    changed = [f"{k}={before.get(k)!r} (now {v!r})" for k, v in mine.items() if before.get(k) != v]
+    if changed:
+        raise ValueError(f"out: {out} was run with {', '.join(changed)}; a rerun may only add seeds or arms: choose "
+                         f"another --out for other options")
 
 
 def run_experiment(cfg: ExperimentConfig) -> Path:
     """Run (or resume) every seed and arm, and write report.md and report.json into cfg.out; return the report."""
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
+    check_same_experiment(cfg, out)
     crops = training_crops(cfg)
     held = held_out_crops(cfg.stores, cfg.classes, cfg.holdout, cfg.voxel_size)
     maps = few_label_maps(cfg, crops) if cfg.from_labels_steps else {}
