@@ -155,6 +155,9 @@ Precision = Annotated[str, typer.Option(help="auto | fp32 | bf16 (auto: bf16 whe
 Device = Annotated[str, typer.Option(help="auto | cpu | cuda (auto: CUDA where present).")]
 Seed = Annotated[int, typer.Option(help="Seeds weights, batches and dropout; a run is reproducible from it.")]
 Sampler = Annotated[str, typer.Option(help=" | ".join(SAMPLERS) + ".")]
+LabelMethod = Annotated[str, typer.Option(help="Generated channels to labels: threshold (overlapping) | argmax (one "
+                                               "class per pixel) | paired (argmax, each lumen decoded with its "
+                                               "membrane: enclosed by construction).")]
 RuntimePrecision = Annotated[str, typer.Option(
     "--precision", help="fp32 | bf16 (bf16: autocast with --backend torchscript or torch; faster where the CPU or "
                         "GPU has bf16; not parity-checked, recorded in the output store).")]
@@ -304,6 +307,7 @@ def experiment(
     sample_steps: Annotated[int, typer.Option(help="Denoising steps per sample.")] = DEFAULT_STEPS,
     spacing: Spacing = DEFAULT_SPACING,
     despeckle: Despeckle = 0,
+    label_method: LabelMethod = "threshold",
     mix: Annotated[float, typer.Option(help="Mixed arms: share of generated patches per batch.")] = 0.5,
     generated_weight: Annotated[float, typer.Option(help="Weighted arms: loss weight of a generated patch "
                                                          "(a real one weighs 1).")] = 0.25,
@@ -332,7 +336,7 @@ def experiment(
         patch_size=patch_size, width=width, multipliers=_ints("multipliers", multipliers),
         blocks_per_level=blocks_per_level, batch_size=batch_size, lr=lr, seg_steps=seg_steps, ddpm_steps=ddpm_steps,
         from_labels_steps=from_labels_steps, samples=samples, sampler=sampler, sample_steps=sample_steps,
-        spacing=spacing, despeckle=despeckle, mix=mix, generated_weight=generated_weight,
+        spacing=spacing, despeckle=despeckle, label_method=label_method, mix=mix, generated_weight=generated_weight,
         filter_quantile=filter_quantile, few_slices=few_slices, class_groups=_groups(class_groups),
         voxel_size=_voxel_size(voxel_size), arms=_csv(arms), seeds=list(_ints("seeds", seeds)), command=command_line(),
     )
@@ -387,8 +391,7 @@ def generate(
     dataset: Annotated[str | None, typer.Option(help="Dataset (domain) to imitate, by name.")] = None,
     labels_from: Annotated[str, typer.Option(help="from-labels: a store whose crops give the label maps, or PNG/"
                                                   "TIFF index maps of CellMap class ids (file, folder or glob).")] = "",
-    label_method: Annotated[str, typer.Option(help="Channels to labels: threshold (overlapping) | argmax.")] = (
-        "threshold"),
+    label_method: LabelMethod = "threshold",
     screen: Annotated[bool, typer.Option(help="Mark implausible label maps unannotated (lumen without or "
                                               "outside its membrane, specks).")] = True,
     min_size: Annotated[int, typer.Option(help="Screening: smallest object in pixels (0: any).")] = 0,

@@ -201,7 +201,8 @@ def split_channels(card: ModelCard, batch: GeneratedBatch, request: GenerationRe
     if batch.label_map is not None:
         return raw, batch.label_map
     channels = batch.samples[:, 1:] if has_raw else batch.samples
-    return raw, labels_from_channels(channels, request.label_method, despeckle=request.despeckle)
+    return raw, labels_from_channels(channels, request.label_method, despeckle=request.despeckle,
+                                     classes=card.label_classes)
 
 
 def label_codes(card: ModelCard, masks: np.ndarray, screening: Screening | None) -> np.ndarray:

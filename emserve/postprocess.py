@@ -1,10 +1,11 @@
 """From generated channels to label maps, and screening that rejects implausible ones.
 
 A diffusion model emits one channel per class in [-1, 1]. `labels_from_channels` turns them into masks either
-per class (threshold: classes may overlap, as group classes do) or exclusively (argmax with background: the
-strongest class wins where it clears the threshold), optionally without specks below a size. Screening then
-checks what biology guarantees: a lumen is enclosed by its membrane (unless it leaves the patch), no lumen lacks
-a membrane, objects are not specks.
+per class (threshold: classes may overlap, as group classes do), exclusively (argmax with background: the
+strongest class wins where it clears the threshold), or exclusively with each lumen decoded together with its
+membrane (paired: every lumen enclosed by its membrane by construction), optionally without specks below a size.
+Screening then checks what biology guarantees: a lumen is enclosed by its membrane (unless it leaves the patch),
+no lumen lacks a membrane, objects are not specks.
 """
 
 from __future__ import annotations
@@ -18,13 +19,13 @@ from scipy import ndimage
 
 from emserve.classes import MEMBRANE_OF
 
-LABEL_METHODS = ("threshold", "argmax")
+LABEL_METHODS = ("threshold", "argmax", "paired")
 
 
 def labels_from_channels(channels: np.ndarray, method: str = "threshold", threshold: float = 0.0,
-                         despeckle: int = 0) -> np.ndarray:
+                         despeckle: int = 0, classes: Sequence[str] = ()) -> np.ndarray:
     """Bool masks [..., K, H, W] from channels [..., K, H, W] in [-1, 1], without objects smaller than
-    `despeckle` pixels (0: all kept)."""
+    `despeckle` pixels (0: all kept). "paired" needs the channels' class names, to know lumens and membranes."""
     if method not in LABEL_METHODS:
         raise ValueError(f"labels: method {method!r} is not allowed; choose one of {', '.join(LABEL_METHODS)}")
     if method == "threshold":
@@ -34,7 +35,30 @@ def labels_from_channels(channels: np.ndarray, method: str = "threshold", thresh
         best = np.take_along_axis(channels, winner[..., None, :, :], axis=-3)[..., 0, :, :]
         k = channels.shape[-3]
         masks = (winner[..., None, :, :] == np.arange(k)[:, None, None]) & (best > threshold)[..., None, :, :]
-    return remove_specks(masks, despeckle) if despeckle else masks
+    if despeckle:
+        masks = remove_specks(masks, despeckle)
+    return enclose_lumens(masks, classes) if method == "paired" else masks
+
+
+def enclose_lumens(masks: np.ndarray, classes: Sequence[str]) -> np.ndarray:
+    """Masks [..., K, H, W] with each lumen decoded together with its membrane: the union of the two is the
+    organelle; its pixels at least one pixel inside the organelle (4-connected; the patch border does not count
+    as outside) stay lumen where the lumen was drawn, every other pixel of it is membrane. So every lumen is
+    enclosed by its membrane by construction, and a lumen drawn without one gains the ring it lacked at the cost
+    of its outermost pixels; a lumen under three pixels across becomes membrane."""
+    index = {name: k for k, name in enumerate(classes)}
+    pairs = [(index[lumen], index[membrane]) for lumen, membrane in MEMBRANE_OF.items()
+             if lumen in index and membrane in index]
+    if not pairs:
+        return masks
+    out = masks.copy()
+    for sample in np.ndindex(masks.shape[:-3]):
+        for lumen, membrane in pairs:
+            organelle = masks[sample][lumen] | masks[sample][membrane]
+            inside = masks[sample][lumen] & ndimage.binary_erosion(organelle, border_value=1)
+            out[sample][lumen] = inside
+            out[sample][membrane] = organelle & ~inside
+    return out
 
 
 def remove_specks(masks: np.ndarray, min_pixels: int) -> np.ndarray:

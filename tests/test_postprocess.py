@@ -69,3 +69,24 @@ def test_despeckling_drops_small_objects_so_a_plausible_map_passes_screening():
     assert Screening().check(cleaned[0], CLASSES) == []
     exclusive = labels_from_channels(channels, "argmax", despeckle=5)
     assert not exclusive[:, 2].any() and exclusive[:, 1].sum() == 2 * lumen.sum()
+
+
+def test_paired_decoding_encloses_every_lumen_in_its_membrane_and_keeps_the_organelle():
+    membrane, lumen = ring()
+    rng = np.random.default_rng(0)
+    channels = np.where(np.stack([membrane, lumen, np.zeros_like(lumen)]), 1.0, -1.0) + rng.normal(0, 0.1, (3, 32, 32))
+    channels[0, :, 16:] = -1.0  # half the membrane not drawn: threshold or argmax decoding is rejected for it
+    channels[1, 2:4, 25:27] = 1.0  # a 2x2 lumen speck without membrane
+    channels[1, 28:31, 2:12] = 1.0  # a thick lumen drawn without membrane, 3 px high
+    channels[2, 20:26, 24:30] = 1.0  # a lipid droplet lumen: no ld_mem channel, so left as drawn
+    argmax = labels_from_channels(channels, "argmax")
+    assert Screening().check(argmax, CLASSES) != []
+    paired = labels_from_channels(channels, "paired", classes=CLASSES)
+    assert Screening().check(paired, CLASSES) == []
+    np.testing.assert_array_equal(paired[0] | paired[1], argmax[0] | argmax[1])  # the organelles as drawn
+    assert not (paired[0] & paired[1]).any()
+    assert not paired[1, 2:4, 25:27].any() and paired[0, 2:4, 25:27].all()  # a speck is too thin for a lumen
+    assert paired[1, 29, 3:11].all() and not paired[1, 28].any()  # the thick one keeps its middle row
+    np.testing.assert_array_equal(paired[2], argmax[2])
+    np.testing.assert_array_equal(paired[1, 8:25, :16], lumen[8:25, :16])  # where its membrane was drawn: as drawn
+    assert paired[1, 16, 16:20].all() and not paired[1, 16, 20]  # where it was not: the rim became membrane

@@ -302,7 +302,7 @@ BAD_JSON = [
     ({"model": "../etc/passwd"}, "model: '../etc/passwd' is not a served model; this endpoint takes 'pairs' models"),
     ({"model": "tiny-seg"}, "model: 'tiny-seg' is a 'segmentation' model; this endpoint takes 'pairs' models"),
     ({"output": "/tmp/x"}, "output: '/tmp/x' is not allowed; choose one of npz, zarr.zip, png"),
-    ({"label_method": "max"}, "label_method: 'max' is not allowed; choose one of threshold, argmax"),
+    ({"label_method": "max"}, "label_method: 'max' is not allowed; choose one of threshold, argmax, paired"),
     ({"despeckle": -3}, "despeckle: -3 is not allowed; allowed: 0 to 256"),
 ]
 

@@ -67,6 +67,7 @@ class ExperimentConfig:
     sample_steps: int = DEFAULT_STEPS
     spacing: str = DEFAULT_SPACING
     despeckle: int = 0  # generated label objects under this many pixels are dropped before screening
+    label_method: str = "threshold"  # generated channels to labels (emserve.postprocess.LABEL_METHODS)
     mix: float = 0.5
     generated_weight: float = 0.25  # weighted arms: loss weight of a generated patch (a real one weighs 1)
     filter_quantile: float = 0.25  # filtered arms: keep pairs agreed with at least as well as this quantile of real

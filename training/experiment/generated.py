@@ -35,7 +35,8 @@ def generate_pairs(cfg: ExperimentConfig, checkpoint: Path, store: Path, seed: i
                    screen: bool = True) -> Path:
     """Generate `cfg.samples` pairs (screened, for training) from a DDPM checkpoint into `store` (resuming)."""
     request = GenerationRequest(samples=cfg.samples, seed=seed, sampler=cfg.sampler, steps=cfg.sample_steps,
-                                spacing=cfg.spacing, present=present, despeckle=cfg.despeckle)
+                                spacing=cfg.spacing, present=present, despeckle=cfg.despeckle,
+                                label_method=cfg.label_method)
     with load_runtime(checkpoint, "torch") as runtime:
         generate_store(runtime.card, runtime, request, store, screening=Screening() if screen else None,
                        resume=store.exists())
