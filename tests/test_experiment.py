@@ -125,6 +125,10 @@ def test_a_rerun_with_other_options_is_refused_naming_them(experiment):
     assert refused.returncode == 2
     assert f"out: {out} was run with samples=8 (now 9), generated_weight=0.25 (now 0.5); a rerun may only add seeds " \
            "or arms" in " ".join(refused.stderr.split())
+    record = json.loads((out / "experiment.json").read_text())
+    (out / "experiment.json").write_text(json.dumps({k: v for k, v in record.items() if k != "label_method"}))
+    assert run_cli(cmd).returncode == 0  # an option added later counts as used at its default
+    assert run_cli([*cmd, "--label-method", "paired"]).returncode == 2
 
 
 def test_rendered_arms_draw_only_labelled_slices_of_training_crops(experiment, toy_store):

@@ -9,7 +9,7 @@ when already there, so an interrupted experiment resumes by running the same com
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
+from dataclasses import MISSING, asdict, fields
 from pathlib import Path
 
 from emserve.card import ModelCard
@@ -60,7 +60,9 @@ def check_same_experiment(cfg: ExperimentConfig, out: Path) -> None:
         tmp.write_text(json.dumps(mine, indent=2))
         tmp.rename(record)
         return
-    before = json.loads(record.read_text())
+    # an option added to emserve after the record was written was used at its default
+    defaults = {f.name: f.default for f in fields(ExperimentConfig) if f.default is not MISSING}
+    before = json.loads(json.dumps(defaults, default=list)) | json.loads(record.read_text())
     changed = [f"{k}={before.get(k)!r} (now {v!r})" for k, v in mine.items() if before.get(k) != v]
     if changed:
         raise ValueError(f"out: {out} was run with {', '.join(changed)}; a rerun may only add seeds or arms: choose "
