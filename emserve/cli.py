@@ -22,6 +22,7 @@ from emserve.diffusion import (
     SAMPLERS,
     SPACINGS,
 )
+from emserve.postprocess import DEFAULT_LABEL_METHOD
 from emserve.runtime.memory import DEFAULT_MEMORY_BUDGET, parse_bytes
 
 app = typer.Typer(
@@ -307,7 +308,7 @@ def experiment(
     sample_steps: Annotated[int, typer.Option(help="Denoising steps per sample.")] = DEFAULT_STEPS,
     spacing: Spacing = DEFAULT_SPACING,
     despeckle: Despeckle = 0,
-    label_method: LabelMethod = "threshold",
+    label_method: LabelMethod = DEFAULT_LABEL_METHOD,
     mix: Annotated[float, typer.Option(help="Mixed arms: share of generated patches per batch.")] = 0.5,
     generated_weight: Annotated[float, typer.Option(help="Weighted arms: loss weight of a generated patch "
                                                          "(a real one weighs 1).")] = 0.25,
@@ -391,7 +392,7 @@ def generate(
     dataset: Annotated[str | None, typer.Option(help="Dataset (domain) to imitate, by name.")] = None,
     labels_from: Annotated[str, typer.Option(help="from-labels: a store whose crops give the label maps, or PNG/"
                                                   "TIFF index maps of CellMap class ids (file, folder or glob).")] = "",
-    label_method: LabelMethod = "threshold",
+    label_method: LabelMethod = DEFAULT_LABEL_METHOD,
     screen: Annotated[bool, typer.Option(help="Mark implausible label maps unannotated (lumen without or "
                                               "outside its membrane, specks).")] = True,
     min_size: Annotated[int, typer.Option(help="Screening: smallest object in pixels (0: any).")] = 0,

@@ -34,7 +34,7 @@ from emserve.diffusion import (
     sample,
 )
 from emserve.pictures import grid, pair_tile, raw_to_uint8, save_png
-from emserve.postprocess import LABEL_METHODS, Screening, labels_from_channels
+from emserve.postprocess import DEFAULT_LABEL_METHOD, LABEL_METHODS, Screening, labels_from_channels
 
 LabelSource = Callable[[int, int], np.ndarray]  # (start, stop) -> label-map channels [stop-start, K, H, W]
 VOXEL_SIZE = (1.0, 1.0, 1.0)  # generated patches have no physical size of their own; the card says what they mimic
@@ -57,7 +57,7 @@ class GenerationRequest:
     absent: tuple[str, ...] = ()
     dataset: str | None = None
     batch_size: int = 8
-    label_method: str = "threshold"
+    label_method: str = DEFAULT_LABEL_METHOD
     despeckle: int = 0  # label objects smaller than this many pixels are dropped (before screening)
 
     def __post_init__(self) -> None:

@@ -20,9 +20,10 @@ from scipy import ndimage
 from emserve.classes import MEMBRANE_OF
 
 LABEL_METHODS = ("threshold", "argmax", "paired")
+DEFAULT_LABEL_METHOD = "threshold"
 
 
-def labels_from_channels(channels: np.ndarray, method: str = "threshold", threshold: float = 0.0,
+def labels_from_channels(channels: np.ndarray, method: str = DEFAULT_LABEL_METHOD, threshold: float = 0.0,
                          despeckle: int = 0, classes: Sequence[str] = ()) -> np.ndarray:
     """Bool masks [..., K, H, W] from channels [..., K, H, W] in [-1, 1], without objects smaller than
     `despeckle` pixels (0: all kept). "paired" needs the channels' class names, to know lumens and membranes."""

@@ -64,7 +64,7 @@ from emserve.pipelines import (
     label_codes,
     split_channels,
 )
-from emserve.postprocess import LABEL_METHODS, Screening
+from emserve.postprocess import DEFAULT_LABEL_METHOD, LABEL_METHODS, Screening
 from emserve.runtime.base import Runtime
 from emserve.runtime.load import load_runtime
 from emserve.runtime.memory import DEFAULT_MEMORY_BUDGET, parse_bytes
@@ -318,7 +318,7 @@ class EMServe:
     def generate_pairs(self, ctx: bentoml.Context, samples: int = 4, seed: int = 0, sampler: str = DEFAULT_SAMPLER,
                        steps: int = DEFAULT_STEPS, spacing: str = DEFAULT_SPACING, guidance: float = 1.0,
                        rescale: float = 0.0, present: list[str] | None = None, absent: list[str] | None = None,
-                       dataset: str | None = None, model: str | None = None, label_method: str = "threshold",
+                       dataset: str | None = None, model: str | None = None, label_method: str = DEFAULT_LABEL_METHOD,
                        despeckle: int = 0, screen: bool = False, output: str = "npz") -> Result:
         """EM + label pairs from a "pairs" model. `present` / `absent` steer class presence and `dataset` the
         domain (both need guidance > 1 to matter); `despeckle` drops label objects smaller than that many pixels
@@ -332,8 +332,9 @@ class EMServe:
                             sampler: str = DEFAULT_SAMPLER, steps: int = DEFAULT_STEPS,
                             spacing: str = DEFAULT_SPACING, guidance: float = 1.0, rescale: float = 0.0,
                             present: list[str] | None = None, absent: list[str] | None = None,
-                            dataset: str | None = None, model: str | None = None, label_method: str = "threshold",
-                            despeckle: int = 0, screen: bool = False, output: str = "npz") -> TaskResult:
+                            dataset: str | None = None, model: str | None = None,
+                            label_method: str = DEFAULT_LABEL_METHOD, despeckle: int = 0, screen: bool = False,
+                            output: str = "npz") -> TaskResult:
         """generate_pairs for big batches, as a task: submit, poll the status, get the result; a cancelled task
         stops at its next batch. Returns bytes, not a file: BentoML stores a task's response by replaying it,
         which fails for file responses with current starlette (KeyError 'method')."""
@@ -429,7 +430,8 @@ class EMServe:
 
     def request(self, card: ModelCard, *, samples: int, seed: int, sampler: str, steps: int, spacing: str,
                 guidance: float, rescale: float, dataset: str | None, present: Sequence[str] = (),
-                absent: Sequence[str] = (), label_method: str = "threshold", despeckle: int = 0) -> GenerationRequest:
+                absent: Sequence[str] = (), label_method: str = DEFAULT_LABEL_METHOD,
+                despeckle: int = 0) -> GenerationRequest:
         """A GenerationRequest within the limits and accepted by the model (checked before anything runs)."""
         check_range("seed", seed, 0, 2**63 - 1)
         check_choice("sampler", sampler, SAMPLERS)

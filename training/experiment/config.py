@@ -25,6 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from emserve.diffusion import DEFAULT_SAMPLER, DEFAULT_SPACING, DEFAULT_STEPS
+from emserve.postprocess import DEFAULT_LABEL_METHOD
 
 METHODS = ("generated", "pretrained", "filtered", "weighted")
 RENDERING = ("rendered", "augmented")  # few-label arms drawn by the EM-from-labels DDPM
@@ -67,7 +68,7 @@ class ExperimentConfig:
     sample_steps: int = DEFAULT_STEPS
     spacing: str = DEFAULT_SPACING
     despeckle: int = 0  # generated label objects under this many pixels are dropped before screening
-    label_method: str = "threshold"  # generated channels to labels (emserve.postprocess.LABEL_METHODS)
+    label_method: str = DEFAULT_LABEL_METHOD  # generated channels to labels (emserve.postprocess.LABEL_METHODS)
     mix: float = 0.5
     generated_weight: float = 0.25  # weighted arms: loss weight of a generated patch (a real one weighs 1)
     filter_quantile: float = 0.25  # filtered arms: keep pairs agreed with at least as well as this quantile of real
