@@ -56,8 +56,8 @@ def evaluate_segmentation(runtime: Runtime, crops: Sequence[LabelledCrop], *, ax
                           tile: int | None = None, overlap: int | None = None, threshold: float = 0.5,
                           count_tile: int | None = None) -> dict:
     """Per-class and mean Dice / IoU / precision / recall of the network's masks on the crops. With
-    `count_tile`, also "tile_counts": (tp, fp, fn) per class of every `count_tile`-pixel block of every z-plane
-    [tiles][classes][3], crop after crop, for intervals (emserve.statistics)."""
+    `count_tile`, also "tile_counts": (tp, fp, fn) per class of every column (`count_tile` pixels square, through
+    every z-plane) [tiles][classes][3], crop after crop, for intervals (emserve.statistics)."""
     card = runtime.card
     counts = [Counts() for _ in card.classes]
     tiles = []

@@ -165,6 +165,16 @@ def test_rendered_label_maps_come_from_labelled_planes_of_training_crops_only(to
     assert sorted(m.tobytes() for m in maps["toy_a"]) == sorted(t.tobytes() for t in expected)
 
 
+def test_label_maps_keep_their_dataset_when_the_first_store_is_held_out(toy_store, tmp_path):
+    cfg = ExperimentConfig(stores=[str(p) for p in toy_store], out=str(tmp_path), holdout=["toy_a/crop1"],
+                           classes=list(CLASSES), patch_size=8, few_slices=3)
+    maps = few_label_maps(cfg, {"toy_a": [], "toy_b": ["crop1"]})
+    assert list(maps) == ["toy_b"]
+    few = load_crops([EMStore(toy_store[1])], CLASSES, labelled_slices=3)[0]
+    expected = [few.labels[:, z, a:a + 8, b:b + 8] for z in (0, 4, 7) for a in range(0, 64, 8) for b in range(0, 64, 8)]
+    assert sorted(m.tobytes() for m in maps["toy_b"]) == sorted(t.tobytes() for t in expected)
+
+
 def test_deformed_label_maps_keep_their_codes_and_move_boundaries_by_a_few_pixels():
     yy, xx = np.mgrid[:64, :64]
     disc = ((yy - 32) ** 2 + (xx - 32) ** 2 < 15**2).astype(np.uint8)

@@ -17,7 +17,7 @@ import zarr
 from scipy import ndimage
 
 from emserve.classes import UNKNOWN
-from emserve.data.patches import PatchSampler, label_channels, load_crops
+from emserve.data.patches import PatchBatch, PatchSampler, label_channels, load_crops
 from emserve.data.store import GROUNDTRUTH_GROUP, EMStore
 from emserve.data.writer import atomic_directory
 from emserve.diffusion import DEFAULT_LABEL_GUIDANCE
@@ -55,21 +55,37 @@ def agreement(segmenter: Runtime, raw: np.ndarray, labels: np.ndarray, batch: in
     return np.concatenate(scores) if scores else np.zeros(0)
 
 
-def real_agreement(cfg: ExperimentConfig, segmenter: Runtime, crops: dict[str, list[str]],
-                   labelled_slices: int) -> np.ndarray:
-    """Agreement of the network with the patch-sized tiles of the real training crops that it was trained on
-    (only annotated tiles: with `labelled_slices`, those of the labelled planes)."""
+def annotated_tiles(cfg: ExperimentConfig, crops: dict[str, list[str]], labelled_slices: int) -> PatchBatch:
+    """The patch-sized z-plane tiles of the real training crops that hold an annotated voxel, as the arms with
+    `labelled_slices` (0: all) see them, so only annotations those arms may use."""
     loaded = load_crops([EMStore(p) for p in cfg.stores], cfg.classes, cfg.voxel_size, crops, labelled_slices)
-    sampler = PatchSampler(loaded, cfg.patch_size, augment=False)
+    sampler = PatchSampler(loaded, cfg.patch_size, augment=False, dataset_ids=dataset_ids(cfg))  # z planes
     tiles = sampler.cut(sampler.tiles())
     annotated = (tiles.labels != UNKNOWN).any(axis=(1, 2, 3))
-    return agreement(segmenter, tiles.raw[annotated, 0], tiles.labels[annotated])
+    return PatchBatch(tiles.raw[annotated], tiles.labels[annotated], tiles.dataset[annotated])
+
+
+def dataset_ids(cfg: ExperimentConfig) -> dict[str, int]:
+    """Dataset name -> the id its tiles carry: the stores' names in sorted order."""
+    return {name: i for i, name in enumerate(sorted(EMStore(p).name for p in cfg.stores))}
+
+
+def real_agreement(cfg: ExperimentConfig, segmenter: Runtime, crops: dict[str, list[str]],
+                   labelled_slices: int) -> np.ndarray:
+    """Agreement of the network with the annotated tiles of the real training crops that it was trained on."""
+    tiles = annotated_tiles(cfg, crops, labelled_slices)
+    return agreement(segmenter, tiles.raw[:, 0], tiles.labels)
+
+
+def filter_record(store: Path) -> dict:
+    """What `filter_store` kept, as recorded in the filtered store."""
+    return EMStore(store).root.attrs["emserve"]["filtered"]
 
 
 def filter_store(source: Path, out: Path, segmenter_path: Path, threshold_from: np.ndarray, quantile: float,
-                 classes: list[str]) -> dict:
+                 classes: list[str]) -> None:
     """Copy the generated store `source` to `out` with the labels of the pairs the segmenter disagrees with
-    marked unannotated (so training leaves them out, as screening does), and return what was kept.
+    marked unannotated (so training leaves them out, as screening does), recording what was kept (filter_record).
 
     `threshold_from`: the segmenter's agreement with real training patches; the threshold is its `quantile`.
     """
@@ -93,21 +109,14 @@ def filter_store(source: Path, out: Path, segmenter_path: Path, threshold_from: 
         record = {"source": str(source), "segmenter": str(segmenter_path), "quantile": quantile,
                   "threshold": threshold, "real_patches": len(threshold_from), "kept": kept, "screened_pairs": total}
         root.attrs.update({"emserve": {**root.attrs["emserve"], "filtered": record}})
-    return record
 
 
 def few_label_maps(cfg: ExperimentConfig, crops: dict[str, list[str]]) -> dict[str, np.ndarray]:
-    """{dataset: label maps [N, K, P, P] in the store encoding}: every patch-sized tile of the few-label training
-    crops that holds an annotated voxel, so only the annotations the few-label arms may use."""
-    loaded = load_crops([EMStore(p) for p in cfg.stores], cfg.classes, cfg.voxel_size, crops, cfg.few_slices)
-    sampler = PatchSampler(loaded, cfg.patch_size, augment=False)  # z planes, like the arms' training
-    labelled = {(i, int(z)) for i, crop in enumerate(loaded)
-                for z in np.flatnonzero((crop.labels != UNKNOWN).any(axis=(0, 2, 3)))}
-    tiles = sampler.cut([t for t in sampler.tiles() if t[:2] in labelled])  # only planes the few-label arms keep
-    annotated = (tiles.labels != UNKNOWN).any(axis=(1, 2, 3))
-    names = {i: name for name, i in sampler.dataset_ids.items()}
-    return {names[i]: tiles.labels[annotated & (tiles.dataset == i)] for i in sorted(names)
-            if (annotated & (tiles.dataset == i)).any()}
+    """{dataset: label maps [N, K, P, P] in the store encoding}: the annotated tiles of the few-label training
+    crops, by dataset."""
+    tiles = annotated_tiles(cfg, crops, cfg.few_slices)
+    return {name: tiles.labels[tiles.dataset == i] for name, i in dataset_ids(cfg).items()
+            if (tiles.dataset == i).any()}
 
 
 def deform(labels: np.ndarray, rng: np.random.Generator, smoothness: float = 8.0, amplitude: float = 4.0,

@@ -78,9 +78,9 @@ def markdown_report(report: dict) -> str:
                   "difference in mean Dice, resampled with the same seeds and blocks for both.", "",
                   "| arm | baseline | difference | 95 % interval | per seed | reading |", "|---|---|---|---|---|---|"]
         for c in report["comparisons"]:
-            seeds = " / ".join(f"{d:+.3f}" for d in c["per_seed"])
+            per_seed = " / ".join(f"{d:+.3f}" for d in c["per_seed"])
             lines.append(f"| {c['arm']} | {c['baseline']} | {c['mean_dice_diff']:+.3f} | {_interval(c['ci95'])} | "
-                         f"{seeds} | {c['verdict']} |")
+                         f"{per_seed} | {c['verdict']} |")
         lines += ["", _in_words(report["comparisons"])]
     lines += ["", "Dice per class, mean over seeds (- : undefined, the class is absent there and never predicted):",
               "", "| class | " + " | ".join(arms) + " |", "|---" * (len(arms) + 1) + "|"]

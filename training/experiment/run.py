@@ -21,6 +21,7 @@ from training.ddpm import DDPMConfig, train_ddpm
 from training.experiment.config import BASELINE, PRETRAIN_SHARE, ExperimentConfig, regime_of
 from training.experiment.generated import (
     few_label_maps,
+    filter_record,
     filter_store,
     generate_pairs,
     real_agreement,
@@ -127,7 +128,7 @@ class SeedRun:
     def arm_data(self, arm: str) -> tuple[dict, int]:
         """(training data options, steps) of an arm; trains what it depends on first."""
         cfg, steps = self.cfg, self.cfg.seg_steps
-        if arm in ("real", "few"):
+        if arm in BASELINE.values():
             return self.real[regime_of(arm)], steps
         if arm == "generated":
             return {"stores": [], "generated": [str(self.generated("full"))]}, steps
@@ -140,8 +141,7 @@ class SeedRun:
             return {**real, "init": str(start)}, steps - first
         if method == "filtered":  # nothing kept: nothing to mix in, the arm trains as its baseline does
             store = self.filtered(regime)
-            kept = EMStore(store).root.attrs["emserve"]["filtered"]["kept"]
-            return ({**real, "generated": [str(store)], **mixed} if kept else real), steps
+            return ({**real, "generated": [str(store)], **mixed} if filter_record(store)["kept"] else real), steps
         if method == "weighted":
             return {**real, "generated": [str(self.generated(regime))], "generated_weight": cfg.generated_weight,
                     **mixed}, steps
@@ -153,11 +153,10 @@ class SeedRun:
     def filtered(self, regime: str) -> Path:
         """The regime's generated pairs that its baseline network agrees with (threshold from training patches)."""
         baseline = self.seg(BASELINE[regime], self.cfg.seg_steps, self.real[regime])
-        slices = self.cfg.few_slices if regime == "few" else 0
         store = self.dir / f"filtered-{regime}.zarr"
         if not store.exists():
             with load_runtime(baseline, "torch") as segmenter:
-                real = real_agreement(self.cfg, segmenter, self.crops, slices)
+                real = real_agreement(self.cfg, segmenter, self.crops, self.real[regime].get("labelled_slices", 0))
             filter_store(self.generated(regime), store, baseline, real, self.cfg.filter_quantile, self.cfg.classes)
         return store
 
@@ -171,7 +170,7 @@ class SeedRun:
         for regime in ("full", "few"):
             store = self.dir / f"filtered-{regime}.zarr"
             if store.exists():
-                filtered[regime] = EMStore(store).root.attrs["emserve"]["filtered"]
+                filtered[regime] = filter_record(store)
         realism = {name: evaluate_realism(str(self.generated(name)), self.cfg.stores, samples=self.cfg.samples,
                                           seed=self.seed, picture=self.dir / f"quiz-{name}.png",
                                           voxel_size=self.cfg.voxel_size)
