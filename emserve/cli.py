@@ -237,9 +237,10 @@ def train_seg(
                                                            "batch from the generated ones.")] = 0.5,
     generated_weight: Annotated[float, typer.Option(help="With real and generated stores: loss weight of a "
                                                          "generated patch, in (0, 1] (a real one weighs 1).")] = 1.0,
-    init: Annotated[Path | None, typer.Option(help="Start from this segmentation checkpoint's (EMA) weights, "
-                                                   "e.g. one pretrained on generated pairs; same classes and "
-                                                   "UNet.")] = None,
+    init: Annotated[Path | None, typer.Option(help="Start from this checkpoint's (EMA) weights: a segmentation "
+                                                   "one (e.g. pretrained on generated pairs; same classes and "
+                                                   "UNet) or a DDPM's denoiser of the same UNet shape (denoising "
+                                                   "pretraining).")] = None,
     classes: ClassList = "",
     exclusive: Annotated[bool, typer.Option(help="One class per voxel (softmax over background + classes) "
                                                  "instead of a sigmoid per class.")] = False,
@@ -324,7 +325,8 @@ def experiment(
                                             "need 3 or more.")] = "0,1,2",
 ) -> None:
     """Does generated data help? Train segmentation on real, generated, mixed, pretrained, filtered, weighted
-    and few-label data over several seeds, score all with 95 % intervals and paired differences.
+    and few-label data, and from the DDPM's denoiser (denoising pretraining), over several seeds; score all with
+    95 % intervals and paired differences.
 
     Also trains the pairs DDPMs it generates with (and, with --from-labels-steps, an EM-from-labels DDPM for the
     few+rendered and few+augmented arms), and reports realism (FD / KID) and class-presence guidance.

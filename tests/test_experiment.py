@@ -92,6 +92,17 @@ def test_pretrained_arms_start_from_generated_pretraining_with_the_same_total_bu
         assert tuned["training"]["generated"] == []
 
 
+def test_denoiser_arms_start_from_their_regimes_ddpm_and_train_the_whole_budget_on_real_pairs(experiment):
+    out, _, _ = experiment
+    for regime, arm in (("full", "real-denoiser"), ("few", "few-denoiser")):
+        tuned = json.loads(next((out / "seed-0" / f"seg-{arm}").glob("step-*/card.json")).read_text())
+        ddpm = sorted((out / "seed-0" / f"ddpm-{regime}").glob("step-*/card.json"))[-1]  # the last checkpoint
+        assert tuned["training"]["init"] == {"checkpoint": str(ddpm.parent),
+                                             "weights": json.loads(ddpm.read_text())["weights"]}
+        assert tuned["training"]["config"]["steps"] == 6 and tuned["training"]["generated"] == []
+        assert tuned["training"]["config"]["labelled_slices"] == (2 if regime == "few" else 0)
+
+
 def test_filtered_stores_drop_only_pairs_the_baseline_disagrees_with(experiment):
     out, _, report = experiment
     for regime in ("full", "few"):

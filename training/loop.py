@@ -22,6 +22,7 @@ from emserve.runtime.base import torch_device
 from training import checkpoint as ckpt
 from training.device import init_distributed, resolve_precision
 from training.progress import Progress
+from training.transfer import segmenter_weights
 from training.unet import UNet
 
 # Card fields that are facts about the run, not about the model: they may differ when resuming.
@@ -157,12 +158,18 @@ class Run:
 
     def start_from(self, path: Path) -> None:
         """Fine-tuning: start model and EMA from the EMA weights of another run's checkpoint of the same network
-        (mode, classes, UNet); the optimizer starts afresh."""
+        (mode, classes, UNet), or a segmenter from a denoiser's (`training.transfer`); the optimizer starts
+        afresh."""
         old, _, ema_weights, _, _ = ckpt.load_checkpoint(path)
-        for key in ("mode", "classes", "unet", "exclusive"):
-            if getattr(old, key) != getattr(self.card, key):
-                raise ValueError(f"init: {path} has {key}={getattr(old, key)!r}; this run needs "
-                                 f"{getattr(self.card, key)!r}")
+        if self.card.mode == "segmentation" and old.mode != "segmentation":
+            denoiser = UNet.from_config(old.unet)
+            denoiser.load_state_dict(ema_weights)
+            ema_weights = segmenter_weights(denoiser, self.model, old.timesteps)
+        else:
+            for key in ("mode", "classes", "unet", "exclusive"):
+                if getattr(old, key) != getattr(self.card, key):
+                    raise ValueError(f"init: {path} has {key}={getattr(old, key)!r}; this run needs "
+                                     f"{getattr(self.card, key)!r}")
         self.model.load_state_dict(ema_weights)
         self.ema.load_state_dict(ema_weights)
 

@@ -9,7 +9,8 @@ nothing there, neither present nor absent.
 Training data are real stores, generated stores (from `emserve generate`, whose rejected samples are marked
 unannotated and so drop out of the loss), or both, with a chosen share of generated patches in every batch and,
 optionally, a lower loss weight for them (they are not as right as real annotations). `init` starts from another
-segmentation checkpoint's weights: pretrain on generated pairs, then fine-tune on real ones.
+segmentation checkpoint's weights (pretrain on generated pairs, then fine-tune on real ones) or from a DDPM's
+denoiser, which has learned the EM of unlabelled sections too (`training.transfer`).
 """
 
 from __future__ import annotations
@@ -41,7 +42,8 @@ PREVIEW_PATCHES = 6
 class SegConfig(TrainConfig):
     """Options of `emserve train seg`. `stores` are real data, `generated` generated stores (either may be
     empty, not both); with both, `generated_fraction` of every batch comes from the generated ones, each weighted
-    `generated_weight` in the loss (a real patch weighs 1). `init`: a segmentation checkpoint to start from."""
+    `generated_weight` in the loss (a real patch weighs 1). `init`: a segmentation checkpoint to start from, or a DDPM
+    checkpoint whose denoiser becomes the starting network (`training.transfer`)."""
 
     generated: list[str] = field(default_factory=list)
     generated_fraction: float = 0.5

@@ -298,7 +298,7 @@ class UNet(nn.Module):
                 raise ValueError(f"dataset: ids must be in [-1, {cfg.num_datasets}) (-1 = null), "
                                  f"got {dataset.tolist()}")
 
-    def _embedding(self, x: Tensor, t: Tensor | None, classes: Tensor | None, dataset: Tensor | None) -> Tensor | None:
+    def embedding(self, x: Tensor, t: Tensor | None, classes: Tensor | None, dataset: Tensor | None) -> Tensor | None:
         """Sum of the enabled condition embeddings [B, emb]; None when the UNet has no conditioning."""
         b = x.shape[0]
         parts: list[Tensor] = []
@@ -343,7 +343,7 @@ class UNet(nn.Module):
         self._check_none(t, classes, dataset, label_map)
         if _eager():
             self._check_values(x, t, classes, dataset, label_map)
-        emb = self._embedding(x, t, classes, dataset)
+        emb = self.embedding(x, t, classes, dataset)
 
         h = self.stem(self._with_label_map(x, label_map))
         skips = [h]

@@ -8,8 +8,10 @@ Two regimes, each with a baseline trained on real annotations only and arms that
   real+pretrained  pretrained on generated pairs for half the budget, fine-tuned on real pairs for the other half
   real+filtered    like real+generated, keeping only generated pairs the `real` network agrees with
   real+weighted    like real+generated, generated patches weighing `generated_weight` in the loss
+  real+denoiser    real pairs for the whole budget, starting from the pairs DDPM's denoiser folded into a
+                   segmenter (denoising pretraining, `training.transfer`): no generated data, the DDPM's features
   few              real pairs, labels kept on only `few_slices` slices per crop (baseline of the low-label regime)
-  few+...          the same four arms with the few-label DDPM's pairs and the `few` network as the filter
+  few+...          the same five arms with the few-label DDPM and the `few` network as the filter
   few+rendered     the labelled slices' label maps drawn as new EM by an EM-from-labels DDPM (real labels,
                    generated EM), mixed in; that DDPM's label-free quarter of each batch reads raw EM from whole
                    volumes, held-out crops' EM included (never their labels): the one generator that sees
@@ -27,7 +29,7 @@ from dataclasses import dataclass, field
 from emserve.diffusion import DEFAULT_SAMPLER, DEFAULT_SPACING, DEFAULT_STEPS
 from emserve.postprocess import DEFAULT_LABEL_METHOD
 
-METHODS = ("generated", "pretrained", "filtered", "weighted")
+METHODS = ("generated", "pretrained", "filtered", "weighted", "denoiser")
 RENDERING = ("rendered", "augmented")  # few-label arms drawn by the EM-from-labels DDPM
 ARMS = ("real", "generated", *(f"real+{m}" for m in METHODS), "few", *(f"few+{m}" for m in METHODS + RENDERING))
 PRETRAIN_SHARE = 0.5  # pretrained arms: share of the segmentation budget spent on generated pairs

@@ -145,6 +145,8 @@ class SeedRun:
         if method == "weighted":
             return {**real, "generated": [str(self.generated(regime))], "generated_weight": cfg.generated_weight,
                     **mixed}, steps
+        if method == "denoiser":
+            return {**real, "init": str(self.ddpm(regime))}, steps
         if method in ("rendered", "augmented"):
             stores = render(cfg, self.ddpm("from-labels"), self.maps, self.dir, self.seed, method == "augmented")
             return {**real, "generated": [str(p) for p in stores], **mixed}, steps
