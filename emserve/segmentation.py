@@ -177,7 +177,7 @@ def segment_store(runtime: Runtime, volume: Any, out: str | Path, *,
                 "model": {"mode": card.mode, "classes": card.classes, "sha256": card.weights,
                           "files": card.files, "exclusive": card.exclusive, "backend": runtime.backend,
                           "precision": runtime.precision}}
-    with atomic_directory(out, overwrite) as tmp:
+    with atomic_directory(out, overwrite, inputs=[source] if source else []) as tmp:
         root = zarr.open_group(str(tmp), mode="w", zarr_format=2)
         root.attrs.update(provenance(segmented=settings))
         geometry = (volume.shape, voxel_size, translation, chunks)

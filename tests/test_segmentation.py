@@ -254,6 +254,14 @@ def test_segment_cli_writes_predictions_that_overlay_the_source(toy_store, tmp_p
     np.testing.assert_array_equal(masks[...], segment_array(load_runtime(model, "onnx"), plane[None], tile=32)[0] > 0.5)
 
 
+def test_segmenting_a_store_into_itself_is_refused_even_with_overwrite(toy_store, tmp_path):
+    store = EMStore(toy_store[0])
+    before = store.em_volume(store.em_levels[0])[...]
+    with pytest.raises(ValueError, match=f"output: {toy_store[0]} is the input {toy_store[0]}, inside it or around"):
+        segment_store(pointwise_runtime(), before, toy_store[0], overwrite=True, source=str(toy_store[0]))
+    np.testing.assert_array_equal(store.em_volume(store.em_levels[0])[...], before)
+
+
 def test_segment_store_leaves_nothing_behind_when_it_fails(tmp_path):
     runtime = pointwise_runtime()
     out = tmp_path / "pred.zarr"

@@ -33,6 +33,11 @@ def crop(name="crop1", offset=(2, 4, 6)) -> CropToWrite:
     return CropToWrite(name, offset, labels(), ids=np.full((4, 8, 8), 35, np.uint8), attrs={"note": "test"})
 
 
+def first_level(path) -> np.ndarray:
+    store = EMStore(path)
+    return store.em_volume(store.em_levels[0])[...]
+
+
 def siblings(path) -> list[str]:
     return sorted(p.name for p in path.parent.iterdir())
 
@@ -136,6 +141,30 @@ def test_overwrite_is_refused_unless_asked(tmp_path):
     write_store(path, raw_volume(), VOXEL, attrs={"generation": 2}, overwrite=True)
     assert json.loads((path / ".zattrs").read_text())["generation"] == 2
     assert siblings(path) == ["gen.zarr"]
+
+
+def test_overwrite_replaces_only_stores_model_folders_and_empty_folders(tmp_path):
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "thesis.txt").write_text("years of work")
+    with pytest.raises(FileExistsError, match=r"notes is neither a store nor a model folder \(it has none of "
+                                              r"\.zgroup, zarr\.json, attributes\.json, card\.json\); "
+                                              r"--overwrite refuses to delete it"):
+        write_store(notes, raw_volume(), VOXEL, overwrite=True)
+    (tmp_path / "file.zarr").write_text("a file")
+    with pytest.raises(FileExistsError, match=r"file\.zarr exists and is not a folder"):
+        write_store(tmp_path / "file.zarr", raw_volume(), VOXEL, overwrite=True)
+    assert (notes / "thesis.txt").read_text() == "years of work" and (tmp_path / "file.zarr").read_text() == "a file"
+    (tmp_path / "empty").mkdir()
+    assert first_level(write_store(tmp_path / "empty", raw_volume(), VOXEL, overwrite=True)).shape == (8, 16, 16)
+
+
+@pytest.mark.parametrize("out", ["in.zarr", "in.zarr/inner.zarr", "."])
+def test_an_output_that_is_inside_or_holds_an_input_is_refused_and_the_input_kept(tmp_path, out):
+    source = write_store(tmp_path / "in.zarr", raw_volume(), VOXEL)
+    with pytest.raises(ValueError, match=f"output: .* is the input {source}, inside it or around it"):
+        write_store(tmp_path / out, raw_volume(), VOXEL, overwrite=True, inputs=[source])
+    np.testing.assert_array_equal(first_level(source), raw_volume())
 
 
 def test_atomic_directory_refuses_remote_paths(tmp_path):

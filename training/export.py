@@ -82,7 +82,7 @@ def export_model(checkpoint: str | Path, out: str | Path, *, name: str | None = 
     if final.exists() and not overwrite:
         raise FileExistsError(f"output: {final} already exists; choose another --name or pass --overwrite")
 
-    with atomic_directory(final, overwrite=overwrite) as tmp:
+    with atomic_directory(final, overwrite=overwrite, inputs=[checkpoint]) as tmp:
         (tmp / "1").mkdir(parents=True)
         export_onnx(model, tmp / ONNX_FILE, exporter)
         export_torchscript(model, tmp / TORCHSCRIPT_FILE)

@@ -419,7 +419,8 @@ def import_stack(
         crops=crop_info,
         class_fractions=fractions,
     )
-    write_store(out, raw, voxel, crops, levels=levels, attrs=attrs, overwrite=overwrite)
+    read = [*image_files, *(f for files in label_files.values() for f in files)]
+    write_store(out, raw, voxel, crops, levels=levels, attrs=attrs, overwrite=overwrite, inputs=read)
     return ImportSummary(out, tuple(raw.shape), voxel, classes, crop_info, fractions, rescale_info)
 
 

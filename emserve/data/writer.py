@@ -52,14 +52,25 @@ def provenance(**fields: Any) -> dict[str, Any]:
                         **_json_safe(fields)}}
 
 
+# What emserve writes carries one of these at its root: a zarr v2 / v3 or N5 store, a model or checkpoint folder.
+OWN_MARKERS = (".zgroup", "zarr.json", "attributes.json", "card.json")
+
+
 @contextmanager
-def atomic_directory(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary folder that becomes `path` only if the block finishes without an exception."""
+def atomic_directory(path: str | os.PathLike, overwrite: bool = False,
+                     inputs: Sequence[str | os.PathLike] = ()) -> Iterator[Path]:
+    """Yield a temporary folder that becomes `path` only if the block finishes without an exception.
+
+    `overwrite` replaces only an empty folder or one emserve could have written (`OWN_MARKERS`), never an input
+    of the job (`inputs`), a folder holding one or a folder inside one: a mistyped path loses nothing."""
     if is_remote(path):
         raise ValueError(f"output: {path} is remote; emserve writes stores to local paths only")
     final = Path(path)
-    if final.exists() and not overwrite:
-        raise FileExistsError(f"output: {final} already exists; choose another path or pass --overwrite")
+    check_apart(final, inputs)
+    if final.exists() or final.is_symlink():
+        if not overwrite:
+            raise FileExistsError(f"output: {final} already exists; choose another path or pass --overwrite")
+        check_replaceable(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.with_name(f".{final.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
@@ -75,6 +86,27 @@ def atomic_directory(path: str | os.PathLike, overwrite: bool = False) -> Iterat
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
+
+
+def check_replaceable(path: Path) -> None:
+    """Refuse to replace anything but an empty folder or a store / model folder (`OWN_MARKERS`)."""
+    if path.is_symlink() or not path.is_dir():
+        raise FileExistsError(f"output: {path} exists and is not a folder; --overwrite replaces only stores and "
+                              f"model folders")
+    if any(path.iterdir()) and not any((path / marker).is_file() for marker in OWN_MARKERS):
+        raise FileExistsError(f"output: {path} is neither a store nor a model folder (it has none of "
+                              f"{', '.join(OWN_MARKERS)}); --overwrite refuses to delete it")
+
+
+def check_apart(out: Path, inputs: Sequence[str | os.PathLike]) -> None:
+    """Refuse an output that is an input, lies inside one or holds one: replacing it would delete the input."""
+    target = out.resolve()
+    for given in inputs:
+        if is_remote(given):
+            continue
+        source = Path(given).resolve()
+        if target == source or source in target.parents or target in source.parents:
+            raise ValueError(f"output: {out} is the input {given}, inside it or around it; choose another path")
 
 
 def remove_directory(path: Path) -> None:
@@ -100,17 +132,19 @@ def write_store(
     attrs: Mapping[str, Any] | None = None,
     zarr_format: int = 2,
     overwrite: bool = False,
+    inputs: Sequence[str | os.PathLike] = (),
 ) -> Path:
     """Write an EM volume (uint8 z-y-x) and its labelled crops as `<path>` in the CellMap layout.
 
     The root carries provenance attributes (emserve version, creation time) unless `attrs` brings its own
-    `emserve` entry, e.g. from `provenance(seed=..., model_sha256=...)`.
+    `emserve` entry, e.g. from `provenance(seed=..., model_sha256=...)`. `inputs`: the files the store was made
+    from, which the output may not be, lie in or hold (see `atomic_directory`).
     """
     raw = _check_raw(raw)
     voxel_size, translation = _check_geometry(voxel_size, translation, levels)
     if zarr_format not in (2, 3):
         raise ValueError(f"zarr_format: {zarr_format} is not supported; expected 2 (as published) or 3")
-    with atomic_directory(path, overwrite) as tmp:
+    with atomic_directory(path, overwrite, inputs) as tmp:
         root = zarr.open_group(str(tmp), mode="w", zarr_format=zarr_format)
         root.attrs.update({**provenance(), **_json_safe(dict(attrs or {}))})
         em = root.require_group(EM_GROUP).create_group(EM_NAME)
