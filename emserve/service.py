@@ -12,8 +12,8 @@ Environment (read when the service module is imported, i.e. when the server star
 
     EMSERVE_MODELS          folder of exported models (default: models/ beside the emserve package, else ./models)
     EMSERVE_TRITON_URL      http://host:port or grpc://host:port: run the graphs on that Triton server instead
-    EMSERVE_API_KEY         when set, every request but health, metrics and schema needs `Authorization: Bearer
-                            <key>` or `X-API-Key: <key>`
+    EMSERVE_API_KEY         when set, every request but the probes and metrics needs `Authorization: Bearer <key>`
+                            or `X-API-Key: <key>`; set but empty, it stops the server
     EMSERVE_THREADS         requests computed at once per worker (default 2); EMSERVE_ORT_THREADS: intra-op
                             threads per ONNX Runtime session (default: one per core)
     EMSERVE_MEMORY_BUDGET   most memory one model call may take, e.g. 4GiB (the default): bigger batches are split
@@ -26,10 +26,9 @@ from __future__ import annotations
 import contextlib
 import hmac
 import json
-import math
 import os
 import sqlite3
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, fields
 from http import HTTPStatus
 from pathlib import Path
@@ -40,7 +39,11 @@ import numpy as np
 from _bentoml_impl import serde
 from bentoml.exceptions import BadInput, BentoMLException, InvalidArgument, NotFound
 from bentoml.validators import ContentType
-from starlette.datastructures import UploadFile
+from pydantic_core import from_json
+from python_multipart.multipart import parse_options_header
+from starlette.datastructures import FormData, UploadFile
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from emserve import __version__
@@ -85,6 +88,10 @@ SUFFIX = {"npz": ".npz", "zarr.zip": ".zarr.zip", "png": ".png"}
 SHOWN = 16  # samples or slices in a PNG preview
 BATCH_SIZE = 8  # samples per backend call; a request's samples do not depend on it
 FORM_OVERHEAD = 1 << 20  # bytes a multipart body may carry beyond its upload (other fields, part headers)
+FORM_PARTS = 32  # text fields, and files, in one form (an endpoint takes at most 11 fields and 1 file)
+FORM_TEXT = 4096  # characters of one text field: all 48 CellMap class names as a JSON list take 465. It also keeps
+#                   numbers below Python's 4300-digit int parsing limit, past which BentoML's json.loads would fail
+FILE_NAME = 255  # characters of an upload's file name (a file system's limit for one name)
 Result = Annotated[Path, ContentType("application/octet-stream")]
 TaskResult = Annotated[bytes, ContentType("application/octet-stream")]
 
@@ -137,9 +144,11 @@ def show(value: Any) -> str:
 
 
 def check_range(field: str, value: float, low: float, high: float, setting: str = "") -> None:
-    if not (math.isfinite(value) and low <= value <= high):
+    """Comparisons only: NaN compares false, and a client's int of hundreds of digits compares exactly, where
+    converting it to a float (math.isfinite) would raise OverflowError."""
+    if not low <= value <= high:
         where = f" (the upper bound is {setting})" if setting else ""
-        raise InvalidArgument(f"{field}: {show(value)} is not allowed; allowed: {low:g} to {high:g}{where}")
+        raise InvalidArgument(f"{field}: {show(value)} is not allowed; allowed: {low} to {high}{where}")
 
 
 def check_choice(field: str, value: str, allowed: Sequence[str]) -> None:
@@ -153,6 +162,17 @@ def check_classes(field: str, names: Sequence[str], card: ModelCard) -> tuple[st
             raise InvalidArgument(f"{field}: {show(name)} is not one of the model's classes; allowed: "
                                   f"{', '.join(card.classes)}")
     return tuple(names)
+
+
+def check_fields(given: Iterable[str], cls: Any) -> None:
+    """Refuse the fields an endpoint does not take: pydantic drops them, so a misspelt `sampels` would run with
+    the default samples, silently."""
+    unknown = [name for name in given if name not in cls.model_fields]
+    if unknown:
+        names = ", ".join(show(name) for name in unknown[:5])
+        if len(unknown) > 5:
+            names += f" and {len(unknown) - 5} more"
+        raise BadInput(f"{names}: not a field of this endpoint; allowed: {', '.join(cls.model_fields) or 'none'}")
 
 
 @contextlib.contextmanager
@@ -212,9 +232,10 @@ def describe(name: str, runtime: Runtime) -> dict[str, Any]:
 
 class Guard:
     """ASGI middleware: the optional API key and the body size limit, checked on the headers before BentoML
-    reads the body. Probes, metrics and the schema stay open so that orchestrators and scrapers need no key."""
+    reads the body. Probes and metrics stay open so that orchestrators and scrapers need no key; everything else,
+    the schema and the Swagger UI included, needs it (docs/SERVICE.md says why)."""
 
-    OPEN = ("/healthz", "/livez", "/readyz", "/metrics", "/docs.json")
+    OPEN = ("/healthz", "/livez", "/readyz", "/metrics")
 
     def __init__(self, app: Any, api_key: str | None, max_body: int) -> None:
         self.app, self.api_key, self.max_body = app, api_key, max_body
@@ -230,7 +251,8 @@ class Guard:
 
     def refusal(self, path: str, method: str, headers: dict[str, str]) -> tuple[int, str] | None:
         if self.api_key and path not in self.OPEN:
-            given = headers.get("x-api-key") or headers.get("authorization", "").removeprefix("Bearer ").strip()
+            scheme, _, token = headers.get("authorization", "").strip().partition(" ")
+            given = headers.get("x-api-key") or (token.strip() if scheme.lower() == "bearer" else "")  # any case
             if not hmac.compare_digest(given.encode(), self.api_key.encode()):
                 return 401, f"authorization: missing or wrong API key; send `Authorization: Bearer <key>` or " \
                             f"`X-API-Key: <key>` (the server's {API_KEY_ENV})"
@@ -245,26 +267,68 @@ class Guard:
 
 
 class FilesOnlyJSON(serde.JSONSerde):
-    """JSON bodies, except for endpoints that take files: BentoML would fetch a URL sent in a file's place."""
+    """JSON bodies of known fields, except for endpoints that take files: BentoML would fetch a URL sent in a
+    file's place."""
 
-    async def parse_request(self, request: Any, cls: Any) -> Any:
+    async def parse_request(self, request: Request, cls: Any) -> Any:
         if getattr(cls, "multipart_fields", None):
             raise BadInput(f"{', '.join(sorted(cls.multipart_fields))}: send the file as multipart/form-data; "
                            f"this service fetches no URL and reads no path a client names")
+        try:
+            body = from_json(await request.body() or b"{}")  # pydantic's parser: numbers as the parent reads them
+        except ValueError:
+            body = None  # not JSON: the parent's parse answers 400 saying why
+        if isinstance(body, dict):
+            check_fields(body, cls)
         return await super().parse_request(request, cls)
 
 
 class FilesOnlyMultipart(serde.MultipartSerde):
-    """Forms whose file fields hold files: BentoML would fetch a URL given as text in a file field."""
+    """Forms within FORM_PARTS and FORM_TEXT, of known fields given once, whose file fields hold files: BentoML
+    would fetch a URL given as text in a file field. A file's name is checked, then dropped: BentoML would make
+    it part of the name of the temporary file it stores the upload in."""
 
-    async def parse_request(self, request: Any, cls: Any) -> Any:
-        form = await request.form()  # starlette keeps the parsed form: the parent parses it once
-        for name in cls.multipart_fields:
-            for value in form.getlist(name):
-                if not isinstance(value, UploadFile):
-                    raise BadInput(f"{name}: got the text {show(value)}; upload a file (a form part with a file "
-                                   f"name): this service fetches no URL and reads no path a client names")
+    async def parse_request(self, request: Request, cls: Any) -> Any:
+        form = await self.form(request)  # starlette keeps the parsed form: the parent parses it once
+        check_fields(form.keys(), cls)
+        for name in form:
+            if len(form.getlist(name)) > 1:
+                raise BadInput(f"{name}: given {len(form.getlist(name))} times; give each field once")
+        for name, value in form.multi_items():
+            if name not in cls.multipart_fields:
+                if not isinstance(value, str) or len(value) > FORM_TEXT:
+                    what = "a file" if isinstance(value, UploadFile) else f"{len(value)} characters"
+                    raise BadInput(f"{name}: {what}; a text field of at most {FORM_TEXT} characters is allowed")
+            elif not isinstance(value, UploadFile):
+                raise BadInput(f"{name}: got the text {show(value)}; upload a file (a form part with a file "
+                               f"name): this service fetches no URL and reads no path a client names")
+            else:
+                check_file_name(name, value.filename)
+                value.filename = None
         return await super().parse_request(request, cls)
+
+    @staticmethod
+    async def form(request: Request) -> FormData:
+        """The form parsed within FORM_PARTS; a malformed one is the client's error (starlette raises an
+        HTTPException, which BentoML would answer with 500)."""
+        content_type = request.headers.get("content-type", "")
+        media_type, options = parse_options_header(content_type)
+        if media_type == b"multipart/form-data" and b"boundary" not in options:
+            raise BadInput(f"content-type: {show(content_type)} has no boundary; send multipart/form-data; "
+                           f"boundary=<the boundary the body uses> (HTTP clients add it when they encode a form)")
+        try:
+            return await request.form(max_files=FORM_PARTS, max_fields=FORM_PARTS)
+        except HTTPException as error:
+            raise BadInput(f"multipart body: {error.detail} At most {FORM_PARTS} text fields and {FORM_PARTS} "
+                           f"files are allowed, each part's headers (its file name) within 4 KiB") from None
+
+
+def check_file_name(field: str, name: str | None) -> None:
+    """A file name is never used (formats are told by their first bytes); one past FILE_NAME characters or
+    holding control characters (NUL, newline) is no file's name and is refused as the client's error."""
+    if name is not None and (len(name) > FILE_NAME or any(c < " " or c == "\x7f" for c in name)):
+        raise BadInput(f"{field}: the file name {show(name)} ({len(name)} characters) is not allowed; a file name "
+                       f"of at most {FILE_NAME} characters without control characters (or none)")
 
 
 serde.ALL_SERDE.update({"application/json": FilesOnlyJSON, "multipart/form-data": FilesOnlyMultipart,
@@ -382,6 +446,8 @@ class EMServe:
             raise InvalidArgument(f"image: shape {raw.shape}; give an image [Y, X] or a volume [Z, Y, X]")
         if tile is not None:
             check_range("tile", tile, 1, self.limits.tile, "EMSERVE_MAX_TILE")
+        if overlap is not None:  # a loose bound here: tiling's exact one (below the tile) echoes the value whole
+            check_range("overlap", overlap, 0, self.limits.tile, "EMSERVE_MAX_TILE")
         with client_errors():
             tile, overlap = tiling(card, tile, overlap)
             check_threshold(threshold)
@@ -537,5 +603,17 @@ def segmentation_picture(card: ModelCard, raw: np.ndarray, masks: np.ndarray) ->
     return grid(tiles, min(4, len(tiles)))
 
 
-EMServe.add_asgi_middleware(Guard, api_key=os.environ.get(API_KEY_ENV) or None,
-                            max_body=LIMITS.upload_bytes + FORM_OVERHEAD)
+def api_key() -> str | None:
+    """EMSERVE_API_KEY, or None when it is unset. Set but empty or blank, it stops the server rather than turning
+    authentication off; surrounding whitespace too, since HTTP strips it from the header that would carry it."""
+    key = os.environ.get(API_KEY_ENV)
+    if key is not None and not key.strip():
+        raise ValueError(f"{API_KEY_ENV}: set but empty; set a key, or unset the variable to serve without "
+                         f"authentication")
+    if key is not None and key != key.strip():
+        raise ValueError(f"{API_KEY_ENV}: the key begins or ends with whitespace, which no HTTP header carries; "
+                         f"remove it")
+    return key
+
+
+EMServe.add_asgi_middleware(Guard, api_key=api_key(), max_body=LIMITS.upload_bytes + FORM_OVERHEAD)

@@ -395,6 +395,95 @@ def test_files_the_service_does_not_read_and_what_it_never_fetches(client):
     assert post(client, "generate_from_labels", ("labels", npy(ids)), classes=["../etc/passwd"]).status_code == 400
 
 
+def test_unknown_fields_are_refused_on_every_endpoint_naming_them_and_the_allowed_ones(client):
+    labels, image = ("labels", npy(ids_maps(1))), ("image", npy(np.zeros((16, 16), np.uint8)))
+    urlencoded = {"content-type": "application/x-www-form-urlencoded"}
+    cases = [
+        (post(client, "generate_pairs", sampels=4), "'sampels': not a field of this endpoint; allowed: samples, seed, "
+                                                    "sampler, steps, spacing, guidance, rescale, present, absent"),
+        (post(client, "generate_pairs_task", sampels=4), "'sampels': not a field of this endpoint; allowed: samples"),
+        (post(client, "models", verbose=True), "'verbose': not a field of this endpoint; allowed: none"),
+        (post(client, "segment", image, tiel=16), "'tiel': not a field of this endpoint; allowed: image, axis, tile"),
+        (post(client, "generate_from_labels", labels, clases=CLASSES), "'clases': not a field of this endpoint; "
+                                                                       "allowed: labels, classes, seed"),
+        (client.post("/segment", content=b"tile=16&x=1", headers=urlencoded), "'x': not a field of this endpoint"),
+        (post(client, "generate_pairs", **{f"x{i}": 1 for i in range(9)}), "'x0', 'x1', 'x2', 'x3', 'x4' and 4 more: "
+                                                                           "not a field of this endpoint"),
+    ]
+    for response, message in cases:
+        assert response.status_code == 400 and message in error(response), (message, response.text)
+    task = client.post("/generate_pairs_task/submit", json={"sampels": 4}).json()["task_id"]  # checked as it runs
+    assert wait_task(client, task) == "failed"
+    refused = client.get("/generate_pairs_task/get", params={"task_id": task})
+    assert refused.status_code == 400 and "'sampels': not a field of this endpoint" in error(refused)
+
+
+DIGITS = "9" * 1000  # an int no float can hold: math.isfinite on it raised OverflowError (a 500)
+HUGE_NUMBERS = [  # (endpoint, {field: JSON text}, what the message says)
+    ("generate_pairs", {"seed": DIGITS}, "seed: 999", "allowed: 0 to 9223372036854775807"),
+    ("generate_pairs", {"samples": "-" + DIGITS}, "samples: -999", "allowed: 1 to 8 (the upper bound is EMSERVE_MAX"),
+    ("generate_pairs", {"steps": DIGITS}, "steps: 999", "allowed: 1 to 50"),
+    ("generate_pairs", {"despeckle": DIGITS}, "despeckle: 999", "allowed: 0 to 256"),
+    ("generate_pairs", {"guidance": "1e400"}, "guidance: inf is not allowed", "allowed: 0 to 20"),
+    ("generate_pairs", {"guidance": "-Infinity"}, "guidance: -inf is not allowed", "allowed: 0 to 20"),
+    ("generate_pairs", {"rescale": "NaN"}, "rescale: nan is not allowed", "allowed: 0 to 1"),
+    ("generate_pairs_task", {"samples": DIGITS}, "samples: 999", "EMSERVE_MAX_TASK_SAMPLES"),
+    ("segment", {"tile": DIGITS}, "tile: 999", "allowed: 1 to 1024"),
+    ("segment", {"overlap": "-" + DIGITS}, "overlap: -999", "allowed: 0 to 1024"),
+    ("segment", {"threshold": "1e400"}, "threshold: inf", "must be in (0, 1)"),
+    ("segment", {"threshold": "NaN"}, "threshold: nan", "must be in (0, 1)"),
+    ("generate_from_labels", {"seed": "9" * 4000}, "seed: 999", "allowed: 0 to 9223372036854775807"),
+    ("generate_from_labels", {"steps": "-" + DIGITS}, "steps: -999", "allowed: 1 to 50"),
+    ("generate_from_labels", {"guidance": "Infinity"}, "guidance: inf", "allowed: 0 to 20"),
+]
+
+
+@pytest.mark.parametrize(("endpoint", "fields", "value", "allowed"), HUGE_NUMBERS,
+                         ids=[f"{e}-{next(iter(f))}-{v[-6:]}" for e, f, v, _ in HUGE_NUMBERS])
+def test_numbers_past_any_range_are_refused_naming_field_value_and_allowed(client, endpoint, fields, value, allowed):
+    """Sent as JSON text (Python's json cannot write 1e400, NaN is not JSON): a JSON body, or form fields."""
+    if endpoint == "segment":
+        response = client.post("/segment", files={"image": ("x.npy", npy(np.zeros((16, 16), np.uint8)))}, data=fields)
+    elif endpoint == "generate_from_labels":
+        response = client.post(f"/{endpoint}", files={"labels": ("x.npy", npy(ids_maps(1)))}, data=fields)
+    else:
+        body = "{" + ", ".join(f'"{name}": {text}' for name, text in fields.items()) + "}"
+        response = client.post(f"/{endpoint}", content=body, headers={"content-type": "application/json"})
+    assert response.status_code == 400, response.text
+    message = error(response)
+    assert message.startswith(value) and allowed in message and len(message) < 300, message  # the value cut short
+
+
+def test_malformed_forms_and_odd_file_names_are_4xx_and_file_names_never_used(client):
+    image = npy(np.zeros((16, 16), np.uint8))
+    upload = {"image": ("x.npy", image)}
+    nul_name = (b'--b0undary\r\nContent-Disposition: form-data; name="image"; filename="a\x00b.npy"\r\n'
+                b"Content-Type: application/octet-stream\r\n\r\n" + image + b"\r\n--b0undary--\r\n")
+    cases = [
+        (client.post("/segment", content=b"--x\r\n", headers={"content-type": "multipart/form-data"}),
+         "content-type: 'multipart/form-data' has no boundary; send multipart/form-data; boundary="),
+        (client.post("/segment", files=upload, data={f"f{i}": "1" for i in range(33)}),
+         "multipart body: Too many fields. Maximum number of fields is 32. At most 32 text fields and 32 files"),
+        (client.post("/segment", files=[("image", ("x.npy", image))] * 33), "multipart body: Too many files."),
+        (client.post("/segment", files=upload, data={"axis": "z" * 100_000}),
+         "axis: 100000 characters; a text field of at most 4096 characters is allowed"),
+        (client.post("/generate_from_labels", files={"labels": ("x.npy", npy(ids_maps(1)))}, data={"seed": "9" * 5000}),
+         "seed: 5000 characters; a text field of at most 4096"),
+        (client.post("/segment", files={**upload, "tile": ("tile.json", b"16")}), "tile: a file; a text field"),
+        (client.post("/segment", files=upload, data={"tile": ["16", "32"]}), "tile: given 2 times; give each field"),
+        (client.post("/segment", files={"image": ("x" * 10_000, image)}), "multipart body: Invalid multipart data."),
+        (client.post("/segment", files={"image": ("x" * 300 + ".npy", image)}), "image: the file name 'xxxxx"),
+        (client.post("/segment", content=nul_name, headers={"content-type": "multipart/form-data; boundary=b0undary"}),
+         "image: the file name 'a\\x00b.npy' (7 characters) is not allowed; a file name of at most 255 characters "
+         "without control characters"),
+    ]
+    for response, message in cases:
+        assert response.status_code == 400 and message in error(response), (message, response.text)
+    for name in ("../../etc/passwd", "C:\\Users\\me\\em.npy", "/dev/zero", "Präparat 1.npy"):
+        assert unpack(client.post("/segment", files={"image": (name, image)}))["masks"].shape == (2, 16, 16)
+    assert post(client, "generate_pairs", samples=1, steps=2).status_code == 200  # still serving
+
+
 def test_zip_uploads_are_checked_before_they_are_unpacked(client, tmp_path):
     bomb = io.BytesIO()
     with zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as archive:
@@ -538,6 +627,14 @@ def test_api_key_and_a_mode_without_a_model(models, tmp_path):
         assert session.get("/readyz").status_code == 200 and session.get("/metrics").status_code == 200
         key = {"X-API-Key": "s3cret"}
         assert session.post("/generate_pairs", json={"samples": 1, "steps": 2}, headers=key).status_code == 200
+        for scheme in ("bearer", "BEARER", "Bearer "):  # the scheme is case-insensitive
+            assert session.post("/models", json={}, headers={"Authorization": f"{scheme} s3cret"}).status_code == 200
+        for authorization in ("s3cret", "Basic s3cret", "Bearer", ""):
+            assert session.post("/models", json={}, headers={"Authorization": authorization}).status_code == 401
+        for route in ("/docs.json", "/", "/generate_pairs_task/status?task_id=x"):  # all but the probes
+            assert session.get(route).status_code == 401, route
+        assert session.get("/docs.json", headers=key).json()["info"]["title"] == "emserve"
+        assert all(session.get(probe).status_code == 200 for probe in ("/healthz", "/livez"))
         missing = session.post("/segment", files={"image": ("x.npy", npy(np.zeros((16, 16), np.uint8)))},
                                headers={"Authorization": "Bearer s3cret"})
         assert missing.status_code == 404
@@ -583,6 +680,13 @@ def test_a_memory_budget_that_is_not_a_size_stops_the_server_saying_so(models, t
     with pytest.raises(RuntimeError, match=r"EMSERVE_MEMORY_BUDGET: 'lots' is not a size"), \
             serve(models, tmp_path, {"EMSERVE_MEMORY_BUDGET": "lots"}):
         pass
+
+
+def test_an_empty_api_key_stops_the_server_instead_of_turning_authentication_off(models, tmp_path):
+    for key, message in [("", "set but empty"), (" \t", "set but empty"), (" s3cret", "the key begins or ends")]:
+        with pytest.raises(RuntimeError, match=f"EMSERVE_API_KEY: {message}"), \
+                serve(models, tmp_path, {"EMSERVE_API_KEY": key}):
+            pass
 
 
 def test_a_triton_url_that_does_not_answer_stops_the_server_saying_where(models):
