@@ -21,7 +21,7 @@ from emserve.classes import ABSENT, PRESENT, UNKNOWN, check_class_names, masks_f
 from emserve.data.ngff import multiscales_attrs, pyramid_levels
 from emserve.data.patches import PatchSampler, label_channels, load_crops
 from emserve.data.store import EM_GROUP, EMStore
-from emserve.data.writer import EM_NAME, CropToWrite, add_crop, atomic_directory, provenance
+from emserve.data.writer import EM_NAME, CropToWrite, add_crop, atomic_directory, fsync_tree, provenance
 from emserve.diffusion import (
     DEFAULT_SAMPLER,
     DEFAULT_SPACING,
@@ -272,6 +272,10 @@ class GeneratedStore:
         """Write one batch: EM slices, then its crop (label codes [B,K,H,W] from `label_codes`) atomically."""
         if raw is not None:
             self.root[f"{EM_GROUP}/{EM_NAME}/s0"][batch.start: batch.start + len(raw)] = raw_to_uint8(raw)
+            for i in range(batch.start, batch.start + len(raw)):  # on disk before the crop marks the batch done
+                chunk = self.path / EM_GROUP / EM_NAME / "s0" / f"{i}.0.0"  # one sample per chunk (see _create)
+                if chunk.exists():  # an all-zero sample equals the fill value and has no file
+                    fsync_tree(chunk)
         labels = {name: codes[:, k] for k, name in enumerate(self.card.label_classes)}
         attrs = {"seeds": batch.seeds, "samples": [batch.start, batch.start + len(batch.seeds)]}
         add_crop(self.path, CropToWrite(f"crop{batch.index + 1}", (batch.start, 0, 0), labels, attrs=attrs),

@@ -73,12 +73,20 @@ def test_resume_refuses_a_different_model(toy_store, tmp_path):
         train_ddpm(config(toy_store, tmp_path / "run", steps=4, width=8), resume=True)
 
 
-def test_corrupt_checkpoint_is_refused_with_the_file_named(toy_store, tmp_path):
-    last = train_ddpm(config(toy_store, tmp_path / "run", steps=2, checkpoint_every=2))
+def test_resume_passes_over_a_corrupt_checkpoint_naming_it_and_continues_the_same_curve(toy_store, tmp_path,
+                                                                                         capfd):
+    train_ddpm(config(toy_store, tmp_path / "straight", steps=6, checkpoint_every=2))
+    last = train_ddpm(config(toy_store, tmp_path / "run", steps=4, checkpoint_every=2))
     weights = last / ckpt.MODEL_FILE
     weights.write_bytes(weights.read_bytes()[:-100])
-    with pytest.raises(ValueError, match=r"model.safetensors is missing or corrupt"):
-        train_ddpm(config(toy_store, tmp_path / "run", steps=4), resume=True)
+    capfd.readouterr()
+    train_ddpm(config(toy_store, tmp_path / "run", steps=6, checkpoint_every=2), resume=True)
+    assert f"checkpoint: {weights} is missing or corrupt" in capfd.readouterr().err
+    assert losses(tmp_path / "run") == losses(tmp_path / "straight")
+    for path in ckpt.checkpoints(tmp_path / "run"):
+        (path / ckpt.EMA_FILE).write_bytes(b"")
+    with pytest.raises(ValueError, match=r"checkpoint: none of step-00000004, step-00000006 in .* verifies"):
+        train_ddpm(config(toy_store, tmp_path / "run", steps=8, checkpoint_every=2), resume=True)
 
 
 def test_sigkill_loses_at_most_one_checkpoint_interval(toy_store, tmp_path):

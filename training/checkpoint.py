@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -65,18 +66,41 @@ def checkpoints(run_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(STEP_DIR.match(p.name).group(1)))
 
 
+def verify(path: Path) -> ModelCard:
+    """The card of a checkpoint whose every file matches the sha256 its card lists; ValueError naming the first
+    one that does not."""
+    try:
+        card = ModelCard.load(path)
+    except (OSError, ValueError) as error:
+        raise ValueError(f"checkpoint: {path}/card.json cannot be read: {error}") from None
+    for name, expected in card.weights.items():
+        file = path / name
+        if not file.exists() or sha256_file(file) != expected:
+            raise ValueError(f"checkpoint: {file} is missing or corrupt (sha256 differs from {path}/card.json); "
+                             f"resume from an earlier checkpoint or retrain")
+    return card
+
+
+def newest_verified(found: list[Path]) -> Path:
+    """The newest of `found` (oldest first) that verifies, saying on stderr which newer ones were passed over
+    (a kill cannot leave a partial checkpoint, but a failing disk or a copy can)."""
+    for path in reversed(found):
+        try:
+            verify(path)
+            return path
+        except ValueError as error:
+            print(f"{error}; falling back to the checkpoint before it", file=sys.stderr, flush=True)
+    raise ValueError(f"checkpoint: none of {', '.join(p.name for p in found)} in {found[0].parent} verifies; "
+                     f"retrain or restore one")
+
+
 def load_checkpoint(path: Path) -> tuple[ModelCard, dict[str, torch.Tensor], dict[str, torch.Tensor],
                                          dict[str, Any], TrainingState]:
     """Card, model weights, EMA weights, optimizer state dict and training state of a checkpoint folder.
 
     Every file is checked against the card's sha256 first; a mismatch or unreadable file raises ValueError.
     """
-    card = ModelCard.load(path)
-    for name, expected in card.weights.items():
-        file = path / name
-        if not file.exists() or sha256_file(file) != expected:
-            raise ValueError(f"checkpoint: {file} is missing or corrupt (sha256 differs from {path}/card.json); "
-                             f"resume from an earlier checkpoint or retrain")
+    card = verify(path)
     try:
         model = load_file(str(path / MODEL_FILE))
         ema = load_file(str(path / EMA_FILE))

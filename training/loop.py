@@ -107,6 +107,7 @@ class Run:
         self.step, self.losses = 0, []
         found = ckpt.checkpoints(self.dir)
         if resume and found:
+            found = found[: found.index(ckpt.newest_verified(found)) + 1]
             self._resume(found[-1])
         elif found:
             raise FileExistsError(f"out: {self.dir} already holds checkpoints; pass --resume to continue or choose "

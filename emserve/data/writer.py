@@ -75,6 +75,7 @@ def atomic_directory(path: str | os.PathLike, overwrite: bool = False,
     tmp = final.with_name(f".{final.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
         yield tmp
+        fsync_tree(tmp)  # on disk before it has its name: a power cut never leaves a named but empty file
         if not final.exists():
             tmp.rename(final)
         elif overwrite:  # move the old one aside first: a rename cannot replace a non-empty folder
@@ -83,9 +84,30 @@ def atomic_directory(path: str | os.PathLike, overwrite: bool = False,
             shutil.rmtree(trash)
         else:
             raise FileExistsError(f"output: {final} appeared while writing; choose another path or pass --overwrite")
+        fsync_tree(final.parent, recursive=False)  # the rename itself
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
+
+
+def fsync_tree(path: Path, recursive: bool = True) -> None:
+    """Flush a file, or a folder's entries (and with `recursive` everything below it), to disk.
+
+    A rename is what marks a store, crop or checkpoint done; without this, after a power cut the name could
+    survive while the data written before it did not."""
+    if path.is_dir():
+        if recursive:
+            for child in path.iterdir():
+                if not child.is_symlink():
+                    fsync_tree(child)
+        flags = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0)
+    else:
+        flags = os.O_RDONLY
+    descriptor = os.open(path, flags)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 def check_replaceable(path: Path) -> None:
@@ -185,7 +207,9 @@ def add_crop(
     try:
         parent = zarr.open_group(str(staging), mode="w", zarr_format=zarr_format)
         _write_crop(parent, crop, voxel_size, translation, levels, zarr_format)
+        fsync_tree(staging / crop.name)
         (staging / crop.name).rename(final)
+        fsync_tree(final.parent, recursive=False)
     finally:
         shutil.rmtree(staging.parent, ignore_errors=True)
 
