@@ -18,6 +18,7 @@ import zarr
 
 from emserve.card import RAW, ModelCard
 from emserve.classes import ABSENT, PRESENT, UNKNOWN, check_class_names, masks_from_ids
+from emserve.data.lock import store_lock
 from emserve.data.ngff import multiscales_attrs, pyramid_levels
 from emserve.data.patches import PatchSampler, label_channels, load_crops
 from emserve.data.store import EM_GROUP, EMStore
@@ -296,13 +297,14 @@ def generate_store(card: ModelCard, denoise: Denoise, request: GenerationRequest
     store = GeneratedStore(out, card, request, resume=resume, precision=precision)
     raws: list[np.ndarray | None] = []
     masks: list[np.ndarray] = []
-    for batch in generate(card, denoise, request, labels, skip=store.done(), progress=progress):
-        raw, labelled = split_channels(card, batch, request)
-        store.write(batch, raw, label_codes(card, labelled, screening))
-        room = shown - len(masks)
-        raws += list(raw[:room]) if raw is not None else [None] * min(room, len(labelled))
-        masks += [m > 0 for m in labelled[:room]]
-    store.finish()
+    with store_lock(Path(out)):  # a second `--resume` of the same store is refused, not interleaved
+        for batch in generate(card, denoise, request, labels, skip=store.done(), progress=progress):
+            raw, labelled = split_channels(card, batch, request)
+            store.write(batch, raw, label_codes(card, labelled, screening))
+            room = shown - len(masks)
+            raws += list(raw[:room]) if raw is not None else [None] * min(room, len(labelled))
+            masks += [m > 0 for m in labelled[:room]]
+        store.finish()
     picture = Path(out).with_suffix(".png")
     return preview(card, raws, masks, picture) if masks else picture  # resumed a finished store: keep its grid
 

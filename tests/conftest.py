@@ -1,5 +1,9 @@
 """Shared fixtures: small stores written by our own writer, so tests need no downloads."""
 
+import socket
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -40,3 +44,11 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def dead_writer():
+    """The writer tag (host~pid) of a process of this host that has exited, as a killed writer leaves it."""
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                          check=True)
+    return f"{socket.gethostname()}~{done.stdout.strip()}"

@@ -1,6 +1,7 @@
 """Generation: per-sample seeds, conditions checked against the card, streaming store with resume, CLI."""
 
 import dataclasses
+import re
 import subprocess
 import sys
 
@@ -10,6 +11,7 @@ import zarr
 
 from emserve.card import ModelCard
 from emserve.classes import PRESENT, UNKNOWN
+from emserve.data.lock import LOCK_NAME, store_lock, writer_tag
 from emserve.data.store import EMStore
 from emserve.diffusion import DEFAULT_LABEL_GUIDANCE
 from emserve.pipelines import (
@@ -18,6 +20,7 @@ from emserve.pipelines import (
     GenerationRequest,
     check_request,
     generate,
+    generate_store,
     label_codes,
     sample_seed,
     split_channels,
@@ -102,6 +105,22 @@ def test_interrupted_generation_resumes_without_redoing_batches(checkpoints, tmp
     assert crop.raw.shape == (1, 16, 16) and crop.labels.shape == (2, 1, 16, 16)
     attrs = cut.crop_group("crop3").attrs.asdict()
     assert attrs["seeds"] == [sample_seed(3, 6)] and attrs["samples"] == [6, 7]
+
+
+def test_one_writer_per_store_and_a_dead_writers_lock_is_taken_over(checkpoints, tmp_path, dead_writer):
+    denoise = load_runtime(checkpoints["pairs"], "torch", device="cpu")
+    request = GenerationRequest(samples=4, seed=3, steps=2, batch_size=2)
+    out = tmp_path / "gen.zarr"
+    generate_store(denoise.card, denoise, request, out)
+    with store_lock(out), pytest.raises(FileExistsError, match=rf"out: {out} is being written by "
+                                                               rf"{re.escape(writer_tag())} \(host~pid\)"):
+        generate_store(denoise.card, denoise, request, out, resume=True)
+    (out / LOCK_NAME).write_text("elsewhere~12")  # another host's: cannot be judged from here
+    with pytest.raises(FileExistsError, match=rf"remove {out / LOCK_NAME} if that process is gone"):
+        generate_store(denoise.card, denoise, request, out, resume=True)
+    (out / LOCK_NAME).write_text(dead_writer)
+    generate_store(denoise.card, denoise, request, out, resume=True)
+    assert EMStore(out).crops == ("crop1", "crop2") and not (out / LOCK_NAME).exists()
 
 
 def test_a_store_from_before_a_request_field_existed_resumes_only_as_what_it_was(checkpoints, tmp_path):

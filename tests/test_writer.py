@@ -9,6 +9,7 @@ import pytest
 
 from emserve import __version__
 from emserve.classes import ABSENT, PRESENT, UNKNOWN
+from emserve.data.lock import writer_tag
 from emserve.data.store import EMStore
 from emserve.data.writer import CropToWrite, add_crop, atomic_directory, provenance, write_store
 
@@ -165,6 +166,19 @@ def test_an_output_that_is_inside_or_holds_an_input_is_refused_and_the_input_kep
     with pytest.raises(ValueError, match=f"output: .* is the input {source}, inside it or around it"):
         write_store(tmp_path / out, raw_volume(), VOXEL, overwrite=True, inputs=[source])
     np.testing.assert_array_equal(first_level(source), raw_volume())
+
+
+def test_the_next_writer_clears_what_killed_writers_left_and_only_that(tmp_path, dead_writer):
+    store = write_store(tmp_path / "gen.zarr", raw_volume(), VOXEL)
+    killed = [tmp_path / f".gen.zarr.tmp-{dead_writer}-1a2b3c4d", tmp_path / f".gen.zarr.old-{dead_writer}-5e6f7a8b",
+              store / ".staging" / f"{dead_writer}-9c0d1e2f"]
+    running = [tmp_path / f".gen.zarr.tmp-{writer_tag()}-1a2b3c4d", store / ".staging" / f"{writer_tag()}-00000000"]
+    for folder in killed + running:
+        folder.mkdir(parents=True)
+    add_crop(store, crop(), VOXEL)
+    write_store(store, raw_volume(), VOXEL, overwrite=True)
+    assert [p.exists() for p in killed + running] == [False] * 3 + [True, False]  # the store was replaced whole
+    assert siblings(store) == sorted(["gen.zarr", running[0].name])
 
 
 def test_atomic_directory_refuses_remote_paths(tmp_path):

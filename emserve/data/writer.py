@@ -9,6 +9,7 @@ it. The root carries provenance (`emserve`: version, creation time, and whatever
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import shutil
@@ -24,6 +25,7 @@ import numpy as np
 import zarr
 
 from emserve.classes import ABSENT, ENCODING, PRESENT, UNKNOWN, check_class_names
+from emserve.data.lock import clear_leftovers, temporary_name
 from emserve.data.ngff import multiscales_attrs, pyramid_factors, pyramid_levels
 from emserve.data.store import EM_GROUP, GROUNDTRUTH_GROUP, is_remote
 
@@ -72,7 +74,9 @@ def atomic_directory(path: str | os.PathLike, overwrite: bool = False,
             raise FileExistsError(f"output: {final} already exists; choose another path or pass --overwrite")
         check_replaceable(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f".{final.name}.tmp-{uuid.uuid4().hex[:8]}")
+    for kind in (".tmp-", ".old-"):  # what killed writers of this path left
+        clear_leftovers(final.parent, f".{final.name}{kind}")
+    tmp = final.with_name(temporary_name(f".{final.name}.tmp-", uuid.uuid4().hex[:8]))
     try:
         yield tmp
         fsync_tree(tmp)  # on disk before it has its name: a power cut never leaves a named but empty file
@@ -138,7 +142,7 @@ def remove_directory(path: Path) -> None:
 
 
 def _aside(path: Path) -> Path:
-    trash = path.with_name(f".{path.name}.old-{uuid.uuid4().hex[:8]}")
+    trash = path.with_name(temporary_name(f".{path.name}.old-", uuid.uuid4().hex[:8]))
     path.rename(trash)
     return trash
 
@@ -188,8 +192,8 @@ def add_crop(
 ) -> None:
     """Add one crop to an existing local store atomically: staged inside the store, then renamed into place.
 
-    Staging inside the store keeps the final rename on one file system; a crash leaves only `.staging/`, which
-    no reader looks at, and the next `add_crop` clears it.
+    Staging inside the store keeps the final rename on one file system; a crash leaves only a folder in
+    `.staging/`, which no reader looks at, and the next `add_crop` clears it.
     """
     voxel_size, translation = _check_geometry(voxel_size, translation, levels)
     if is_remote(path) or not Path(path).is_dir():
@@ -203,7 +207,8 @@ def add_crop(
     final = Path(path) / GROUNDTRUTH_GROUP / crop.name
     if final.exists():
         raise FileExistsError(f"crop: {final} already exists")
-    staging = Path(path) / ".staging" / uuid.uuid4().hex[:8]
+    clear_leftovers(Path(path) / ".staging", "")
+    staging = Path(path) / ".staging" / temporary_name("", uuid.uuid4().hex[:8])
     try:
         parent = zarr.open_group(str(staging), mode="w", zarr_format=zarr_format)
         _write_crop(parent, crop, voxel_size, translation, levels, zarr_format)
@@ -211,7 +216,9 @@ def add_crop(
         (staging / crop.name).rename(final)
         fsync_tree(final.parent, recursive=False)
     finally:
-        shutil.rmtree(staging.parent, ignore_errors=True)
+        shutil.rmtree(staging, ignore_errors=True)
+        with contextlib.suppress(OSError):  # left while another writer stages there
+            staging.parent.rmdir()
 
 
 def create_class_arrays(root: zarr.Group, group: str, classes: Sequence[str], shape: Sequence[int],
