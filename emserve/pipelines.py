@@ -9,7 +9,7 @@ memory stays bounded and an interrupted run resumes where it stopped.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -171,10 +171,14 @@ def check_request(card: ModelCard, request: GenerationRequest) -> None:
 
 
 def generate(card: ModelCard, denoise: Denoise, request: GenerationRequest, labels: LabelSource | None = None,
-             skip: set[int] = frozenset(), progress: Callable[[int, int], None] | None = None
-             ) -> Iterator[GeneratedBatch]:
-    """Sample the request batch by batch (batches in `skip` are not computed)."""
+             skip: set[int] = frozenset(), progress: Callable[[int, int], None] | None = None,
+             tick: Callable[[], None] | None = None) -> Iterator[GeneratedBatch]:
+    """Sample the request batch by batch (batches in `skip` are not computed). `tick` is called before every
+    denoiser call, i.e. at each sampler step: raising there stops the request (a service's deadline), where
+    `progress` is only called between batches."""
     check_request(card, request)
+    if tick is not None:
+        denoise = ticking(denoise, tick)
     schedule = make_schedule(card.schedule, card.timesteps)
     shape = (len(card.channels), card.patch_size, card.patch_size)
     starts = range(0, request.samples, request.batch_size)
@@ -191,6 +195,15 @@ def generate(card: ModelCard, denoise: Denoise, request: GenerationRequest, labe
         yield GeneratedBatch(index, start, seeds, samples, label_map)
         if progress is not None:
             progress(stop, request.samples)
+
+
+def ticking(denoise: Denoise, tick: Callable[[], None]) -> Denoise:
+    """`denoise`, calling `tick` first."""
+    def call(x: np.ndarray, t: np.ndarray, cond: Mapping[str, np.ndarray]) -> np.ndarray:
+        tick()
+        return denoise(x, t, cond)
+
+    return call
 
 
 def split_channels(card: ModelCard, batch: GeneratedBatch, request: GenerationRequest,

@@ -11,6 +11,7 @@ Raw EM goes in as uint8 (0..255, as the CellMap `fibsem-uint8` arrays) or as flo
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from emserve.data.writer import INFERENCE_GROUP, atomic_directory, create_class_
 from emserve.runtime.base import Runtime
 
 OUT_CHUNK = 256  # in-plane chunk size of prediction stores
+Tick = Callable[[], None]  # called before each network call; it raises to stop the work
 MIN_WEIGHT = 1e-3  # the window's floor, so voxels seen only by tile borders (image corners) still get a value
 
 
@@ -52,6 +54,17 @@ def blend_window(tile: int) -> np.ndarray:
 def tile_starts(size: int, tile: int, stride: int) -> list[int]:
     """Tile origins along one axis: every `stride`, the last flush with the end (size >= tile)."""
     return sorted({*range(0, size - tile, stride), size - tile})
+
+
+def tile_count(shape: Sequence[int], tile: int, overlap: int, axis: str = "z") -> int:
+    """The tiles segment_array runs through the network for an image [Y, X] or a volume [Z, Y, X] (slice by slice
+    along `axis`), from the shape alone: a service refuses too much work before doing any of it. Counted as
+    tile_starts places them (an axis shorter than the tile is padded to one tile), by arithmetic, since a long
+    axis at stride 1 would make a list of millions of starts."""
+    sides = list(shape)
+    slices = sides.pop(check_axis(axis)) if len(sides) == 3 else 1
+    stride = tile - overlap
+    return slices * math.prod(1 + max(0, -(-(size - tile) // stride)) for size in sides)
 
 
 def tiling(card: ModelCard, tile: int | None, overlap: int | None) -> tuple[int, int]:
@@ -94,8 +107,9 @@ def masks_from_probabilities(card: ModelCard, probs: np.ndarray, threshold: floa
 
 
 def segment_image(runtime: Runtime, image: np.ndarray, tile: int | None = None, overlap: int | None = None,
-                  batch_size: int = 8) -> np.ndarray:
-    """Class probabilities [K, Y, X] of one 2D image (uint8, or float in [-1, 1]) of any size."""
+                  batch_size: int = 8, tick: Tick | None = None) -> np.ndarray:
+    """Class probabilities [K, Y, X] of one 2D image (uint8, or float in [-1, 1]) of any size. `tick` is called
+    before each batch of tiles goes through the network: raising there stops the work (a service's deadline)."""
     card = runtime.card
     tile, overlap = tiling(card, tile, overlap)
     if batch_size < 1:
@@ -112,6 +126,8 @@ def segment_image(runtime: Runtime, image: np.ndarray, tile: int | None = None, 
     corners = [(a, b) for a in tile_starts(padded.shape[0], tile, tile - overlap)
                for b in tile_starts(padded.shape[1], tile, tile - overlap)]
     for i in range(0, len(corners), batch_size):
+        if tick is not None:
+            tick()
         chunk = corners[i:i + batch_size]
         x = np.stack([padded[a:a + tile, b:b + tile] for a, b in chunk])[:, None]
         probs = probabilities(card, runtime.segment(x))
@@ -123,7 +139,8 @@ def segment_image(runtime: Runtime, image: np.ndarray, tile: int | None = None, 
 
 def segment_slices(runtime: Runtime, volume: Any, axis: str = "z", tile: int | None = None,
                    overlap: int | None = None, batch_size: int = 8,
-                   normalize: Callable[[np.ndarray], np.ndarray] = raw_to_network) -> Iterator[tuple[int, np.ndarray]]:
+                   normalize: Callable[[np.ndarray], np.ndarray] = raw_to_network,
+                   tick: Tick | None = None) -> Iterator[tuple[int, np.ndarray]]:
     """(slice index, probabilities [K, a, b]) for each slice of a 3D volume along `axis`, one at a time.
 
     `volume` is anything that reads a numpy block when sliced (numpy, zarr), so only one slice is in memory;
@@ -135,20 +152,21 @@ def segment_slices(runtime: Runtime, volume: Any, axis: str = "z", tile: int | N
     for index in range(volume.shape[along]):
         key: list[Any] = [slice(None)] * 3
         key[along] = index
-        yield index, segment_image(runtime, normalize(np.asarray(volume[tuple(key)])), tile, overlap, batch_size)
+        yield index, segment_image(runtime, normalize(np.asarray(volume[tuple(key)])), tile, overlap, batch_size,
+                                   tick)
 
 
 def segment_array(runtime: Runtime, raw: np.ndarray, *, axis: str = "z", tile: int | None = None,
-                  overlap: int | None = None, batch_size: int = 8) -> np.ndarray:
+                  overlap: int | None = None, batch_size: int = 8, tick: Tick | None = None) -> np.ndarray:
     """Class probabilities [K, *raw.shape] float32 of an image [Y, X] or a volume [Z, Y, X] held in memory."""
     raw = np.asarray(raw)
     if raw.ndim == 2:
-        return segment_image(runtime, raw, tile, overlap, batch_size)
+        return segment_image(runtime, raw, tile, overlap, batch_size, tick)
     if raw.ndim != 3:
         raise ValueError(f"raw: shape {raw.shape}; give an image [Y, X] or a volume [Z, Y, X]")
     along = check_axis(axis)
     out = np.empty((len(runtime.card.classes), *raw.shape), np.float32)
-    for index, probs in segment_slices(runtime, raw, axis, tile, overlap, batch_size):
+    for index, probs in segment_slices(runtime, raw, axis, tile, overlap, batch_size, tick=tick):
         key: list[Any] = [slice(None)] * 4
         key[1 + along] = index
         out[tuple(key)] = probs
@@ -160,7 +178,8 @@ def segment_store(runtime: Runtime, volume: Any, out: str | Path, *,
                   voxel_size: Sequence[float] = (1.0, 1.0, 1.0), translation: Sequence[float] = (0.0, 0.0, 0.0),
                   axis: str = "z", tile: int | None = None, overlap: int | None = None, batch_size: int = 8,
                   threshold: float = 0.5, keep_probabilities: bool = False, overwrite: bool = False,
-                  source: str = "", progress: Callable[[int, int], None] | None = None) -> Path:
+                  source: str = "", progress: Callable[[int, int], None] | None = None,
+                  tick: Tick | None = None) -> Path:
     """Segment a 3D volume slice by slice into a new store at `out`, written atomically.
 
     Per-class masks go to `recon-1/labels/inference/segmentation/<class>/s0` (0 absent, 1 present, with the
@@ -184,7 +203,7 @@ def segment_store(runtime: Runtime, volume: Any, out: str | Path, *,
         masks = create_class_arrays(root, f"{INFERENCE_GROUP}/segmentation", card.classes, *geometry)
         probs_out = (create_class_arrays(root, f"{INFERENCE_GROUP}/probabilities", card.classes, *geometry,
                                          annotation=False) if keep_probabilities else {})
-        for index, probs in segment_slices(runtime, volume, axis, tile, overlap, batch_size, normalize):
+        for index, probs in segment_slices(runtime, volume, axis, tile, overlap, batch_size, normalize, tick):
             key: list[Any] = [slice(None)] * 3
             key[along] = index
             slice_masks = masks_from_probabilities(card, probs, threshold)

@@ -18,16 +18,20 @@ Environment (read when the service module is imported, i.e. when the server star
                             threads per ONNX Runtime session (default: one per core)
     EMSERVE_MEMORY_BUDGET   most memory one model call may take, e.g. 4GiB (the default): bigger batches are split
                             into calls that fit, with the same results (emserve.runtime.memory)
-    EMSERVE_MAX_*           request limits, see Limits
+    EMSERVE_TIMEOUT         seconds a synchronous request may take from its arrival (default 600): past them it
+                            stops at its next sampler step or tile and answers 504
+    EMSERVE_MAX_*           request limits and the queue, see Limits
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hmac
 import json
 import os
 import sqlite3
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, fields
 from http import HTTPStatus
@@ -77,6 +81,7 @@ from emserve.segmentation import (
     raw_to_network,
     segment_array,
     segment_store,
+    tile_count,
     tiling,
 )
 from emserve.uploads import UploadError, UploadLimits, decode, label_maps, npz_bytes, png_bytes, read_upload, zip_folder
@@ -92,6 +97,9 @@ FORM_PARTS = 32  # text fields, and files, in one form (an endpoint takes at mos
 FORM_TEXT = 4096  # characters of one text field: all 48 CellMap class names as a JSON list take 465. It also keeps
 #                   numbers below Python's 4300-digit int parsing limit, past which BentoML's json.loads would fail
 FILE_NAME = 255  # characters of an upload's file name (a file system's limit for one name)
+RETRY_AFTER = 5  # seconds a client refused for a full queue is told to wait (Retry-After)
+TIMEOUT_GRACE = 10  # seconds BentoML's own timeout waits past EMSERVE_TIMEOUT (see EMServe)
+ARRIVED = "emserve_arrived"  # the request state Guard records the arrival time under (time.monotonic())
 Result = Annotated[Path, ContentType("application/octet-stream")]
 TaskResult = Annotated[bytes, ContentType("application/octet-stream")]
 
@@ -112,7 +120,9 @@ def env_int(name: str, default: int) -> int:
 
 @dataclass(frozen=True)
 class Limits:
-    """What one request may ask for; each field is overridden by EMSERVE_MAX_<FIELD> (e.g. EMSERVE_MAX_SAMPLES)."""
+    """What one request may ask for, and how many requests the server holds; each field is overridden by
+    EMSERVE_MAX_<FIELD> (e.g. EMSERVE_MAX_SAMPLES). Work is bounded as well as input: tiles and samples x steps
+    count what a request will run, so a small upload cannot ask for minutes of computing."""
 
     samples: int = 32  # samples per synchronous request
     task_samples: int = 1024  # samples per generate_pairs_task
@@ -121,6 +131,11 @@ class Limits:
     upload_bytes: int = 64 << 20  # bytes of one uploaded file
     voxels: int = 1 << 24  # voxels of one uploaded array (and of a zipped upload's arrays, unzipped)
     tile: int = 1024  # segmentation tile edge
+    tiles: int = 1 << 16  # network tiles per segment request (per-call overhead: tiny tiles at stride 1)
+    tile_voxels: int = 1 << 26  # tiles x tile^2 per segment request (compute: large tiles overlapping much); the
+    #                             largest upload at the default overlap (a quarter tile) takes less than 2x its voxels
+    sample_steps: int = 2048  # samples x sampler steps per synchronous generation request (tasks take more)
+    queue: int = 32  # requests in the server at once, computing or waiting for a thread; more are answered 503
 
     @classmethod
     def from_env(cls) -> Limits:
@@ -132,6 +147,7 @@ class Limits:
 
 
 LIMITS = Limits.from_env()
+TIMEOUT = env_int("EMSERVE_TIMEOUT", 600)
 MEMORY_BUDGET = parse_bytes(os.environ.get(MEMORY_ENV, DEFAULT_MEMORY_BUDGET), MEMORY_ENV)  # bad: no server
 
 
@@ -231,23 +247,41 @@ def describe(name: str, runtime: Runtime) -> dict[str, Any]:
 # ---- security in front of BentoML ------------------------------------------------------------------------------
 
 class Guard:
-    """ASGI middleware: the optional API key and the body size limit, checked on the headers before BentoML
-    reads the body. Probes and metrics stay open so that orchestrators and scrapers need no key; everything else,
-    the schema and the Swagger UI included, needs it (docs/SERVICE.md says why)."""
+    """ASGI middleware: the optional API key, the body size limit and the queue, checked on the headers before
+    BentoML reads the body. Probes and metrics stay open so that orchestrators and scrapers need no key (nor wait
+    in the queue); everything else, the schema and the Swagger UI included, needs it (docs/SERVICE.md says why).
+
+    The queue: at most `max_queue` requests are in the server at once, computing or waiting for one of BentoML's
+    threads (a running task holds its place until it ends); the next is answered 503 with Retry-After at once,
+    rather than waiting behind work it cannot outlast. BentoML's own `traffic.max_concurrency` answers 429 without
+    Retry-After or a reason. Each admitted request's arrival time goes into its state, for its deadline."""
 
     OPEN = ("/healthz", "/livez", "/readyz", "/metrics")
 
-    def __init__(self, app: Any, api_key: str | None, max_body: int) -> None:
-        self.app, self.api_key, self.max_body = app, api_key, max_body
+    def __init__(self, app: Any, api_key: str | None, max_body: int, max_queue: int) -> None:
+        self.app, self.api_key, self.max_body, self.max_queue = app, api_key, max_body, max_queue
+        self.in_flight = 0  # one event loop per worker: no lock needed
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] == "http":
-            headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-            refusal = self.refusal(scope["path"], scope["method"], headers)
-            if refusal is not None:
-                await JSONResponse({"error": refusal[1]}, status_code=refusal[0])(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        refusal = self.refusal(scope["path"], scope["method"], headers)
+        if refusal is not None:
+            status, message = refusal
+            retry = {"Retry-After": str(RETRY_AFTER)} if status == HTTPStatus.SERVICE_UNAVAILABLE else None
+            await JSONResponse({"error": message}, status_code=status, headers=retry)(scope, receive, send)
+            return
+        if scope["path"] in self.OPEN:
+            await self.app(scope, receive, send)
+            return
+        scope.setdefault("state", {})[ARRIVED] = time.monotonic()
+        self.in_flight += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.in_flight -= 1
 
     def refusal(self, path: str, method: str, headers: dict[str, str]) -> tuple[int, str] | None:
         if self.api_key and path not in self.OPEN:
@@ -263,6 +297,10 @@ class Guard:
             if not length.isdigit() or int(length) > self.max_body:
                 return 413, f"content-length: {show(length)} bytes; at most {self.max_body} are allowed " \
                             f"(EMSERVE_MAX_UPLOAD_BYTES plus {FORM_OVERHEAD} for the form)"
+        if path not in self.OPEN and self.in_flight >= self.max_queue:
+            return HTTPStatus.SERVICE_UNAVAILABLE, f"queue: {self.in_flight} requests are in the server, at most " \
+                                                   f"{self.max_queue} are allowed (EMSERVE_MAX_QUEUE); retry after " \
+                                                   f"{RETRY_AFTER} s"
         return None
 
 
@@ -360,12 +398,61 @@ def cancel_check(ctx: bentoml.Context) -> Callable[[int, int], None]:
     return check
 
 
+# ---- deadlines -------------------------------------------------------------------------------------------------
+
+class TimeUp(Exception):
+    """A request ran past EMSERVE_TIMEOUT: raised by its deadline between sampler steps or tiles, it stops the
+    work and frees the thread for the requests waiting (BentoML's own timeout answers the client but leaves the
+    thread computing)."""
+
+
+def submitted(ctx: bentoml.Context) -> bool:
+    """Whether this call runs as a submitted task (in the background, until done or cancelled by its client)."""
+    return getattr(ctx.request.state, "task_id", None) is not None
+
+
+def deadline(ctx: bentoml.Context) -> Callable[[], None] | None:
+    """The tick that stops a request TIMEOUT seconds after Guard admitted it (time spent waiting for a thread
+    counts, as it does for the client); None for a submitted task, which has no deadline."""
+    if submitted(ctx):
+        return None
+    end = getattr(ctx.request.state, ARRIVED, time.monotonic()) + TIMEOUT
+
+    def tick() -> None:
+        if time.monotonic() > end:
+            raise TimeUp(f"timeout: the request took longer than {TIMEOUT} s from its arrival (EMSERVE_TIMEOUT) and "
+                         f"was stopped; ask for less work (fewer samples or steps, a smaller image, a larger tile or "
+                         f"a smaller overlap), submit a task, or retry when the server is less busy")
+
+    return tick
+
+
+def answers_timeout(endpoint: Callable[..., Any]) -> Callable[..., Any]:
+    """The endpoint, answering 504 with TimeUp's message. Raised as an error, a 504 would reach the client as
+    BentoML's "An unexpected error has occurred" (it hides the message of every 5xx), so the answer is returned
+    as a response, with the status BentoML takes from the request's context."""
+
+    @functools.wraps(endpoint)
+    def run(self: Any, *args: Any, ctx: bentoml.Context, **kwargs: Any) -> Any:
+        try:
+            return endpoint(self, *args, ctx=ctx, **kwargs)
+        except TimeUp as error:
+            ctx.response.status_code = HTTPStatus.GATEWAY_TIMEOUT
+            return JSONResponse({"error": str(error)}, status_code=HTTPStatus.GATEWAY_TIMEOUT)
+
+    return run
+
+
 # ---- the service ---------------------------------------------------------------------------------------------
 
 @bentoml.service(name="emserve", workers=1, threads=env_int("EMSERVE_THREADS", 2),
-                 traffic={"timeout": env_int("EMSERVE_TIMEOUT", 600)})
+                 traffic={"timeout": TIMEOUT + TIMEOUT_GRACE})
 class EMServe:
-    """generate_pairs, generate_pairs_task, generate_from_labels and segment over the exported models."""
+    """generate_pairs, generate_pairs_task, generate_from_labels and segment over the exported models.
+
+    BentoML's traffic timeout is a backstop for work outside the sampler and tiling loops (decoding, encoding):
+    it waits TIMEOUT_GRACE seconds longer, so that a request stopped by its deadline answers with its own message.
+    """
 
     def __init__(self) -> None:
         self.limits = LIMITS
@@ -379,6 +466,7 @@ class EMServe:
         return [describe(name, runtime) for name, runtime in self.runtimes.items()]
 
     @bentoml.api
+    @answers_timeout
     def generate_pairs(self, ctx: bentoml.Context, samples: int = 4, seed: int = 0, sampler: str = DEFAULT_SAMPLER,
                        steps: int = DEFAULT_STEPS, spacing: str = DEFAULT_SPACING, guidance: float = 1.0,
                        rescale: float = 0.0, present: list[str] | None = None, absent: list[str] | None = None,
@@ -392,6 +480,7 @@ class EMServe:
         return self._pairs(ctx, settings, self.limits.samples, "EMSERVE_MAX_SAMPLES", None)
 
     @bentoml.task
+    @answers_timeout
     def generate_pairs_task(self, ctx: bentoml.Context, samples: int = 64, seed: int = 0,
                             sampler: str = DEFAULT_SAMPLER, steps: int = DEFAULT_STEPS,
                             spacing: str = DEFAULT_SPACING, guidance: float = 1.0, rescale: float = 0.0,
@@ -407,6 +496,7 @@ class EMServe:
         return path.read_bytes()
 
     @bentoml.api
+    @answers_timeout
     def generate_from_labels(self, ctx: bentoml.Context, labels: Path, classes: list[str] | None = None,
                              seed: int = 0, sampler: str = DEFAULT_SAMPLER, steps: int = DEFAULT_STEPS,
                              spacing: str = DEFAULT_SPACING, guidance: float = DEFAULT_LABEL_GUIDANCE,
@@ -432,6 +522,7 @@ class EMServe:
         return self.generated(ctx, name, runtime, request, maps, output, None, "generate_from_labels", record)
 
     @bentoml.api
+    @answers_timeout
     def segment(self, ctx: bentoml.Context, image: Path, axis: str = "z", tile: int | None = None,
                 overlap: int | None = None, threshold: float = 0.5, probabilities: bool = False,
                 model: str | None = None, output: str = "npz") -> Result:
@@ -453,6 +544,7 @@ class EMServe:
             check_threshold(threshold)
             check_axis(axis)
         axis = axis if raw.ndim == 3 else "z"  # an image is segmented as it is
+        self.check_tiles(raw.shape, axis, tile, overlap)
         settings = {"axis": axis, "tile": tile, "overlap": overlap, "threshold": threshold,
                     "probabilities": probabilities, "output": output, "image": {"shape": list(raw.shape),
                                                                                   "dtype": str(raw.dtype)}}
@@ -461,10 +553,11 @@ class EMServe:
             folder = Path(ctx.temp_dir) / "segmentation.zarr"
             with client_errors("image"):
                 segment_store(runtime, raw if raw.ndim == 3 else raw[None], folder, axis=axis, tile=tile,
-                              overlap=overlap, threshold=threshold, keep_probabilities=probabilities, source="upload")
+                              overlap=overlap, threshold=threshold, keep_probabilities=probabilities, source="upload",
+                              tick=deadline(ctx))
             return self.result(ctx, "segmentation", output, self.zipped(folder, record))
         with client_errors("image"):
-            probs = segment_array(runtime, raw, axis=axis, tile=tile, overlap=overlap)
+            probs = segment_array(runtime, raw, axis=axis, tile=tile, overlap=overlap, tick=deadline(ctx))
         masks = masks_from_probabilities(card, probs, threshold)
         if output == "png":
             return self.result(ctx, "segmentation", output, png_bytes(segmentation_picture(card, raw, masks), record))
@@ -516,6 +609,27 @@ class EMServe:
             check_request(card, request)
         return request
 
+    def check_work(self, request: GenerationRequest, field: str) -> None:
+        """Samples x steps within EMSERVE_MAX_SAMPLE_STEPS: each is bounded alone, but both at their maxima would
+        hold a thread for many minutes. Submitted tasks are exempt: they run in the background until cancelled."""
+        work = request.samples * request.steps
+        if work > self.limits.sample_steps:
+            raise InvalidArgument(f"{field} x steps: {request.samples} x {request.steps} = {work}; at most "
+                                  f"{self.limits.sample_steps} per request (EMSERVE_MAX_SAMPLE_STEPS): ask for fewer "
+                                  f"{field} or steps{', or submit a task' if field == 'samples' else ''}")
+
+    def check_tiles(self, shape: Sequence[int], axis: str, tile: int, overlap: int) -> None:
+        """The tiles a segment request would run, counted from the image's shape before any runs: a small tile at
+        a large overlap, or a volume of many tiny slices, asks for far more work than its upload's size says."""
+        tiles = tile_count(shape, tile, overlap, axis)
+        voxels = tiles * tile * tile
+        if tiles > self.limits.tiles or voxels > self.limits.tile_voxels:
+            raise InvalidArgument(
+                f"tile/overlap: an image of shape {tuple(shape)} in tiles of {tile} overlapping by {overlap} takes "
+                f"{tiles} tiles, {voxels} voxels through the network; at most {self.limits.tiles} tiles "
+                f"(EMSERVE_MAX_TILES) and {self.limits.tile_voxels} voxels (EMSERVE_MAX_TILE_VOXELS) are allowed: "
+                f"use a smaller overlap, another tile size or a smaller image")
+
     def _pairs(self, ctx: bentoml.Context, settings: dict[str, Any], limit: int, setting: str,
                progress: Callable[[int, int], None] | None) -> Path:
         name, runtime = self.pick("pairs", settings["model"])
@@ -535,9 +649,11 @@ class EMServe:
                   extra: dict[str, Any], progress: Callable[[int, int], None] | None = None) -> Path:
         """Generate the request and encode it as `output`, with the model, seeds and parameters recorded."""
         card = runtime.card
+        if not submitted(ctx):
+            self.check_work(request, "samples" if maps is None else "labels")
         source = None if maps is None else (lambda start, stop: maps[start:stop])
         with client_errors():
-            batches = list(generate(card, runtime, request, source, progress=progress))
+            batches = list(generate(card, runtime, request, source, progress=progress, tick=deadline(ctx)))
         parts = [split_channels(card, batch, request) for batch in batches]
         codes = [label_codes(card, labels, screening) for _, labels in parts]
         seeds = [seed for batch in batches for seed in batch.seeds]
@@ -616,4 +732,5 @@ def api_key() -> str | None:
     return key
 
 
-EMServe.add_asgi_middleware(Guard, api_key=api_key(), max_body=LIMITS.upload_bytes + FORM_OVERHEAD)
+EMServe.add_asgi_middleware(Guard, api_key=api_key(), max_body=LIMITS.upload_bytes + FORM_OVERHEAD,
+                            max_queue=LIMITS.queue)

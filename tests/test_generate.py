@@ -76,6 +76,27 @@ def test_requests_the_model_cannot_serve_are_refused_with_what_it_accepts(checkp
         next(generate(labels_card, denoise, GenerationRequest(samples=1)))
 
 
+def test_a_tick_that_raises_stops_generation_at_the_next_sampler_step(checkpoints):
+    denoise = load_runtime(checkpoints["pairs"], "torch", device="cpu")
+    calls, ticks = [], []
+
+    def counted(x, t, cond):
+        calls.append(len(x))
+        return denoise(x, t, cond)
+
+    def tick():
+        ticks.append(len(calls))
+        if len(ticks) > 5:
+            raise TimeoutError("deadline")
+
+    request = GenerationRequest(samples=4, steps=4, batch_size=2, guidance=2.0)  # guided: one call of 2B per step
+    with pytest.raises(TimeoutError):
+        list(generate(denoise.card, counted, request, tick=tick))
+    assert ticks == [0, 1, 2, 3, 4, 5] and calls == [4] * 5  # batch 1's four steps, then batch 2 stops at its second
+    ticked = np.concatenate([b.samples for b in generate(denoise.card, denoise, request, tick=lambda: None)])
+    np.testing.assert_array_equal(ticked, np.concatenate([b.samples for b in generate(denoise.card, denoise, request)]))
+
+
 def test_interrupted_generation_resumes_without_redoing_batches(checkpoints, tmp_path):
     denoise = load_runtime(checkpoints["pairs"], "torch", device="cpu")
     card = denoise.card

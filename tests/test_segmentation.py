@@ -23,6 +23,7 @@ from emserve.segmentation import (
     segment_array,
     segment_image,
     segment_store,
+    tile_count,
 )
 from training.export import export_model
 from training.seg import SegBatchSource, SegConfig, seg_loss, train_seg
@@ -73,6 +74,38 @@ def test_a_volume_is_segmented_slice_by_slice_along_the_chosen_axis():
     assert along_y.shape == (2, 5, 20, 24)
     assert len(calls) == 20  # one call per y-slice (all its tiles in one batch)
     np.testing.assert_allclose(along_y, segment_array(runtime, volume, axis="z"), atol=1e-6)  # pointwise: same
+
+
+@pytest.mark.parametrize(("shape", "tile", "overlap", "axis"), [
+    ((16, 16), 16, 4, "z"), ((37, 50), 16, 5, "z"), ((7, 90), 16, 15, "z"), ((3, 1, 1), 16, 0, "z"),
+    ((5, 20, 24), 8, 3, "y"), ((5, 20, 24), 16, 1, "x"), ((40, 33), 2, 1, "z")])
+def test_tiles_are_counted_from_the_shape_as_the_loops_run_them(shape, tile, overlap, axis):
+    calls = []
+    segment_array(pointwise_runtime(calls=calls), np.zeros(shape, np.uint8), axis=axis, tile=tile, overlap=overlap,
+                  batch_size=1)
+    assert tile_count(shape, tile, overlap, axis) == len(calls)
+
+
+def test_the_tiles_of_huge_requests_are_counted_at_once():
+    assert tile_count((10**7, 1, 1), 16, 4) == 10**7  # ten million one-voxel slices
+    assert tile_count((4096, 4096), 1024, 1023) == 3073**2  # the largest tile at stride 1
+
+
+def test_a_tick_that_raises_stops_segmentation_before_the_next_network_call(tmp_path):
+    calls, ticks = [], []
+
+    def tick():
+        ticks.append(len(calls))
+        if len(ticks) > 3:
+            raise TimeoutError("deadline")
+
+    with pytest.raises(TimeoutError):
+        segment_array(pointwise_runtime(calls=calls), np.zeros((4, 40, 40), np.uint8), tile=16, batch_size=2, tick=tick)
+    assert ticks == [0, 1, 2, 3] and len(calls) == 3
+    ticks.clear()
+    with pytest.raises(TimeoutError):
+        segment_store(pointwise_runtime(), np.zeros((4, 40, 40), np.uint8), tmp_path / "pred.zarr", tick=tick)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_bad_tiling_and_inputs_are_refused_naming_the_field():

@@ -20,6 +20,7 @@ import pickle
 import shutil
 import subprocess
 import sys
+import threading
 import time
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
@@ -519,6 +520,80 @@ class Touch:
 
     def __reduce__(self):
         return (Path.touch, (self.path,))
+
+
+# ---- work, deadlines, the queue ---------------------------------------------------------------------------------
+
+# One thread, a 3 s deadline, two requests in the server at once; caps that the slow requests below stay within
+# (500 samples x 50 steps; 185 x 185 tiles of 16 at stride 1 = 34225 tiles, 8.8M voxels: ~10 s each here unbounded).
+TIGHT = {**LIMITS, "EMSERVE_THREADS": "1", "EMSERVE_TIMEOUT": "3", "EMSERVE_MAX_QUEUE": "2",
+         "EMSERVE_MAX_SAMPLES": "512", "EMSERVE_MAX_TASK_SAMPLES": "512", "EMSERVE_MAX_VOXELS": "200000",
+         "EMSERVE_MAX_SAMPLE_STEPS": "25000", "EMSERVE_MAX_TILES": "36000", "EMSERVE_MAX_TILE_VOXELS": "9000000"}
+SLOW_IMAGE = np.random.default_rng(0).integers(0, 256, (200, 200), dtype=np.uint8)
+
+
+@pytest.fixture(scope="module")
+def tight(models, tmp_path_factory):
+    with serve(models, tmp_path_factory.mktemp("tight"), TIGHT) as running, \
+            httpx.Client(base_url=running.url, timeout=60) as session:
+        yield session
+
+
+def test_work_past_the_caps_is_refused_before_any_runs_naming_fields_and_cap(tight):
+    shape = "in tiles of 16 overlapping by 4 takes 100000 tiles, 25600000 voxels through the network; at most " \
+            "36000 tiles (EMSERVE_MAX_TILES) and 9000000 voxels (EMSERVE_MAX_TILE_VOXELS) are allowed"
+    cases = [
+        (post(tight, "generate_pairs", samples=512, steps=50),
+         "samples x steps: 512 x 50 = 25600; at most 25000 per request (EMSERVE_MAX_SAMPLE_STEPS)"),
+        (post(tight, "generate_pairs_task", samples=512, steps=50), "samples x steps: 512 x 50"),  # not submitted
+        (post(tight, "generate_from_labels", ("labels", npy(ids_maps(501))), steps=50),
+         "labels x steps: 501 x 50 = 25050; at most 25000 per request (EMSERVE_MAX_SAMPLE_STEPS)"),
+        (post(tight, "segment", ("image", npy(np.zeros((100_000, 1, 1), np.uint8)))),  # slices of one voxel
+         f"tile/overlap: an image of shape (100000, 1, 1) {shape}"),
+        (post(tight, "segment", ("image", npy(SLOW_IMAGE)), tile=64, overlap=62),  # a large tile at stride 2
+         "tile/overlap: an image of shape (200, 200) in tiles of 64 overlapping by 62 takes 4761 tiles, 19501056 "
+         "voxels through the network"),
+    ]
+    for response, message in cases:
+        assert response.status_code == 400 and message in error(response), (message, response.text)
+    assert post(tight, "generate_pairs", samples=500, steps=1).status_code == 200  # within the caps
+
+
+def test_a_request_past_its_deadline_stops_at_its_next_step_or_tile_and_frees_its_thread(tight):
+    for endpoint, upload, fields in [("generate_pairs", None, {"samples": 500, "steps": 50}),
+                                     ("segment", ("image", npy(SLOW_IMAGE)), {"tile": 16, "overlap": 15})]:
+        start = time.monotonic()
+        slow = post(tight, endpoint, upload, **fields)
+        took = time.monotonic() - start
+        assert slow.status_code == 504, slow.text
+        assert "timeout: the request took longer than 3 s from its arrival (EMSERVE_TIMEOUT)" in error(slow)
+        assert 3 <= took < 6, took  # the deadline, then one step or batch of tiles: not the ~10 s of the whole
+        start = time.monotonic()
+        assert post(tight, "generate_pairs", samples=1, steps=2).status_code == 200  # the only thread is free
+        assert time.monotonic() - start < 2
+
+
+def test_past_the_queue_requests_are_answered_503_with_retry_after_at_once(tight):
+    """Eight requests at once against a queue of two: each is computed (200) or refused at once (503), none fails."""
+    gate = threading.Barrier(8)
+
+    def one(_: int) -> tuple[httpx.Response, float]:
+        with httpx.Client(base_url=str(tight.base_url), timeout=60) as session:
+            gate.wait()
+            start = time.monotonic()
+            response = post(session, "generate_pairs", samples=16, steps=50)
+            return response, time.monotonic() - start
+
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(one, range(8)))
+    codes = [response.status_code for response, _ in answers]
+    assert set(codes) <= {200, 503} and 200 in codes and 503 in codes, codes
+    for response, took in answers:
+        if response.status_code == 503:
+            assert response.headers["retry-after"] == "5" and took < 2, (response.headers, took)
+            assert "requests are in the server, at most 2 are allowed (EMSERVE_MAX_QUEUE)" in error(response)
+    assert tight.get("/readyz").status_code == 200
+    assert post(tight, "generate_pairs", samples=1, steps=2).status_code == 200  # the places were given back
 
 
 # ---- tasks, concurrency, the schema -------------------------------------------------------------------------
