@@ -8,6 +8,7 @@ import numpy as np
 from emserve.metrics import format_score
 from emserve.statistics import dice_interval, paired_difference, verdict
 from training.experiment.config import BASELINE, PRETRAIN_SHARE, baseline_of
+from training.transfer import FOLD_TIME
 
 
 def summarize(runs: dict[str, dict], arms: list[str]) -> dict:
@@ -44,7 +45,7 @@ def _interval(ci: list[float]) -> str:
 def markdown_report(report: dict) -> str:
     """The report people read: what was run, scores with intervals, the differences in words, then details."""
     cfg, arms, seeds = report["config"], report["arms"], list(report["runs"])
-    lines = ["# Does generated data help segmentation?", "",
+    lines = ["# Does the generative model help segmentation?", "",
              f"Stores: {', '.join(cfg['stores'])}. Held out (scored, never trained on): "
              f"{', '.join(report['held_out'])}. Seeds: {', '.join(seeds)} (each seed trains every DDPM and network "
              f"of the experiment anew).", "",
@@ -58,7 +59,8 @@ def markdown_report(report: dict) -> str:
              f"weigh {cfg['generated_weight']}; filtered arms: kept if the baseline network agrees with the pair at "
              f"least as well as with the lower {cfg['filter_quantile']:.0%} of real training patches (none kept: the "
              f"arm trains as its baseline); denoiser arms: the whole budget on real pairs, starting from the "
-             f"regime's pairs DDPM folded into a segmenter (denoising pretraining, no generated data); few = "
+             f"regime's pairs DDPM folded into a segmenter at {FOLD_TIME:.0%} of its schedule (denoising "
+             f"pretraining, no generated data); few = "
              f"{cfg['few_slices']} labelled slices per crop; real data at voxel size "
              f"{cfg['voxel_size'] or 'finest'} nm."
              + (f" Rendered arms: an EM-from-labels DDPM of {cfg['from_labels_steps']} steps, trained on the few-label "
@@ -74,9 +76,10 @@ def markdown_report(report: dict) -> str:
         lines.append(f"| {arm} | {row['mean_dice']:.3f} | {_interval(row['ci95'])} | "
                      + " | ".join(format_score(v) for v in row["per_seed"]) + " |")
     if report["comparisons"]:
-        lines += ["", "## Does the generated data help?", "",
-                  "Each generated-data arm against its baseline (real annotations only, same seeds): the paired "
-                  "difference in mean Dice, resampled with the same seeds and blocks for both.", "",
+        lines += ["", "## Does the generative model help?", "",
+                  "Each arm that adds generated data or the DDPM's weights against its baseline (real annotations "
+                  "only, same seeds): the paired difference in mean Dice, resampled with the same seeds and blocks "
+                  "for both.", "",
                   "| arm | baseline | difference | 95 % interval | per seed | reading |", "|---|---|---|---|---|---|"]
         for c in report["comparisons"]:
             per_seed = " / ".join(f"{d:+.3f}" for d in c["per_seed"])
