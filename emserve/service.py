@@ -20,15 +20,18 @@ Environment (read when the service module is imported, i.e. when the server star
                             into calls that fit, with the same results (emserve.runtime.memory)
     EMSERVE_TIMEOUT         seconds a synchronous request may take from its arrival (default 600): past them it
                             stops at its next sampler step or tile and answers 504
-    EMSERVE_MAX_*           request limits and the queue, see Limits
+    EMSERVE_TASK_TTL        seconds a task's result is kept after the task ends (default 86400)
+    EMSERVE_MAX_*           request limits, the queue and tasks, see Limits
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 import hmac
 import json
+import math
 import os
 import sqlite3
 import time
@@ -41,6 +44,7 @@ from typing import Annotated, Any
 import bentoml
 import numpy as np
 from _bentoml_impl import serde
+from _bentoml_impl.tasks.result import Sqlite3Store
 from bentoml.exceptions import BadInput, BentoMLException, InvalidArgument, NotFound
 from bentoml.validators import ContentType
 from pydantic_core import from_json
@@ -129,6 +133,8 @@ class Limits:
     steps: int = 250  # sampler steps
     guidance: int = 20  # guidance scale in [0, guidance]
     upload_bytes: int = 64 << 20  # bytes of one uploaded file
+    json_bytes: int = 64 << 10  # bytes of a JSON (or urlencoded) body: all 48 class names as present and absent
+    #                             take under 1 KiB
     voxels: int = 1 << 24  # voxels of one uploaded array (and of a zipped upload's arrays, unzipped)
     tile: int = 1024  # segmentation tile edge
     tiles: int = 1 << 16  # network tiles per segment request (per-call overhead: tiny tiles at stride 1)
@@ -136,6 +142,8 @@ class Limits:
     #                             largest upload at the default overlap (a quarter tile) takes less than 2x its voxels
     sample_steps: int = 2048  # samples x sampler steps per synchronous generation request (tasks take more)
     queue: int = 32  # requests in the server at once, computing or waiting for a thread; more are answered 503
+    tasks: int = 1  # submitted tasks running at once (each holds one of EMSERVE_THREADS until it ends)
+    task_results: int = 64  # task results stored (until EMSERVE_TASK_TTL after their task ended) or being made
 
     @classmethod
     def from_env(cls) -> Limits:
@@ -148,6 +156,8 @@ class Limits:
 
 LIMITS = Limits.from_env()
 TIMEOUT = env_int("EMSERVE_TIMEOUT", 600)
+TASK_TTL = env_int("EMSERVE_TASK_TTL", 24 * 3600)
+Sqlite3Store.RESULT_RETENTION = TASK_TTL  # BentoML's own clean-up (24 h) deletes no result Guard would keep
 MEMORY_BUDGET = parse_bytes(os.environ.get(MEMORY_ENV, DEFAULT_MEMORY_BUDGET), MEMORY_ENV)  # bad: no server
 
 
@@ -247,61 +257,122 @@ def describe(name: str, runtime: Runtime) -> dict[str, Any]:
 # ---- security in front of BentoML ------------------------------------------------------------------------------
 
 class Guard:
-    """ASGI middleware: the optional API key, the body size limit and the queue, checked on the headers before
-    BentoML reads the body. Probes and metrics stay open so that orchestrators and scrapers need no key (nor wait
-    in the queue); everything else, the schema and the Swagger UI included, needs it (docs/SERVICE.md says why).
+    """ASGI middleware: the optional API key, the body size limits, the queue and the task caps, checked on the
+    headers before BentoML reads the body. Probes and metrics stay open so that orchestrators and scrapers need no
+    key (nor wait in the queue); everything else, the schema and the Swagger UI included, needs it
+    (docs/SERVICE.md says why). A multipart body may carry an upload; any other (JSON, urlencoded) only fields,
+    so it has its own, smaller limit.
 
-    The queue: at most `max_queue` requests are in the server at once, computing or waiting for one of BentoML's
-    threads (a running task holds its place until it ends); the next is answered 503 with Retry-After at once,
-    rather than waiting behind work it cannot outlast. BentoML's own `traffic.max_concurrency` answers 429 without
-    Retry-After or a reason. Each admitted request's arrival time goes into its state, for its deadline."""
+    The queue: at most `limits.queue` requests are in the server at once, computing or waiting for one of
+    BentoML's threads (a running task holds its place until it ends); the next is answered 503 with Retry-After
+    at once, rather than waiting behind work it cannot outlast. BentoML's own `traffic.max_concurrency` answers
+    429 without Retry-After or a reason. Each admitted request's arrival time goes into its state, for its
+    deadline.
+
+    Tasks: BentoML runs a submitted task inside its submit (or retry) request, after the answer is sent, so the
+    task ends when that request leaves Guard. At most `limits.tasks` run at once (the next submit is answered 503
+    with Retry-After), and at most `limits.task_results` results are stored or being made (429, Retry-After: when
+    the oldest expires). Results expire `task_ttl` seconds after their task ends: before each request to a task
+    route Guard deletes those from BentoML's result table (expire_results), so an expired result answers 404."""
 
     OPEN = ("/healthz", "/livez", "/readyz", "/metrics")
 
-    def __init__(self, app: Any, api_key: str | None, max_body: int, max_queue: int) -> None:
-        self.app, self.api_key, self.max_body, self.max_queue = app, api_key, max_body, max_queue
-        self.in_flight = 0  # one event loop per worker: no lock needed
+    def __init__(self, app: Any, api_key: str | None, limits: Limits, task_routes: Sequence[str],
+                 task_ttl: int) -> None:
+        self.app, self.api_key, self.limits = app, api_key, limits
+        self.task_routes, self.task_ttl = tuple(task_routes), task_ttl
+        self.in_flight = self.tasks = 0  # one event loop per worker: no lock needed
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        path = scope["path"]
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        refusal = self.refusal(scope["path"], scope["method"], headers)
+        submit = path.startswith(self.task_routes) and path.endswith(("/submit", "/retry"))
+        refusal = self.refusal(path, scope["method"], headers)
+        if refusal is None:
+            stored = 0, 0.0
+            if path.startswith(self.task_routes) and (database := result_database()) is not None:
+                stored = await asyncio.to_thread(expire_results, database, self.task_ttl)
+            refusal = self.admission(path, submit, *stored)  # no await from here until the counts go up
         if refusal is not None:
-            status, message = refusal
-            retry = {"Retry-After": str(RETRY_AFTER)} if status == HTTPStatus.SERVICE_UNAVAILABLE else None
-            await JSONResponse({"error": message}, status_code=status, headers=retry)(scope, receive, send)
+            status, message, retry = refusal
+            await JSONResponse({"error": message}, status_code=status,
+                               headers=None if retry is None else {"Retry-After": str(retry)})(scope, receive, send)
             return
-        if scope["path"] in self.OPEN:
+        if path in self.OPEN:
             await self.app(scope, receive, send)
             return
         scope.setdefault("state", {})[ARRIVED] = time.monotonic()
         self.in_flight += 1
+        self.tasks += submit
         try:
             await self.app(scope, receive, send)
         finally:
             self.in_flight -= 1
+            self.tasks -= submit
 
-    def refusal(self, path: str, method: str, headers: dict[str, str]) -> tuple[int, str] | None:
+    def refusal(self, path: str, method: str, headers: dict[str, str]) -> tuple[int, str, None] | None:
+        """The key and the body's size."""
         if self.api_key and path not in self.OPEN:
             scheme, _, token = headers.get("authorization", "").strip().partition(" ")
             given = headers.get("x-api-key") or (token.strip() if scheme.lower() == "bearer" else "")  # any case
             if not hmac.compare_digest(given.encode(), self.api_key.encode()):
                 return 401, f"authorization: missing or wrong API key; send `Authorization: Bearer <key>` or " \
-                            f"`X-API-Key: <key>` (the server's {API_KEY_ENV})"
+                            f"`X-API-Key: <key>` (the server's {API_KEY_ENV})", None
         if method in ("POST", "PUT"):
             length = headers.get("content-length")
             if length is None:
-                return 411, "content-length: missing; send the body with a Content-Length header (no chunked uploads)"
-            if not length.isdigit() or int(length) > self.max_body:
-                return 413, f"content-length: {show(length)} bytes; at most {self.max_body} are allowed " \
-                            f"(EMSERVE_MAX_UPLOAD_BYTES plus {FORM_OVERHEAD} for the form)"
-        if path not in self.OPEN and self.in_flight >= self.max_queue:
-            return HTTPStatus.SERVICE_UNAVAILABLE, f"queue: {self.in_flight} requests are in the server, at most " \
-                                                   f"{self.max_queue} are allowed (EMSERVE_MAX_QUEUE); retry after " \
-                                                   f"{RETRY_AFTER} s"
+                return 411, "content-length: missing; send the body with a Content-Length header (no chunked " \
+                            "uploads)", None
+            form = parse_options_header(headers.get("content-type", ""))[0] == b"multipart/form-data"
+            limit = self.limits.upload_bytes + FORM_OVERHEAD if form else self.limits.json_bytes
+            if not length.isdigit() or int(length) > limit:
+                setting = f"EMSERVE_MAX_UPLOAD_BYTES plus {FORM_OVERHEAD} for the form" if form else \
+                    "EMSERVE_MAX_JSON_BYTES, for a body that is not a multipart form"
+                return 413, f"content-length: {show(length)} bytes; at most {limit} are allowed ({setting})", None
         return None
+
+    def admission(self, path: str, submit: bool, stored: int, expires_in: float) -> tuple[int, str, int] | None:
+        """The queue, and for a task's submission the running tasks and the results `stored`, the oldest of
+        which expires in `expires_in` seconds."""
+        if path not in self.OPEN and self.in_flight >= self.limits.queue:
+            return HTTPStatus.SERVICE_UNAVAILABLE, f"queue: {self.in_flight} requests are in the server, at most " \
+                                                   f"{self.limits.queue} are allowed (EMSERVE_MAX_QUEUE); retry " \
+                                                   f"after {RETRY_AFTER} s", RETRY_AFTER
+        if submit and self.tasks >= self.limits.tasks:
+            return HTTPStatus.SERVICE_UNAVAILABLE, f"tasks: {self.tasks} running, at most {self.limits.tasks} are " \
+                                                   f"allowed at once (EMSERVE_MAX_TASKS); retry after " \
+                                                   f"{RETRY_AFTER} s", RETRY_AFTER
+        if submit and stored + self.tasks >= self.limits.task_results:
+            retry = max(1, math.ceil(expires_in))
+            return HTTPStatus.TOO_MANY_REQUESTS, f"tasks: {stored} results stored and {self.tasks} being made, at " \
+                                                 f"most {self.limits.task_results} are allowed " \
+                                                 f"(EMSERVE_MAX_TASK_RESULTS); each is kept {self.task_ttl} s after " \
+                                                 f"its task ends (EMSERVE_TASK_TTL): retry after {retry} s", retry
+        return None
+
+
+def result_database() -> str | None:
+    """BentoML's task result database in this worker, None when it is kept in memory (nothing to expire)."""
+    from bentoml._internal.configuration.containers import BentoMLContainer
+
+    database = BentoMLContainer.result_store_file.get()
+    return None if database == ":memory:" else database
+
+
+def expire_results(database: str, ttl: int) -> tuple[int, float]:
+    """Delete the results of tasks that ended more than `ttl` seconds ago from BentoML's result table (BentoML
+    1.4.39 keeps them 24 h, and deletes old ones only when another task ends); the number of results left and the
+    seconds until the oldest of them expires. Times are BentoML's UTC timestamps, compared by sqlite."""
+    with contextlib.closing(sqlite3.connect(database, timeout=5)) as connection:
+        with connection:
+            connection.execute("DELETE FROM result WHERE completed_at IS NOT NULL AND "
+                               "julianday(completed_at) <= julianday('now') - ? / 86400.0", (ttl,))
+        count, oldest = connection.execute("SELECT COUNT(*), MIN(julianday(completed_at)) - julianday('now') "
+                                           "FROM result WHERE completed_at IS NOT NULL").fetchone()
+    return count, ttl + (oldest or 0.0) * 86400
 
 
 class FilesOnlyJSON(serde.JSONSerde):
@@ -381,13 +452,11 @@ def cancel_check(ctx: bentoml.Context) -> Callable[[int, int], None]:
     `PUT /<task>/cancel` marks the task "canceled" in BentoML's task database (and answers 400 on `bentoml
     serve`, which cannot stop a running thread); the task reads its status there between batches and stops.
     """
-    from bentoml._internal.configuration.containers import BentoMLContainer
-
     task_id = getattr(ctx.request.state, "task_id", None)
-    database = BentoMLContainer.result_store_file.get()
+    database = result_database()
 
     def check(done: int, total: int) -> None:
-        if task_id is None or database == ":memory:":
+        if task_id is None or database is None:
             return
         with contextlib.closing(sqlite3.connect(f"file:{database}?mode=ro", uri=True, timeout=5)) as connection:
             row = connection.execute("SELECT status FROM result WHERE task_id = ?", (task_id,)).fetchone()
@@ -510,10 +579,7 @@ class EMServe:
         check_choice("output", output, FORMATS)
         decoded = self.upload(labels, "labels", ("npy", "npz", "zarr", "png"), "labels")
         with client_errors("labels"):
-            maps = label_maps(runtime.card, decoded, classes, "labels")
-        if len(maps) > self.limits.samples:
-            raise InvalidArgument(f"labels: {len(maps)} label maps; at most {self.limits.samples} per request "
-                                  f"(EMSERVE_MAX_SAMPLES), one sample each")
+            maps = label_maps(runtime.card, decoded, classes, "labels", self.limits.samples)
         request = self.request(runtime.card, samples=len(maps), seed=seed, sampler=sampler, steps=steps,
                                spacing=spacing, guidance=guidance, rescale=rescale, dataset=dataset)
         upload = decoded.array
@@ -732,5 +798,5 @@ def api_key() -> str | None:
     return key
 
 
-EMServe.add_asgi_middleware(Guard, api_key=api_key(), max_body=LIMITS.upload_bytes + FORM_OVERHEAD,
-                            max_queue=LIMITS.queue)
+EMServe.add_asgi_middleware(Guard, api_key=api_key(), limits=LIMITS, task_ttl=TASK_TTL,
+                            task_routes=[f"{api.route}/" for api in EMServe.apis.values() if api.is_task])

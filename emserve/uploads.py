@@ -3,10 +3,13 @@
 Everything a client uploads is untrusted bytes, so this module is strict where a file reader is usually lenient:
 
 - formats are recognised by their first bytes (.npy, .npz, zipped zarr, PNG, TIFF), never by the file name;
-- sizes, voxel counts, zip members and their declared sizes are checked before anything large is allocated,
-  and a zip member that inflates past its declared size is refused (zip bombs);
+- what a file declares (a .npy header's shape and dtype, a PNG's or TIFF page's size, a zip's directory and
+  member sizes, a zarr array's shape and chunks) is checked against the limits before anything is decoded, and
+  every decompression is bounded while it runs by the size its header declares: a zip member, a TIFF strip or
+  a zarr chunk that inflates past it is refused (decompression bombs), never inflated whole and then measured;
 - .npy / .npz are read with allow_pickle=False; zipped zarr stores are read into an in-memory zarr store,
-  never unpacked to disk, so no name inside an upload ever becomes a path;
+  never unpacked to disk, so no name inside an upload ever becomes a path; TIFFs are read page by page, never
+  as tifffile's series, which open other files beside the one given (OME, MicroManager);
 - every refusal is an UploadError naming the field, what came and what is allowed.
 
 Results are encoded to bytes with fixed zip timestamps, so the same request and seed give the same bytes.
@@ -17,12 +20,15 @@ from __future__ import annotations
 import io
 import json
 import math
+import struct
 import zipfile
+import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+import numcodecs
 import numpy as np
 import zarr
 from PIL import Image, PngImagePlugin
@@ -39,9 +45,21 @@ NPY_MAGIC, ZIP_MAGIC, PNG_MAGIC = b"\x93NUMPY", b"PK\x03\x04", b"\x89PNG\r\n\x1a
 TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")  # classic and BigTIFF, both byte orders
 KINDS = ("npy", "npz", "zarr", "png", "tiff")
 ZIP_TIME = (1980, 1, 1, 0, 0, 0)  # the earliest zip timestamp: results do not depend on the clock
-# zarr codecs that only rearrange or decompress bytes; anything else (pickle, msgpack, vlen objects) is refused
-SAFE_CODECS = frozenset({"blosc", "zstd", "gzip", "zlib", "lz4", "bz2", "lzma", "crc32", "crc32c", "adler32",
-                         "bytes", "transpose", "sharding_indexed", "shuffle"})
+ZIP_END_MAGIC, ZIP_END = b"PK\x05\x06", struct.Struct("<4s4H2LH")  # end of central directory record: magic,
+#                disk numbers, entries (on this disk, in all), directory size and offset, comment length
+ZIP_ENTRY = 256  # directory bytes allowed per member: a CellMap chunk's entry takes ~120
+# zip members' compression: zipfile inflates bz2 and lzma members a read's worth at a time, unbounded
+ZIP_METHODS = {zipfile.ZIP_STORED: "stored", zipfile.ZIP_DEFLATED: "deflated"}
+METADATA = (".zarray", ".zgroup", ".zattrs", ".zmetadata", "zarr.json")
+METADATA_BYTES = 1 << 20  # zarr metadata documents of one upload, in all: parsed JSON takes ~10x its bytes
+# zarr codecs of uploaded stores. Compressors are bounded while decoding (see _check_chunks), one per array;
+# the others rearrange bytes or add a 4-byte checksum. Anything else (pickle, msgpack, vlen objects; sharding,
+# whose inner chunks would need their own bounds) is refused.
+STREAM_CODECS = {"zlib": zlib.MAX_WBITS, "gzip": 16 + zlib.MAX_WBITS}  # zlib wbits of each container
+SIZED_CODECS = ("blosc", "lz4", "zstd")  # their chunks declare their decoded size; numcodecs checks it against out
+CHECKSUMS = ("crc32", "crc32c", "adler32")
+SAFE_CODECS = frozenset({*STREAM_CODECS, *SIZED_CODECS, *CHECKSUMS, "bytes", "transpose", "shuffle"})
+TIFF_COMPRESSIONS = {1: "none", 8: "deflate", 32946: "deflate"}  # read without imagecodecs, bounded below
 NPY_HEADERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
 
 
@@ -55,15 +73,16 @@ class UploadError(ValueError):
 
 @dataclass(frozen=True)
 class UploadLimits:
-    """Bounds on one uploaded file. Unzipped bytes may reach 8 per voxel (float64) plus 1 MiB of metadata."""
+    """Bounds on one uploaded file. Unzipped bytes may reach 8 per voxel (float64) plus the metadata."""
 
     max_bytes: int
     max_voxels: int
     max_members: int = 4096  # zip members: zarr metadata and chunk files
+    max_pages: int = 4096  # TIFF pages (slices of a volume): 4096 slices of 64x64 are 16 Mi voxels
 
     @property
     def max_unzipped(self) -> int:
-        return 8 * self.max_voxels + (1 << 20)
+        return 8 * self.max_voxels + METADATA_BYTES
 
 
 @dataclass
@@ -88,7 +107,7 @@ def read_upload(path: Path, field: str, limits: UploadLimits) -> bytes:
     return path.read_bytes()
 
 
-def file_kind(data: bytes, field: str) -> str:
+def file_kind(data: bytes, field: str, limits: UploadLimits) -> str:
     """The upload's format from its first bytes: npy, npz (a zip of .npy), zarr (any other zip), png or tiff."""
     if data.startswith(NPY_MAGIC):
         return "npy"
@@ -98,7 +117,7 @@ def file_kind(data: bytes, field: str) -> str:
         return "tiff"
     if data.startswith(ZIP_MAGIC):
         try:
-            names = [n for n in zipfile.ZipFile(io.BytesIO(data)).namelist() if not n.endswith("/")]
+            names = [n for n in open_zip(data, field, limits).namelist() if not n.endswith("/")]
         except zipfile.BadZipFile as error:
             raise UploadError(f"{field}: a damaged zip file ({error})") from None
         return "npz" if names and all(n.endswith(".npy") for n in names) else "zarr"
@@ -112,7 +131,7 @@ def decode(data: bytes, field: str, limits: UploadLimits, allowed: Sequence[str]
     Third-party parsers raise all sorts of exceptions on malformed input; all of them become an UploadError,
     since a broken upload is the client's problem and must not look like a server fault.
     """
-    kind = file_kind(data, field)
+    kind = file_kind(data, field, limits)
     if kind not in allowed:
         raise UploadError(f"{field}: a {kind} file; this endpoint takes {', '.join(allowed)}")
     readers = {"npy": _read_npy_file, "npz": _read_npz, "zarr": _read_zarr, "png": _read_png, "tiff": _read_tiff}
@@ -133,7 +152,8 @@ def _check_voxels(shape: Sequence[int], field: str, limits: UploadLimits, what: 
 
 
 def _read_npy(data: bytes, field: str, limits: UploadLimits) -> np.ndarray:
-    """One .npy, its header checked (no objects, voxel limit) before the data are read."""
+    """One .npy, its header checked (no objects, voxel limit, shape x item size = the bytes the file holds) before
+    the data are read: numpy allocates the declared array before it reads, whatever the file holds."""
     buffer = io.BytesIO(data)
     version = np.lib.format.read_magic(buffer)
     if version not in NPY_HEADERS:
@@ -142,6 +162,10 @@ def _read_npy(data: bytes, field: str, limits: UploadLimits) -> np.ndarray:
     if dtype.hasobject:
         raise UploadError(f"{field}: dtype {dtype} holds Python objects; give numeric arrays (never pickles)")
     _check_voxels(shape, field, limits)
+    declared, held = math.prod(shape) * dtype.itemsize, len(data) - buffer.tell()
+    if declared != held:
+        raise UploadError(f"{field}: the .npy header declares shape {shape} of {dtype}, {declared} bytes; the file "
+                          f"holds {held}")
     return np.load(io.BytesIO(data), allow_pickle=False)
 
 
@@ -149,10 +173,25 @@ def _read_npy_file(data: bytes, field: str, limits: UploadLimits, _: str) -> tup
     return _read_npy(data, field, limits), None
 
 
+def open_zip(data: bytes, field: str, limits: UploadLimits) -> zipfile.ZipFile:
+    """The zip, once its end record says that its directory is within max_members entries of ZIP_ENTRY bytes:
+    zipfile makes an object of every entry it finds in the directory (~10x the entry's bytes), whatever count the
+    record gives, so a 64 MB upload of empty entries would take ~1 GB. zipfile takes the last end record too."""
+    end = data.rfind(ZIP_END_MAGIC, max(0, len(data) - ZIP_END.size - 0xFFFF))  # after it: a comment of < 64 KiB
+    if end < 0 or end + ZIP_END.size > len(data):
+        raise UploadError(f"{field}: a damaged zip file (no end of central directory record)")
+    _, _, _, _, entries, size, _, _ = ZIP_END.unpack_from(data, end)
+    if entries > limits.max_members or size > limits.max_members * ZIP_ENTRY:
+        raise UploadError(f"{field}: the zip's directory lists {entries} entries in {size} bytes; at most "
+                          f"{limits.max_members} entries in {limits.max_members * ZIP_ENTRY} bytes are allowed", 413)
+    return zipfile.ZipFile(io.BytesIO(data))
+
+
 def zip_members(data: bytes, field: str, limits: UploadLimits) -> dict[str, bytes]:
     """The files of a zip (name -> bytes), each read no further than its declared size; refused when it has too
-    many members, declares too many bytes in all, or holds names that climb out of it."""
-    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+    many members, declares too many bytes in all, holds names that climb out of it or members compressed other
+    than by deflate."""
+    with open_zip(data, field, limits) as archive:
         infos = [i for i in archive.infolist() if not i.is_dir()]
         if len(infos) > limits.max_members:
             raise UploadError(f"{field}: the zip holds {len(infos)} files; at most {limits.max_members} are allowed",
@@ -167,11 +206,15 @@ def zip_members(data: bytes, field: str, limits: UploadLimits) -> dict[str, byte
             if name.is_absolute() or ".." in name.parts:
                 raise UploadError(f"{field}: the zip holds the path {info.filename!r}; member names must be relative "
                                   f"and stay inside the zip")
-            with archive.open(info) as member:
-                content = member.read(info.file_size + 1)
-            if len(content) > info.file_size:
-                raise UploadError(f"{field}: zip member {info.filename!r} unpacks past its declared size")
-            members[info.filename] = content
+            if info.compress_type not in ZIP_METHODS:
+                raise UploadError(f"{field}: zip member {info.filename!r} is compressed by method "
+                                  f"{info.compress_type}; allowed: {', '.join(ZIP_METHODS.values())}")
+            try:  # zipfile stops at the declared size, then finds that the CRC does not match
+                with archive.open(info) as member:
+                    members[info.filename] = member.read(info.file_size)
+            except zipfile.BadZipFile as error:
+                raise UploadError(f"{field}: zip member {info.filename!r} does not unpack to its declared "
+                                  f"{info.file_size} bytes and their CRC ({error})") from None
     return members
 
 
@@ -198,65 +241,108 @@ def _class_names(values: np.ndarray, field: str) -> tuple[str, ...]:
     return tuple(str(v) for v in values)
 
 
-def _memory_group(members: Mapping[str, bytes]) -> zarr.Group | zarr.Array:
-    """The zarr node of a zipped store, held in memory. A zip of a folder `x.zarr/...` is read as `x.zarr`."""
+def _store_members(members: Mapping[str, bytes], field: str) -> dict[str, bytes]:
+    """The zipped store's files by their key in the store (a zip of a folder `x.zarr/...` is read as `x.zarr`),
+    its metadata documents within METADATA_BYTES in all."""
     tops = {PurePosixPath(name).parts[0] for name in members}
-    metadata = {".zgroup", ".zarray", "zarr.json"}
-    if len(tops) == 1 and not tops & metadata:
+    if len(tops) == 1 and not tops & set(METADATA):
         prefix = f"{tops.pop()}/"
         members = {name.removeprefix(prefix): content for name, content in members.items()}
-    store = MemoryStore({name: cpu.Buffer.from_bytes(content) for name, content in members.items()}, read_only=True)
-    return zarr.open(store=store, mode="r")
+    metadata = sum(len(content) for name, content in members.items() if PurePosixPath(name).name in METADATA)
+    if metadata > METADATA_BYTES:
+        raise UploadError(f"{field}: the zarr store's metadata documents ({', '.join(METADATA)}) take {metadata} "
+                          f"bytes; at most {METADATA_BYTES} are allowed", 413)
+    return dict(members)
 
 
-def _read_array(node: zarr.Array, field: str, limits: UploadLimits, where: str) -> np.ndarray:
-    """A zarr array, checked before any chunk is decoded: numeric dtype, codecs that only decompress (a zarr v2
-    `pickle` filter would unpickle the chunks), shape and chunk (shard) shape within the voxel limit."""
+def _read_array(node: zarr.Array, store: Mapping[str, bytes], field: str, limits: UploadLimits,
+                where: str) -> np.ndarray:
+    """A zarr array, checked before zarr decodes a chunk: numeric dtype, codecs of SAFE_CODECS (a zarr v2
+    `pickle` filter would unpickle the chunks), shape and chunk shape within the voxel limit, every stored chunk
+    within the size its metadata declares (_check_chunks)."""
     if np.dtype(node.dtype).kind not in "biuf":
         raise UploadError(f"{field}: zarr array {where!r} has dtype {node.dtype}; give numeric arrays")
-    unsafe = sorted(set(codec_names(node.metadata.to_dict())) - SAFE_CODECS)
-    if unsafe:
-        raise UploadError(f"{field}: zarr array {where!r} uses the codecs {unsafe}; allowed: "
-                          f"{', '.join(sorted(SAFE_CODECS))}")
+    codecs = codec_names(node.metadata.to_dict())
+    unsafe = sorted(set(codecs) - SAFE_CODECS)
+    compressors = [name for name in codecs if name in STREAM_CODECS or name in SIZED_CODECS]
+    if unsafe or len(compressors) > 1:
+        raise UploadError(f"{field}: zarr array {where!r} uses the codecs {unsafe or compressors}; allowed: at most "
+                          f"one of {', '.join([*STREAM_CODECS, *SIZED_CODECS])} and any of "
+                          f"{', '.join(sorted(SAFE_CODECS - {*STREAM_CODECS, *SIZED_CODECS}))}")
     _check_voxels(node.shape, field, limits, f"zarr array {where!r}")
-    _check_voxels(node.shards or node.chunks, field, limits, f"the chunks of zarr array {where!r}")
+    _check_voxels(node.chunks, field, limits, f"the chunks of zarr array {where!r}")
+    if compressors:
+        prefix = f"{node.path}/" if node.path else ""
+        chunks = {key[len(prefix):]: content for key, content in store.items()
+                  if key.startswith(prefix) and PurePosixPath(key).name not in METADATA}
+        after = codecs[codecs.index(compressors[0]) + 1:]
+        size = math.prod(node.chunks) * np.dtype(node.dtype).itemsize + 4 * sum(c in CHECKSUMS for c in codecs)
+        _check_chunks(chunks, compressors[0], 4 * sum(c in CHECKSUMS for c in after), size, field, where)
     return np.asarray(node[...])
 
 
+def _check_chunks(chunks: Mapping[str, bytes], compressor: str, trailing: int, size: int, field: str,
+                  where: str) -> None:
+    """Decode each stored chunk by its compressor no further than `size` bytes (chunk shape x item size, and the
+    checksums' 4 bytes each) before zarr decodes it: numcodecs inflates zlib and gzip chunks whole, and allocates
+    whatever decoded size a blosc, lz4 or zstd chunk's own header declares (a 50-byte zstd frame declares 1 MB,
+    and a chunk of a thousand frames 1 GB). `trailing` bytes of checksums follow the compressed stream (zarr v3
+    applies checksum codecs listed after the compressor to its output)."""
+    for key, content in chunks.items():
+        stream = memoryview(content)[:len(content) - trailing]
+        if compressor in STREAM_CODECS:
+            decoded = _inflated_size(stream, size, STREAM_CODECS[compressor])
+            if decoded > size:
+                raise UploadError(f"{field}: chunk {key!r} of zarr array {where!r} decodes to more than the {size} "
+                                  f"bytes its metadata declares (chunk shape x item size)", 413)
+            continue
+        try:
+            numcodecs.get_codec({"id": compressor}).decode(stream, out=np.empty(size, np.uint8))
+        except Exception as error:  # the size its header declares, or a damaged chunk: numcodecs says which
+            raise UploadError(f"{field}: chunk {key!r} of zarr array {where!r} does not decode within the {size} "
+                              f"bytes its metadata declares ({compressor}: {error})", 413) from None
+
+
+def _inflated_size(stream: memoryview, limit: int, wbits: int) -> int:
+    """The bytes a zlib stream (or each member of a gzip one) inflates to, inflated no further than limit + 1."""
+    total = 0
+    while True:
+        inflater = zlib.decompressobj(wbits)
+        total += len(inflater.decompress(stream, limit + 1 - total))
+        stream = memoryview(inflater.unused_data)
+        if total > limit or wbits == zlib.MAX_WBITS or not stream:  # zlib, like numcodecs, reads one stream
+            return total
+
+
 def codec_names(metadata: Mapping[str, Any]) -> list[str]:
-    """The codecs of zarr array metadata (as `metadata.to_dict()` gives it): v2 compressor and filter ids, v3
-    codec names, including those nested in a sharding codec."""
+    """The codecs of zarr array metadata (as `metadata.to_dict()` gives it) in the order they encode: v2 filter
+    ids then the compressor's, v3 codec names (those of numcodecs without their `numcodecs.` prefix)."""
     if metadata.get("zarr_format") == 2:
-        return [str(c["id"]) for c in [metadata.get("compressor"), *(metadata.get("filters") or [])] if c]
-    return [name.removeprefix("numcodecs.") for name in _v3_codec_names(metadata.get("codecs") or [])]
-
-
-def _v3_codec_names(codecs: Sequence[Mapping[str, Any]]) -> list[str]:
-    names = []
-    for codec in codecs:
-        names.append(str(codec["name"]))
-        configuration = codec.get("configuration") or {}
-        names += _v3_codec_names([*configuration.get("codecs", []), *configuration.get("index_codecs", [])])
-    return names
+        return [str(c["id"]) for c in [*(metadata.get("filters") or []), metadata.get("compressor")] if c]
+    return [str(codec["name"]).removeprefix("numcodecs.") for codec in metadata.get("codecs") or []]
 
 
 def _read_zarr(data: bytes, field: str, limits: UploadLimits,
                purpose: str) -> tuple[np.ndarray, tuple[str, ...] | None]:
     """A zipped zarr store: an array at its root, or a CellMap-layout store (EM at recon-1/em/fibsem-uint8/s0;
     labels as per-class arrays of the first crop under recon-1/labels/groundtruth, 0/1/255)."""
-    node = _memory_group(zip_members(data, field, limits))
+    store = _store_members(zip_members(data, field, limits), field)
+    node = zarr.open(store=MemoryStore({k: cpu.Buffer.from_bytes(v) for k, v in store.items()}, read_only=True),
+                     mode="r")
     if isinstance(node, zarr.Array):
-        return _read_array(node, field, limits, "/"), None
+        return _read_array(node, store, field, limits, "/"), None
     if purpose == "em":
         for name in PREFERRED_EM:
             if f"{EM_GROUP}/{name}/s0" in node:
-                return _read_array(node[f"{EM_GROUP}/{name}/s0"], field, limits, f"{EM_GROUP}/{name}/s0"), None
+                where = f"{EM_GROUP}/{name}/s0"
+                return _read_array(node[where], store, field, limits, where), None
         raise UploadError(f"{field}: the zarr store has no array at its root nor at {EM_GROUP}/<"
                           f"{'|'.join(PREFERRED_EM)}>/s0")
-    return _read_crop(node, field, limits)
+    return _read_crop(node, store, field, limits)
 
 
-def _read_crop(root: zarr.Group, field: str, limits: UploadLimits) -> tuple[np.ndarray, tuple[str, ...]]:
+def _read_crop(root: zarr.Group, store: Mapping[str, bytes], field: str,
+               limits: UploadLimits) -> tuple[np.ndarray, tuple[str, ...]]:
     """Label codes [Z, K, Y, X] of the first crop's class arrays, and their class names."""
     crops = sorted(root[GROUNDTRUTH_GROUP].group_keys()) if GROUNDTRUTH_GROUP in root else []
     if not crops:
@@ -266,7 +352,7 @@ def _read_crop(root: zarr.Group, field: str, limits: UploadLimits) -> tuple[np.n
     if not classes:
         raise UploadError(f"{field}: crop {crops[0]} holds no class arrays <class>/s0")
     where = f"{GROUNDTRUTH_GROUP}/{crops[0]}"
-    masks = [_read_array(crop[f"{name}/s0"], field, limits, f"{where}/{name}/s0") for name in classes]
+    masks = [_read_array(crop[f"{name}/s0"], store, field, limits, f"{where}/{name}/s0") for name in classes]
     if len({m.shape for m in masks}) > 1 or masks[0].ndim != 3:
         raise UploadError(f"{field}: the class arrays of {where} must be z-y-x volumes of one shape, got "
                           f"{[m.shape for m in masks]}")
@@ -274,9 +360,14 @@ def _read_crop(root: zarr.Group, field: str, limits: UploadLimits) -> tuple[np.n
 
 
 def _read_png(data: bytes, field: str, limits: UploadLimits, _: str) -> tuple[np.ndarray, None]:
-    """A greyscale (EM, uint8) or index-map (labels: 8- or 16-bit grey, or palette indices) PNG."""
+    """A greyscale (EM, uint8) or index-map (labels: 8- or 16-bit grey, or palette indices) PNG. Its size is
+    checked from its IHDR chunk (the first of every PNG) before PIL opens it, and PIL's own decompression-bomb
+    check (which refuses past twice MAX_IMAGE_PIXELS) is set from the same limit; PIL's decoder inflates no
+    further than the image it fills."""
+    width, height = struct.unpack_from(">II", data, len(PNG_MAGIC) + 8)  # after the chunk's length and type
+    _check_voxels((height, width), field, limits, "image")
+    Image.MAX_IMAGE_PIXELS = limits.max_voxels  # process-wide: one server, one limit
     with Image.open(io.BytesIO(data), formats=["PNG"]) as image:
-        _check_voxels((image.height, image.width), field, limits, "image")
         if image.mode not in ("L", "P", "I", "I;16"):
             raise UploadError(f"{field}: PNG mode {image.mode}; give a greyscale (EM) or index-map (labels) PNG, "
                               f"not colour")
@@ -284,17 +375,51 @@ def _read_png(data: bytes, field: str, limits: UploadLimits, _: str) -> tuple[np
 
 
 def _read_tiff(data: bytes, field: str, limits: UploadLimits, _: str) -> tuple[np.ndarray, None]:
+    """Greyscale pages of one shape and dtype: an image [Y, X], or a volume [Z, Y, X] of several. Pages are
+    counted, their shape and compression checked from their headers, and each compressed strip or tile inflated
+    no further than the size its page declares (tifffile would inflate it whole) before any page is decoded."""
     import tifffile
 
     with tifffile.TiffFile(io.BytesIO(data)) as tiff:
-        _check_voxels(tiff.series[0].shape, field, limits, "TIFF image")
-        return tiff.series[0].asarray(), None
+        count = len(tiff.pages)  # walks the chain of page offsets, parsing no page
+        if count > limits.max_pages:
+            raise UploadError(f"{field}: the TIFF holds {count} pages; at most {limits.max_pages} are allowed", 413)
+        pages = list(tiff.pages)
+        if len({(page.shape, page.dtype) for page in pages}) > 1 or len(pages[0].shape) != 2:
+            raise UploadError(f"{field}: TIFF pages of shapes and dtypes "
+                              f"{sorted({(page.shape, str(page.dtype)) for page in pages})[:4]}; give greyscale "
+                              f"pages (one sample per pixel, not colour) of one shape and dtype")
+        _check_voxels((len(pages), *pages[0].shape), field, limits, "TIFF image")
+        for index, page in enumerate(pages):
+            _check_segments(page, index, data, field)
+        volume = np.empty((len(pages), *pages[0].shape), pages[0].dtype)
+        for index, page in enumerate(pages):
+            page.asarray(out=volume[index])
+        return volume[0] if len(pages) == 1 else volume, None
+
+
+def _check_segments(page: Any, index: int, data: bytes, field: str) -> None:
+    """A page's compression among TIFF_COMPRESSIONS, and each of its compressed strips or tiles inflating to at
+    most the size the page declares for it (its rows or tile shape x item size)."""
+    if page.compression not in TIFF_COMPRESSIONS:
+        name = getattr(page.compression, "name", page.compression)  # tifffile's enum, or the number it does not know
+        raise UploadError(f"{field}: TIFF page {index} is compressed by {name}; allowed: "
+                          f"{', '.join(sorted(set(TIFF_COMPRESSIONS.values())))}")
+    if page.compression == 1:  # tifffile reads the declared bytes of an uncompressed page, no more
+        return
+    size = math.prod(page.chunks) * page.dtype.itemsize
+    for offset, count in zip(page.dataoffsets, page.databytecounts, strict=True):
+        if _inflated_size(memoryview(data)[offset:offset + count], size, zlib.MAX_WBITS) > size:
+            raise UploadError(f"{field}: a strip or tile of TIFF page {index} inflates to more than the {size} bytes "
+                              f"its header declares", 413)
 
 
 # ---- label maps for em-from-labels models --------------------------------------------------------------------
 
-def label_maps(card: ModelCard, decoded: Decoded, classes: Sequence[str] | None, field: str) -> np.ndarray:
-    """Uploaded labels -> the label-map condition [N, K, H, W] of an em-from-labels model (+1/-1/0).
+def label_maps(card: ModelCard, decoded: Decoded, classes: Sequence[str] | None, field: str,
+               max_maps: int) -> np.ndarray:
+    """Uploaded labels -> the label-map condition [N, K, H, W] of an em-from-labels model (+1/-1/0), counted and
+    shaped first: the condition takes 4 bytes per voxel and model class, many times the upload's bytes.
 
     Two shapes are understood. Index maps [H, W] or [N, H, W] of integers: CellMap class ids, or with
     `classes`, value i means classes[i - 1] (0: none). Per-class masks [N, C, H, W] whose C channels are named by
@@ -304,13 +429,20 @@ def label_maps(card: ModelCard, decoded: Decoded, classes: Sequence[str] | None,
     """
     array = decoded.array
     names = tuple(classes) if classes else decoded.classes
+    if array.ndim not in (2, 3, 4):
+        raise UploadError(f"{field}: shape {array.shape}; give index maps [N, H, W] (integer class ids) or per-class "
+                          f"masks [N, C, H, W]")
+    maps = 1 if array.ndim == 2 else len(array)
+    if maps > max_maps:
+        raise UploadError(f"{field}: {maps} label maps; at most {max_maps} per request (EMSERVE_MAX_SAMPLES), one "
+                          f"sample each")
+    _check_patch(card, array.shape[-2:], field)
     if array.ndim in (2, 3) and (np.issubdtype(array.dtype, np.integer) or array.dtype == bool):
         ids = array[None] if array.ndim == 2 else array
         return label_maps_from_ids(card, _cellmap_ids(ids, names, field) if names else ids)
     if array.ndim != 4:
-        raise UploadError(f"{field}: shape {array.shape}; give index maps [N, H, W] (integer class ids) or per-class "
-                          f"masks [N, C, H, W]")
-    _check_patch(card, array.shape[2:], field)
+        raise UploadError(f"{field}: index maps of dtype {array.dtype}; index maps hold integer class ids, masks are "
+                          f"[N, C, H, W]")
     names = names or _model_channels(card, array.shape[1], field)
     if len(names) != array.shape[1]:
         raise UploadError(f"classes: {len(names)} names {list(names)} for {array.shape[1]} mask channels")
