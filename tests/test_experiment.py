@@ -66,11 +66,14 @@ def test_arms_carry_intervals_and_each_generated_arm_its_paired_difference(exper
         assert row["seeds"] == 2
         assert row["mean_dice"] == pytest.approx(np.mean(row["per_seed"]))
         assert row["ci95"][0] <= row["mean_dice"] <= row["ci95"][1], arm
-    compared = [c["arm"] for c in report["comparisons"]]
-    assert compared == [a for a in ARMS if a not in ("real", "few")]
+    compared = [(c["arm"], c["baseline"]) for c in report["comparisons"]]
+    denoiser_controls = [(f"{r}+denoiser", f"{r}+longer") for r in ("real", "few")]
+    assert [c for c in compared if c not in denoiser_controls] == [(a, baseline_of(a)) for a in ARMS
+                                                                   if a not in ("real", "few")]
+    assert all(c in compared for c in denoiser_controls)  # more compute: also against the same compute
     for c in report["comparisons"]:
         assert set(c) == {"arm", "baseline", "mean_dice_diff", "ci95", "seeds", "per_seed", "verdict"}
-        assert c["baseline"] == baseline_of(c["arm"]) and c["seeds"] == 2
+        assert c["seeds"] == 2
         arm, base = report["arms"][c["arm"]], report["arms"][c["baseline"]]
         assert c["mean_dice_diff"] == pytest.approx(arm["mean_dice"] - base["mean_dice"])
         assert c["per_seed"] == pytest.approx(np.subtract(arm["per_seed"], base["per_seed"]))
@@ -92,7 +95,7 @@ def test_pretrained_arms_start_from_generated_pretraining_with_the_same_total_bu
         assert tuned["training"]["generated"] == []
 
 
-def test_denoiser_arms_start_from_their_regimes_ddpm_and_train_the_whole_budget_on_real_pairs(experiment):
+def test_denoiser_arms_start_from_their_regimes_ddpm_and_longer_arms_spend_the_same_compute(experiment):
     out, _, _ = experiment
     for regime, arm in (("full", "real-denoiser"), ("few", "few-denoiser")):
         tuned = json.loads(next((out / "seed-0" / f"seg-{arm}").glob("step-*/card.json")).read_text())
@@ -101,6 +104,9 @@ def test_denoiser_arms_start_from_their_regimes_ddpm_and_train_the_whole_budget_
                                              "weights": json.loads(ddpm.read_text())["weights"]}
         assert tuned["training"]["config"]["steps"] == 6 and tuned["training"]["generated"] == []
         assert tuned["training"]["config"]["labelled_slices"] == (2 if regime == "few" else 0)
+        longer = json.loads(next((out / "seed-0" / f"seg-{arm.replace('denoiser', 'longer')}").glob(
+            "step-00000012/card.json")).read_text())  # the segmentation and DDPM budgets (6 + 6), no init
+        assert "init" not in longer["training"] and longer["training"]["generated"] == []
 
 
 def test_filtered_stores_drop_only_pairs_the_baseline_disagrees_with(experiment):

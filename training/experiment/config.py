@@ -10,8 +10,10 @@ Two regimes, each with a baseline trained on real annotations only and arms that
   real+weighted    like real+generated, generated patches weighing `generated_weight` in the loss
   real+denoiser    real pairs for the whole budget, starting from the pairs DDPM's denoiser folded into a
                    segmenter (denoising pretraining, `training.transfer`): no generated data, the DDPM's features
+  real+longer      real pairs for the segmentation and the DDPM budgets together: the compute +denoiser spends,
+                   so that a gain of +denoiser over +longer is not just more training (its second comparison)
   few              real pairs, labels kept on only `few_slices` slices per crop (baseline of the low-label regime)
-  few+...          the same five arms with the few-label DDPM and the `few` network as the filter
+  few+...          the same six arms with the few-label DDPM and the `few` network as the filter
   few+rendered     the labelled slices' label maps drawn as new EM by an EM-from-labels DDPM (real labels,
                    generated EM), mixed in; that DDPM's label-free quarter of each batch reads raw EM from whole
                    volumes, held-out crops' EM included (never their labels): the one generator that sees
@@ -29,7 +31,7 @@ from dataclasses import dataclass, field
 from emserve.diffusion import DEFAULT_SAMPLER, DEFAULT_SPACING, DEFAULT_STEPS
 from emserve.postprocess import DEFAULT_LABEL_METHOD
 
-METHODS = ("generated", "pretrained", "filtered", "weighted", "denoiser")
+METHODS = ("generated", "pretrained", "filtered", "weighted", "denoiser", "longer")
 RENDERING = ("rendered", "augmented")  # few-label arms drawn by the EM-from-labels DDPM
 ARMS = ("real", "generated", *(f"real+{m}" for m in METHODS), "few", *(f"few+{m}" for m in METHODS + RENDERING))
 PRETRAIN_SHARE = 0.5  # pretrained arms: share of the segmentation budget spent on generated pairs
@@ -46,6 +48,12 @@ def regime_of(arm: str) -> str:
 def baseline_of(arm: str) -> str:
     """The arm a generated-data arm is compared with: `few` for the low-label arms, `real` for the others."""
     return BASELINE[regime_of(arm)]
+
+
+def control_of(arm: str) -> str | None:
+    """The arm that spends the same compute without the generative model, for arms that spend more than their
+    baseline: +denoiser against +longer."""
+    return arm.replace("+denoiser", "+longer") if arm.endswith("+denoiser") else None
 
 
 @dataclass

@@ -7,7 +7,7 @@ import numpy as np
 
 from emserve.metrics import format_score
 from emserve.statistics import dice_interval, paired_difference, verdict
-from training.experiment.config import BASELINE, PRETRAIN_SHARE, baseline_of
+from training.experiment.config import BASELINE, PRETRAIN_SHARE, baseline_of, control_of
 from training.transfer import FOLD_TIME
 
 
@@ -27,9 +27,11 @@ def summarize(runs: dict[str, dict], arms: list[str]) -> dict:
     for arm in arms:
         if arm in BASELINE.values():
             continue
-        diff = paired_difference(counts[arm], counts[baseline_of(arm)])
-        comparisons.append({"arm": arm, "baseline": baseline_of(arm), **diff,
-                            "verdict": verdict(diff["ci95"], diff["per_seed"])})
+        for baseline in (baseline_of(arm), control_of(arm)):
+            if baseline in arms:
+                diff = paired_difference(counts[arm], counts[baseline])
+                comparisons.append({"arm": arm, "baseline": baseline, **diff,
+                                    "verdict": verdict(diff["ci95"], diff["per_seed"])})
     return {"arms": summary, "comparisons": comparisons}
 
 
@@ -60,7 +62,8 @@ def markdown_report(report: dict) -> str:
              f"least as well as with the lower {cfg['filter_quantile']:.0%} of real training patches (none kept: the "
              f"arm trains as its baseline); denoiser arms: the whole budget on real pairs, starting from the "
              f"regime's pairs DDPM folded into a segmenter at {FOLD_TIME:.0%} of its schedule (denoising "
-             f"pretraining, no generated data); few = "
+             f"pretraining, no generated data); longer arms: their baseline's data for the segmentation and DDPM "
+             f"budgets together (the compute of the denoiser arms); few = "
              f"{cfg['few_slices']} labelled slices per crop; real data at voxel size "
              f"{cfg['voxel_size'] or 'finest'} nm."
              + (f" Rendered arms: an EM-from-labels DDPM of {cfg['from_labels_steps']} steps, trained on the few-label "
@@ -97,12 +100,14 @@ def markdown_report(report: dict) -> str:
 
 
 def _in_words(comparisons: list[dict]) -> str:
-    said = {"better": "Better than their baseline (interval above zero, every seed gains)",
-            "worse": "Worse than their baseline (interval below zero, every seed loses)",
-            "not distinguishable from zero": "Not distinguishable from their baseline at this number of seeds"}
+    said = {"better": "Better than what they are compared with (interval above zero, every seed gains)",
+            "worse": "Worse than what they are compared with (interval below zero, every seed loses)",
+            "not distinguishable from zero": "Not distinguishable from what they are compared with at this "
+                                             "number of seeds"}
     parts = []
     for reading, words in said.items():
-        arms = [c["arm"] for c in comparisons if c["verdict"] == reading]
+        arms = [c["arm"] if c["baseline"] == baseline_of(c["arm"]) else f"{c['arm']} over {c['baseline']}"
+                for c in comparisons if c["verdict"] == reading]
         if arms:
             parts.append(f"{words}: {', '.join(arms)}.")
     if comparisons and comparisons[0]["seeds"] < 3:
