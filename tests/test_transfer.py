@@ -27,7 +27,10 @@ def random_denoiser(label_channels: int = 2) -> UNet:
 def test_the_folded_segmenter_computes_the_denoiser_at_the_fold_time_with_null_conditions():
     denoiser = random_denoiser()
     segmenter = UNet(1, 3, timestep=False, **SHAPE).eval()
-    segmenter.load_state_dict(segmenter_weights(denoiser, segmenter, timesteps=1000))
+    weights = segmenter_weights(denoiser, segmenter, timesteps=1000)
+    assert not weights["head.2.weight"].any()  # its own head, even of the denoiser's shape: logits start at zero
+    weights.update({f"head.2.{k}": v for k, v in denoiser.head[2].state_dict().items()})  # to compare the rest
+    segmenter.load_state_dict(weights)
     x = torch.randn(2, 1, 32, 32)
     with torch.no_grad():
         expected = denoiser(torch.cat([x, torch.zeros(2, 2, 32, 32)], 1), torch.full((2,), FOLD_TIME * 1000))
@@ -36,7 +39,7 @@ def test_the_folded_segmenter_computes_the_denoiser_at_the_fold_time_with_null_c
     assert not torch.allclose(segmenter(x), other_time, atol=1e-3)  # the time step is really folded in
 
 
-def test_a_segmenter_with_other_outputs_keeps_its_zero_head_and_a_different_shape_is_refused_by_name():
+def test_the_stem_keeps_the_em_channel_and_a_different_shape_is_refused_by_name():
     denoiser = random_denoiser()
     segmenter = UNet(1, 5, timestep=False, **SHAPE)
     weights = segmenter_weights(denoiser, segmenter, timesteps=1000)

@@ -10,8 +10,9 @@ conditioning vector. So the denoiser is folded into it exactly, at one fixed tim
   parameters of the GroupNorm it follows (weight * (1 + scale), bias * (1 + scale) + shift);
 - the stem keeps the EM input channel; every other input (the label channels of a pairs denoiser, a spatial label
   condition) reads zero, i.e. its weights are dropped;
-- the head's last conv starts at zero as any segmenter's does when its shape differs (other outputs), so training
-  starts from the denoiser's features and the usual zero logits.
+- the head's last conv is the segmenter's own, zero as at any segmenter's start: its outputs mean something else
+  (logits, not a noise estimate) even where the shapes agree, so training starts from the denoiser's features
+  and the usual zero logits.
 
 The time step follows Baranchuk et al., whose segmentation features were best early in the schedule
 (t = 50 ... 250 of 1000): FOLD_TIME is 10 % of the schedule. It is fixed by that principle, not tuned on our crops.
@@ -29,7 +30,8 @@ FOLD_TIME = 0.1  # share of the denoiser's schedule whose time embedding is fold
 
 @torch.no_grad()
 def segmenter_weights(denoiser: UNet, segmenter: UNet, timesteps: int) -> dict[str, Tensor]:
-    """The segmenter's state dict with every tensor it shares with the denoiser taken from it (see module doc).
+    """The segmenter's state dict with every tensor but the head's last conv taken from the denoiser (see module
+    doc).
 
     Raises ValueError naming the first tensor whose shape differs anywhere but the input and output convs (the
     two networks must have the same width, multipliers, blocks and attention)."""
@@ -50,11 +52,13 @@ def segmenter_weights(denoiser: UNet, segmenter: UNet, timesteps: int) -> dict[s
     source["stem.weight"] = source["stem.weight"][:, : segmenter.config.in_channels]
     head_conv = f"head.{len(segmenter.head) - 1}."
     for name, value in weights.items():
+        if name.startswith(head_conv):
+            continue
         if name not in source:
             raise ValueError(f"init: the denoiser has no {name}; it must have the segmenter's UNet shape")
         if source[name].shape == value.shape:
             weights[name] = source[name].clone()
-        elif not name.startswith(head_conv):
+        else:
             raise ValueError(f"init: {name} is {list(source[name].shape)} in the denoiser and {list(value.shape)} "
                              f"here; width, multipliers, blocks_per_level and attention must match")
     return weights
