@@ -1,6 +1,6 @@
 """Generation pipelines: model card + denoise callable + request -> batches of samples -> CellMap stores.
 
-Used by the CLI and (later) the service; they see only a card and a denoise callable, so the same pipeline runs
+Used by the CLI, the service and the experiment; they see only a card and a denoise callable, so the same pipeline runs
 over any backend. A sample is a function of (model, per-sample seed, request): sample i of a request with seed s
 always gets the seed `sample_seed(s, i)`, whatever the batch size, and batches are written as they finish, so
 memory stays bounded and an interrupted run resumes where it stopped.

@@ -19,7 +19,7 @@ import numpy as np
 
 OBJECTIVES: tuple[str, ...] = ("eps", "x0", "v")
 
-#: The data range: EM and label channels are scaled to [-1, 1] (see DESIGN.md, "Channels").
+#: The data range: raw EM and every label channel are scaled to [-1, 1] while diffusing.
 DATA_RANGE: tuple[float, float] = (-1.0, 1.0)
 
 

@@ -27,7 +27,7 @@ away (with an exact denoiser on Gaussian data: a 1-3% low standard deviation at 
 
 Randomness is per sample: sample i owns ``np.random.default_rng(seeds[i])``, which draws its initial noise and
 then, in step order, every noise it needs. A sample is therefore a function of its seed (and model and request)
-alone, whatever the batch size and whichever other samples share the batch (DESIGN.md, "Determinism").
+alone, whatever the batch size and whichever other samples share the batch.
 """
 
 from __future__ import annotations
