@@ -33,10 +33,10 @@ from emserve.card import ModelCard
 from emserve.classes import ATOMIC_NAMES
 from emserve.runtime.base import Runtime
 from emserve.runtime.load import load_runtime
+from emserve.unet import UNet, count_parameters
 from training.checkpoint import TrainingState, checkpoints, save_checkpoint
 from training.device import cpu_has_bf16
 from training.export import EXPORTERS, export_model
-from training.unet import UNet, count_parameters
 
 #: Named model sizes: UNet arguments, patch size, classes (channels = raw + one per class) and datasets.
 SIZES: dict[str, dict[str, Any]] = {

@@ -12,6 +12,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from emserve.classes import check_class_names
 
 MODES = ("em", "labels", "pairs", "em-from-labels", "segmentation")
@@ -82,6 +84,13 @@ class ModelCard:
             out["label_map"] = {"shape": ["B", len(self.classes), "H", "W"], "dtype": "float32", "null": 0.0,
                                 "values": "+1 present, -1 absent, 0 not given"}
         return out
+
+    def null_conditions(self, batch: int, height: int, width: int) -> dict[str, np.ndarray]:
+        """Every conditioning input at its null value ("no condition") for a batch of height x width samples: the
+        unconditional half of classifier-free guidance, and what training drops conditions to."""
+        dims = {"B": batch, "H": height, "W": width}
+        return {name: np.full([dims.get(d, d) for d in spec["shape"]], spec["null"], spec["dtype"])
+                for name, spec in self.conditions.items()}
 
     def dataset_id(self, name: str | None) -> int:
         """The condition id of a dataset name (-1, the null, for None)."""

@@ -103,7 +103,7 @@ def conditions(card: ModelCard, request: GenerationRequest, batch: int,
     """Condition inputs for a batch and their nulls, checked against what the card accepts."""
     k, size = len(card.classes), card.patch_size
     cond: dict[str, np.ndarray] = {}
-    null: dict[str, np.ndarray] = {}
+    null = card.null_conditions(batch, size, size)
     if request.present or request.absent:
         if not card.class_condition:
             raise ValueError("present/absent: this model has no class-presence condition")
@@ -117,10 +117,8 @@ def conditions(card: ModelCard, request: GenerationRequest, batch: int,
     if card.class_condition:
         cond["classes"] = np.tile(vector if request.present or request.absent else np.zeros(k, np.float32),
                                   (batch, 1))
-        null["classes"] = np.zeros((batch, k), np.float32)
     if card.datasets:
         cond["dataset"] = np.full(batch, card.dataset_id(request.dataset), np.int64)
-        null["dataset"] = np.full(batch, -1, np.int64)
     elif request.dataset is not None:
         card.dataset_id(request.dataset)  # raises: this model has no dataset condition
     if card.label_map_condition:
@@ -130,7 +128,6 @@ def conditions(card: ModelCard, request: GenerationRequest, batch: int,
             raise ValueError(f"label maps: shape {label_map.shape[1:]} per sample; the model wants {(k, size, size)} "
                              f"(classes {', '.join(card.classes)})")
         cond["label_map"] = label_map.astype(np.float32)
-        null["label_map"] = np.zeros_like(cond["label_map"])
     elif label_map is not None:
         raise ValueError(f"label maps: a {card.mode!r} model takes no label maps")
     return cond, null

@@ -3,8 +3,8 @@
 import torch
 
 from emserve.card import ModelCard
+from emserve.unet import UNet
 from training.checkpoint import TrainingState, save_checkpoint
-from training.unet import UNet
 
 CLASSES = ["mito_mem", "ld_lum"]
 

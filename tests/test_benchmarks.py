@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from emserve.card import ModelCard
-from training.unet import Attention, UNet
+from emserve.unet import Attention, UNet
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--model", "tiny", "--threads", "1", "--exporter", "legacy"]  # legacy: a faster export, same graph inputs

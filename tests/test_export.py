@@ -18,12 +18,12 @@ import torch
 from checkpoints import CLASSES, make_checkpoint
 
 from emserve.card import ModelCard, sha256_file
+from emserve.runtime.eager import EMA_FILE, MODEL_FILE, load_module
 from emserve.runtime.load import load_runtime
 from emserve.runtime.onnx import ONNX_FILE, OnnxRuntime
 from emserve.runtime.torchscript import TORCHSCRIPT_FILE, TorchScriptRuntime
-from emserve.triton_config import triton_config
-from training.checkpoint import EMA_FILE, MODEL_FILE
-from training.export import ParityError, check_parity, export_model, load_module
+from emserve.runtime.triton_config import triton_config
+from training.export import ParityError, check_parity, export_model
 
 onnx = pytest.importorskip("onnx")
 model_config_pb2 = pytest.importorskip("tritonclient.grpc.model_config_pb2")

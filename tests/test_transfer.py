@@ -5,10 +5,10 @@ import torch
 from checkpoints import CLASSES, make_checkpoint
 
 from emserve.card import ModelCard
+from emserve.unet import UNet
 from training.checkpoint import load_checkpoint
 from training.seg import SegConfig, train_seg
 from training.transfer import FOLD_TIME, segmenter_weights
-from training.unet import UNet
 
 SHAPE = dict(width=16, multipliers=(1, 2), blocks_per_level=1, attention_levels=(1,), attention_head_dim=8)
 

@@ -29,7 +29,7 @@ from service_server import free_ports  # beside this file
 
 from emserve.card import ModelCard
 from emserve.pipelines import GenerationRequest, generate
-from emserve.triton_config import write_triton_config
+from emserve.runtime.triton_config import write_triton_config
 
 pytest.importorskip("tritonclient.http", reason="tritonclient is not installed: pip install 'tritonclient[grpc,http]'")
 pytest.importorskip("tritonclient.grpc", reason="tritonclient is not installed: pip install 'tritonclient[grpc,http]'")
@@ -50,8 +50,8 @@ def make_checkpoint(run_dir: Path) -> Path:
     """A real training checkpoint of a tiny conditional pairs denoiser with random weights."""
     import torch
 
+    from emserve.unet import UNet
     from training.checkpoint import TrainingState, save_checkpoint
-    from training.unet import UNet
 
     torch.manual_seed(0)
     model = UNet(1 + len(CLASSES), 1 + len(CLASSES), width=8, multipliers=(1, 2), timestep=True,

@@ -8,7 +8,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from training.unet import UNet, UNetConfig, count_parameters, dropout_conditions  # noqa: E402
+from emserve.unet import UNet, UNetConfig, count_parameters, dropout_conditions  # noqa: E402
 
 K, N, L = 4, 3, 4  # classes, datasets, label channels
 

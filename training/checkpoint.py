@@ -22,8 +22,8 @@ from safetensors.torch import load_file, save_file
 
 from emserve.card import ModelCard, sha256_file
 from emserve.data.writer import atomic_directory, remove_directory
+from emserve.runtime.eager import EMA_FILE, MODEL_FILE
 
-MODEL_FILE, EMA_FILE = "model.safetensors", "ema.safetensors"
 OPTIMIZER_FILE, STATE_FILE = "optimizer.safetensors", "state.json"
 STEP_DIR = re.compile(r"^step-(\d+)$")
 

@@ -28,10 +28,10 @@ from emserve.card import ModelCard
 from emserve.data.patches import PatchSampler, RawPatchSampler, class_presence, label_channels
 from emserve.data.store import EMStore
 from emserve.diffusion import make_schedule, training_target
+from emserve.unet import UNet, UNetConfig, dropout_conditions
 from training.device import autocast
 from training.loop import Run, TrainConfig
 from training.preview import save_preview
-from training.unet import UNet, UNetConfig, dropout_conditions
 
 DDPM_MODES = ("em", "labels", "pairs", "em-from-labels")
 

@@ -36,20 +36,18 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 
 from emserve.card import CARD_NAME, ModelCard, sha256_file
 from emserve.data.writer import atomic_directory
 from emserve.runtime.base import OUTPUT_NAME, graph_inputs
+from emserve.runtime.eager import load_module
 from emserve.runtime.onnx import ONNX_FILE, OnnxRuntime
 from emserve.runtime.torchscript import TORCHSCRIPT_FILE, TorchScriptRuntime
-from emserve.triton_config import CONFIG_NAME, triton_config, write_triton_config
-from training.checkpoint import EMA_FILE, MODEL_FILE
-from training.unet import UNet
+from emserve.runtime.triton_config import CONFIG_NAME, triton_config, write_triton_config
+from emserve.unet import UNet
 
 DEFAULT_TOLERANCE = 1e-4
 EXPORTERS = ("dynamo", "legacy")
-WEIGHTS = {"ema": EMA_FILE, "model": MODEL_FILE}
 OPSET = 18  # ONNX opset: ONNX Runtime >= 1.14 (Triton 23.02 and later) runs it
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 STEP = re.compile(r"^step-\d+$")
@@ -106,31 +104,6 @@ def default_name(checkpoint: Path) -> str:
     """runs/pairs/step-00006000 -> "pairs"; any other folder -> its own name."""
     checkpoint = checkpoint.resolve()
     return checkpoint.parent.name if STEP.match(checkpoint.name) else checkpoint.name
-
-
-def load_module(checkpoint: str | Path, weights: str = "ema") -> tuple[ModelCard, UNet, str]:
-    """(card, UNet in eval mode, weights file name) of a checkpoint folder, the weights checked by sha256."""
-    checkpoint = Path(checkpoint)
-    if weights not in WEIGHTS:
-        raise ValueError(f"weights: {weights!r} is not allowed; choose one of {', '.join(WEIGHTS)}")
-    card = ModelCard.load(checkpoint)
-    file = WEIGHTS[weights]
-    if file not in card.weights:
-        raise ValueError(f"checkpoint: {checkpoint}/{CARD_NAME} lists no {file}; is this a training checkpoint?")
-    path = checkpoint / file
-    if not path.is_file() or sha256_file(path) != card.weights[file]:
-        raise ValueError(f"checkpoint: {path} is missing or does not match the sha256 in {checkpoint}/{CARD_NAME}")
-    if (card.mode == "segmentation") == bool(card.unet["timestep"]):
-        raise ValueError(f"checkpoint: a {card.mode!r} card with a UNet of timestep={card.unet['timestep']}; "
-                         f"segmentation networks have no timestep, denoisers have one")
-    model = UNet.from_config(card.unet)
-    model.load_state_dict(load_file(str(path)))
-    model.eval()
-    takes = list(model.example_inputs(1))
-    if takes != list(graph_inputs(card)):
-        raise ValueError(f"checkpoint: the card describes inputs {list(graph_inputs(card))} but the UNet takes "
-                         f"{takes}; the card and the weights disagree")
-    return card, model, file
 
 
 def export_onnx(model: UNet, path: Path, exporter: str = "dynamo") -> None:

@@ -19,11 +19,11 @@ from emserve.card import ModelCard
 from emserve.data.patches import load_crops
 from emserve.data.store import EMStore, LabelledCrop
 from emserve.runtime.base import torch_device
+from emserve.unet import UNet
 from training import checkpoint as ckpt
 from training.device import init_distributed, resolve_precision
 from training.progress import Progress
 from training.transfer import segmenter_weights
-from training.unet import UNet
 
 # Card fields that are facts about the run, not about the model: they may differ when resuming.
 RUN_FIELDS = ("training", "weights", "files", "export")

@@ -10,7 +10,7 @@ import torch
 from emserve.card import RAW, ModelCard
 from emserve.diffusion import make_schedule, sample
 from emserve.pictures import grid, pair_tile, save_png
-from training.sampling import module_denoiser, null_conditions
+from emserve.runtime.eager import module_denoiser
 
 PREVIEW_SAMPLES, PREVIEW_STEPS = 8, 20
 
@@ -31,7 +31,7 @@ def save_preview(model: torch.nn.Module, card: ModelCard, path: Path, device: to
     was_training = model.training
     model.eval()
     size = card.patch_size
-    cond = null_conditions(card, PREVIEW_SAMPLES, size)
+    cond = card.null_conditions(PREVIEW_SAMPLES, size, size)
     if card.datasets:
         cond["dataset"] = np.arange(PREVIEW_SAMPLES, dtype=np.int64) % len(card.datasets)
     samples = sample(module_denoiser(model, device), make_schedule(card.schedule, card.timesteps), card.objective,

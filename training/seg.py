@@ -30,9 +30,9 @@ from emserve.data.patches import PatchBatch, PatchSampler, load_crops
 from emserve.data.store import EMStore, LabelledCrop
 from emserve.pictures import grid, pair_tile, save_png
 from emserve.segmentation import masks_from_probabilities, probabilities
+from emserve.unet import UNet, UNetConfig
 from training.device import autocast
 from training.loop import Run, TrainConfig
-from training.unet import UNet, UNetConfig
 
 IGNORE = -100  # exclusive targets: voxels whose class cannot be told (some class unannotated, none present)
 PREVIEW_PATCHES = 6

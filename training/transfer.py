@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from training.unet import ResBlock, UNet
+from emserve.unet import ResBlock, UNet
 
 FOLD_TIME = 0.1  # share of the denoiser's schedule whose time embedding is folded in
 

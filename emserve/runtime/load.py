@@ -4,8 +4,8 @@ Built-in backends:
 
 - "onnx": ONNX Runtime on an exported model folder (`1/model.onnx`), CUDA where present, else CPU.
 - "torchscript": TorchScript on an exported model folder (`1/model.pt`).
-- "torch": eager torch on a training checkpoint folder (its EMA weights); needs the training code (the `train`
-  extra), for previews and checkpoints not yet exported.
+- "torch": eager torch on a training checkpoint folder (its EMA weights), for previews and checkpoints not yet
+  exported.
 
 - "triton": a Triton Inference Server over HTTP or gRPC; the model is a URL ("grpc://host:8001/name") and the
   `card` option names the exported folder (or card) it serves.
@@ -17,14 +17,12 @@ and whose library is installed.
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from emserve.card import ModelCard
-from emserve.runtime.base import BF16_BACKENDS, CallableRuntime, Runtime, check_precision, torch_device
+from emserve.runtime.base import BF16_BACKENDS, Runtime, check_precision
 
 #: loader(model: str, **options) -> Runtime; options are the backend's keyword arguments (device, max_batch,
 #: memory_budget, ...).
@@ -88,26 +86,13 @@ def _load_torchscript(model: str, **options: Any) -> Runtime:
     return TorchScriptRuntime(model, **options)
 
 
-def _load_torch(model: str, *, device: str = "auto", precision: str = "fp32", max_batch: int | None = None,
-                memory_budget: int | None = None, weights: str = "ema") -> Runtime:
-    """Eager torch on a training checkpoint (EMA weights unless weights="model"); imports the training code."""
+def _load_torch(model: str, **options: Any) -> Runtime:
     try:
-        from training.device import autocast
-        from training.export import load_module
-        from training.sampling import module_denoiser
+        from emserve.runtime.eager import EagerRuntime
     except ImportError as error:
-        raise ImportError(f"torch backend: needs torch and the training code ({error}); pip install "
-                          f"'emserve[train]', or export the model and use the onnx backend") from None
-    target = torch_device(device)
-    card, module, _ = load_module(model, weights)
-    denoise = module_denoiser(module.to(target), target)
-
-    def run(x: np.ndarray, t: np.ndarray | None, cond: Mapping[str, np.ndarray]) -> np.ndarray:
-        with autocast(precision, target):
-            return denoise(x, t, cond)
-
-    return CallableRuntime(card, run, backend="torch", max_batch=max_batch, memory_budget=memory_budget,
-                           precision=precision)
+        raise ImportError(f"torch backend: needs torch ({error}); pip install torch, or export the model and use "
+                          f"the onnx backend") from None
+    return EagerRuntime(model, **options)
 
 
 def _load_triton(model: str, **options: Any) -> Runtime:

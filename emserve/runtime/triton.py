@@ -9,7 +9,7 @@
 Triton keeps the graph; the card stays with the client (`models/<name>/card.json`, Triton ignores it). At
 construction the runtime checks, once and within `connect_timeout`, that the server answers, that the model is
 ready and that its metadata (input and output names, datatypes, shapes) is what the card describes, in either
-layout emserve.triton_config writes: max_batch_size 0 (the graph's shapes) or > 0 (t and dataset sent as
+layout emserve.runtime.triton_config writes: max_batch_size 0 (the graph's shapes) or > 0 (t and dataset sent as
 [B, 1]; calls split to the server's max_batch_size). Each call is checked against the card (Runtime) before
 anything is sent; each inference is bounded by `timeout`. The runtime may be called from several threads at once
 (the service does): each thread gets its own HTTP client.
@@ -25,7 +25,7 @@ import numpy as np
 
 from emserve.card import ModelCard
 from emserve.runtime.base import OUTPUT_NAME, Runtime
-from emserve.triton_config import served_io
+from emserve.runtime.triton_config import served_io
 
 PROTOCOLS = ("http", "grpc")
 

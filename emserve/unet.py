@@ -36,8 +36,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-INPUT_NAMES = ("x", "t", "classes", "dataset", "label_map")
-
 
 @dataclass(frozen=True)
 class UNetConfig:
