@@ -17,13 +17,12 @@ from emserve.classes import ABSENT, PRESENT, UNKNOWN
 from emserve.data.stacks import (
     discover,
     import_stack,
-    natural_key,
     parse_masks,
     parse_slices,
     parse_value_map,
     parse_voxel_size,
 )
-from emserve.data.store import EMStore
+from emserve.data.store import EMStore, natural_key
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 VNC = SHARED / "drosophila_vnc_sstem_gerhard2013" / "train"

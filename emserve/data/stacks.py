@@ -34,7 +34,6 @@ one-line message naming the field, the bad value and what is expected.
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +42,7 @@ from typing import Any, Literal
 import numpy as np
 
 from emserve.classes import ABSENT, PRESENT, UNKNOWN, get_class
+from emserve.data.store import natural_key
 from emserve.data.writer import CropToWrite, provenance, write_store
 
 IMAGE_SUFFIXES = (".png", ".tif", ".tiff")
@@ -147,13 +147,6 @@ def parse_slices(text: str) -> list[slice]:
 
 
 # --- file discovery and reading ------------------------------------------------------------------------------
-def natural_key(path: PathLike) -> tuple:
-    """Sort key that orders 2.png before 10.png (digit runs compare as numbers)."""
-    name = Path(path).name
-    return tuple((0, int(tok), tok) if tok.isdigit() else (1, 0, tok.lower()) for tok in re.split(r"(\d+)", name)
-                 if tok)
-
-
 def discover(source: Files, field_name: str = "images") -> list[Path]:
     """Slice files in order: a folder (its *.png / *.tif / *.tiff, natural order), a glob pattern, one file (a
     multi-page TIFF or a single slice) or an explicit list of files (kept in the given order)."""

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -261,7 +262,7 @@ class EMStore:
         if self.is_n5 or GROUNDTRUTH_GROUP not in self.root:
             return ()
         names = [n for n, _ in self.root[GROUNDTRUTH_GROUP].groups()]
-        return tuple(sorted(names, key=_natural_key))
+        return tuple(sorted(names, key=natural_key))
 
     def crop_group(self, crop: str) -> zarr.Group:
         if crop not in self.crops:
@@ -405,9 +406,11 @@ def _central_block(shape: Sequence[int], max_voxels: int) -> tuple[slice, ...]:
     return tuple(slice(a, min(s, a + side)) for a, s in zip(starts, shape, strict=True))
 
 
-def _natural_key(name: str) -> tuple:
-    digits = "".join(c for c in name if c.isdigit())
-    return (name.rstrip("0123456789"), int(digits) if digits else -1, name)
+def natural_key(path: str | os.PathLike) -> tuple:
+    """Sort key that orders 2.png before 10.png and crop2 before crop10 (digit runs compare as numbers)."""
+    name = Path(path).name
+    return tuple((0, int(tok), tok) if tok.isdigit() else (1, 0, tok.lower()) for tok in re.split(r"(\d+)", name)
+                 if tok)
 
 
 
