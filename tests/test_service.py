@@ -23,6 +23,7 @@ import subprocess
 import sys
 import threading
 import time
+import tomllib
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -30,6 +31,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+import yaml
 import zarr
 from PIL import Image
 from service_server import REPO, make_models, serve
@@ -872,6 +874,16 @@ def test_bentoml_build_packs_service_runtime_and_models_offline(tmp_path):
     assert not any(f.startswith(("training/", "tests/")) or f.endswith(".pt") for f in files)
     requirements = (bento / "env" / "python" / "requirements.txt").read_text()
     assert "onnxruntime" in requirements and "torch" not in requirements
+
+
+def test_the_bento_installs_what_pyproject_asks_for_the_served_runtime():
+    """bentofile.yaml repeats pyproject's dependencies (BentoML reads no pyproject extras): the runtime's own, the
+    cpu extra (ONNX Runtime) and the serve extra, neither more nor fewer, so the two lists cannot drift apart."""
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    wanted = [*project["dependencies"], *project["optional-dependencies"]["cpu"],
+              *project["optional-dependencies"]["serve"]]
+    packed = yaml.safe_load((REPO / "bentofile.yaml").read_text())["python"]["packages"]
+    assert sorted(packed) == sorted(wanted)
 
 
 def test_dockerfile_is_lint_clean_multistage_and_runs_the_service_unprivileged():
