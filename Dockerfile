@@ -1,4 +1,4 @@
-# emserve's HTTP service on a CUDA GPU: `bentoml serve emserve.service:EMServe` over the exported models in models/.
+# emserve's HTTP service on a CUDA GPU: `bentoml serve emserve.serving.service:EMServe` over the exported models in models/.
 #
 #   docker build -t emserve .
 #   docker run --gpus all -p 3000:3000 emserve                       # or -e EMSERVE_API_KEY=... , -v ./models:/app/models
@@ -44,4 +44,4 @@ USER 10001
 EXPOSE 3000
 HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \
     CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:3000/readyz', timeout=4)"]
-CMD ["bentoml", "serve", "emserve.service:EMServe", "--host", "0.0.0.0", "--port", "3000"]
+CMD ["bentoml", "serve", "emserve.serving.service:EMServe", "--host", "0.0.0.0", "--port", "3000"]

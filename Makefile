@@ -42,7 +42,7 @@ demo: setup
 	$(BIN)/emserve generate pairs models/phantom-pairs $(OUT)/generated.zarr --samples 16 --dataset phantom_a
 	$(BIN)/emserve data info $(OUT)/generated.zarr
 	$(BIN)/emserve evaluate seg models/phantom-seg $(OUT)/phantom/phantom_b.zarr --crops crop4
-	BENTOML_DO_NOT_TRACK=true $(BIN)/bentoml serve emserve.service:EMServe --host 127.0.0.1 --port $(PORT) & \
+	BENTOML_DO_NOT_TRACK=true $(BIN)/bentoml serve emserve.serving.service:EMServe --host 127.0.0.1 --port $(PORT) & \
 	pid=$$!; trap "kill $$pid" EXIT; \
 	for i in $$(seq 120); do curl -sf http://127.0.0.1:$(PORT)/readyz >/dev/null && break; sleep 1; done; \
 	curl -sf -X POST http://127.0.0.1:$(PORT)/generate_pairs -H 'content-type: application/json' \
@@ -51,7 +51,7 @@ demo: setup
 
 # The service on its own (docs/SERVICE.md): generate_pairs, generate_from_labels, segment over models/.
 serve: setup
-	BENTOML_DO_NOT_TRACK=true $(BIN)/bentoml serve emserve.service:EMServe --host 127.0.0.1 --port $(PORT)
+	BENTOML_DO_NOT_TRACK=true $(BIN)/bentoml serve emserve.serving.service:EMServe --host 127.0.0.1 --port $(PORT)
 
 lint: setup
 	$(BIN)/ruff check .

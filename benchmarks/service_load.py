@@ -5,7 +5,7 @@ call in-process, to see what serving costs.
     python benchmarks/service_load.py --clients 4 --duration 10 --steps 5 --json out/load.json
     python benchmarks/service_load.py --url http://127.0.0.1:3000       # a server already running
 
-Without --url it starts `bentoml serve emserve.service:EMServe` on 127.0.0.1 over --models (the helper of the
+Without --url it starts `bentoml serve emserve.serving.service:EMServe` on 127.0.0.1 over --models (the helper of the
 tests, tests/service_server.py) and stops it afterwards. Reported: requests and samples per second, latency
 p50/p95/p99 (one client alone, then all clients at once), errors, the server's resident memory (its process
 tree) before, every second under load, and after, and the same generate_pairs request run in this process with

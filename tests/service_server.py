@@ -1,4 +1,4 @@
-"""A real `bentoml serve` of emserve.service on 127.0.0.1, over a models folder of tiny exported models.
+"""A real `bentoml serve` of emserve.serving.service on 127.0.0.1, over a models folder of tiny exported models.
 
 Used by tests/test_service.py and benchmarks/service_load.py. The server runs in its own process group with a
 temporary BENTOML_HOME, no tracking, one ONNX Runtime thread, and is stopped with SIGTERM (SIGKILL after 20 s).
@@ -66,7 +66,7 @@ class Server:
 @contextmanager
 def serve(models: Path, home: Path, env: Mapping[str, str] | None = None, timeout: float = 90.0,
           bentoml: Path = BENTOML, cwd: Path = REPO) -> Iterator[Server]:
-    """`bentoml serve emserve.service:EMServe` until the block ends; ready when /readyz answers 200. `bentoml`
+    """`bentoml serve emserve.serving.service:EMServe` until the block ends; ready when /readyz answers 200. `bentoml`
     and `cwd` choose another installation (a virtualenv laid out like the container's) and working folder.
 
     The port is picked free and then bound by the server, and bentoml reserves ports of its own in between, so
@@ -78,7 +78,7 @@ def serve(models: Path, home: Path, env: Mapping[str, str] | None = None, timeou
     for attempt in range(3):
         (port,) = free_ports()
         log = home / f"server-{port}.log"
-        command = [str(bentoml), "serve", "emserve.service:EMServe", "--host", "127.0.0.1", "--port", str(port)]
+        command = [str(bentoml), "serve", "emserve.serving.service:EMServe", "--host", "127.0.0.1", "--port", str(port)]
         with open(log, "w") as out:
             process = subprocess.Popen(command, cwd=cwd, env=environment, stdout=out, stderr=subprocess.STDOUT,
                                        start_new_session=True, preexec_fn=_die_with_parent)

@@ -1,5 +1,6 @@
-"""The BentoML service for real: `bentoml serve emserve.service:EMServe` in a subprocess on 127.0.0.1, called over
-HTTP with httpx, over a models folder of tiny exported models (tests/service_server.py), one of each served mode.
+"""The BentoML service for real: `bentoml serve emserve.serving.service:EMServe` in a subprocess on 127.0.0.1,
+called over HTTP with httpx, over a models folder of tiny exported models (tests/service_server.py), one of each
+served mode.
 
 Covers every endpoint (shapes, dtypes, classes, seeds, recorded model), the same samples as the pipeline run
 in-process, bad input of every kind (4xx naming the field, and the server keeps serving), the API key, a model
@@ -45,7 +46,7 @@ from emserve.pipelines import GenerationRequest, generate, label_codes, sample_s
 from emserve.postprocess import Screening
 from emserve.runtime.onnx import OnnxRuntime
 from emserve.segmentation import segment_array
-from emserve.uploads import npz_bytes, zip_folder
+from emserve.serving.encoding import npz_bytes, zip_folder
 
 CLASSES = ["mito_mem", "ld_lum"]
 LIMITS = {"EMSERVE_MAX_SAMPLES": "8", "EMSERVE_MAX_TASK_SAMPLES": "400", "EMSERVE_MAX_STEPS": "50",
@@ -850,7 +851,7 @@ def test_an_empty_api_key_stops_the_server_instead_of_turning_authentication_off
 
 
 def test_a_triton_url_that_does_not_answer_stops_the_server_saying_where(models):
-    from emserve.service import load_models
+    from emserve.serving.service import load_models
 
     with pytest.raises(ConnectionError, match=r"triton: cannot reach the server at 127\.0\.0\.1:9 over http"):
         load_models(models, "http://127.0.0.1:9", None)
@@ -869,7 +870,8 @@ def test_bentoml_build_packs_service_runtime_and_models_offline(tmp_path):
     name, version = tag.split(":")
     bento = home / "bentos" / name / version
     files = {p.relative_to(bento / "src").as_posix() for p in (bento / "src").rglob("*") if p.is_file()}
-    assert {"emserve/service.py", "emserve/uploads.py", "models/phantom-pairs/1/model.onnx",
+    assert {"emserve/serving/service.py", "emserve/serving/uploads.py", "emserve/serving/bentoml_compat.py",
+            "models/phantom-pairs/1/model.onnx",
             "models/phantom-pairs/card.json"} <= files
     assert not any(f.startswith(("training/", "tests/")) or f.endswith(".pt") for f in files)
     requirements = (bento / "env" / "python" / "requirements.txt").read_text()
@@ -899,7 +901,7 @@ def test_dockerfile_is_lint_clean_multistage_and_runs_the_service_unprivileged()
     assert len(stages) == 2 and "AS build" in stages[0]
     final = text[text.rindex("\nFROM "):]
     assert "USER 10001" in final and "/readyz" in final and "pip" not in final and "training" not in final
-    assert '"bentoml", "serve", "emserve.service:EMServe", "--host", "0.0.0.0", "--port", "3000"' in final
+    assert '"bentoml", "serve", "emserve.serving.service:EMServe", "--host", "0.0.0.0", "--port", "3000"' in final
 
 
 def image_virtualenv(root: Path) -> Path:
@@ -932,7 +934,7 @@ def image_virtualenv(root: Path) -> Path:
 def test_the_containers_virtualenv_serves_the_default_models_without_torch_or_training_code(tmp_path):
     venv = image_virtualenv(tmp_path)
     python = str(venv / "bin" / "python")
-    probe = ("import importlib.util as u, emserve.service, onnxruntime; "
+    probe = ("import importlib.util as u, emserve.serving.service, onnxruntime; "
              "print(u.find_spec('torch') is None, u.find_spec('training') is None, onnxruntime.get_device())")
     app = tmp_path / "app"  # the image's WORKDIR: models/ and nothing else from the repository
     shutil.copytree(REPO / "models", app / "models")

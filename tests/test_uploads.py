@@ -1,4 +1,4 @@
-"""Decoding uploads in memory (emserve.uploads) against hostile files, without a server.
+"""Decoding uploads in memory (emserve.serving.uploads) against hostile files, without a server.
 
 HOSTILE is a corpus of small files that declare or inflate to far more than the limits (zip, TIFF, PNG, .npy and
 zarr bombs, directories of thousands of entries, codecs that are not allowed): each is refused with a message
@@ -22,7 +22,7 @@ import pytest
 import zarr
 from PIL import Image
 
-from emserve.uploads import UploadError, UploadLimits, decode
+from emserve.serving.uploads import UploadError, UploadLimits, decode
 
 LIMITS = UploadLimits(max_bytes=200_000, max_voxels=40_000)  # those of tests/test_service.py's server
 EM_KINDS = ("npy", "tiff", "zarr", "png")
@@ -154,7 +154,8 @@ def test_hostile_files_are_refused_naming_field_and_limit(what, make, status, me
 
 def test_a_label_upload_is_counted_and_shaped_before_it_is_converted():
     from emserve.card import ModelCard
-    from emserve.uploads import Decoded, label_maps
+    from emserve.serving.label_maps import label_maps
+    from emserve.serving.uploads import Decoded
 
     card = ModelCard(mode="em-from-labels", classes=["mito_mem", "ld_lum"], patch_size=16, unet={})
     many = Decoded(np.broadcast_to(np.uint8(1), (10_000, 16, 16)), None, "npy")  # a view: no memory
@@ -187,7 +188,7 @@ def test_deflated_tiffs_in_strips_and_tiles_are_read_within_their_declared_sizes
     (3, (zarr.codecs.ZstdCodec(), zarr.codecs.Crc32cCodec())),  # a checksum after the compressed stream
 ])
 def test_zarr_stores_of_every_allowed_codec_are_read(tmp_path, zarr_format, compressors):
-    from emserve.uploads import zip_folder
+    from emserve.serving.encoding import zip_folder
 
     folder = tmp_path / "image.zarr"
     array = zarr.create_array(str(folder), shape=IMAGE.shape, chunks=(1, 16, 16), dtype="u1",

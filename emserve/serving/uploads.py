@@ -1,4 +1,4 @@
-"""Files into and out of the service, decoded and encoded in memory.
+"""Files into the service, decoded in memory.
 
 Everything a client uploads is untrusted bytes, so this module is strict where a file reader is usually lenient:
 
@@ -12,13 +12,13 @@ Everything a client uploads is untrusted bytes, so this module is strict where a
   as tifffile's series, which open other files beside the one given (OME, MicroManager);
 - every refusal is an UploadError naming the field, what came and what is allowed.
 
-Results are encoded to bytes with fixed zip timestamps, so the same request and seed give the same bytes.
+What the decoded arrays mean as label maps is emserve.serving.label_maps; results go out through
+emserve.serving.encoding.
 """
 
 from __future__ import annotations
 
 import io
-import json
 import math
 import struct
 import zipfile
@@ -31,20 +31,15 @@ from typing import Any
 import numcodecs
 import numpy as np
 import zarr
-from PIL import Image, PngImagePlugin
+from PIL import Image
 from zarr.core.buffer import cpu
 from zarr.storage import MemoryStore
 
-from emserve.card import ModelCard
-from emserve.classes import ABSENT, PRESENT, UNKNOWN, get_class
-from emserve.data.patches import label_channels
 from emserve.data.store import EM_GROUP, GROUNDTRUTH_GROUP, PREFERRED_EM
-from emserve.pipelines import label_maps_from_ids
 
 NPY_MAGIC, ZIP_MAGIC, PNG_MAGIC = b"\x93NUMPY", b"PK\x03\x04", b"\x89PNG\r\n\x1a\n"
 TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")  # classic and BigTIFF, both byte orders
 KINDS = ("npy", "npz", "zarr", "png", "tiff")
-ZIP_TIME = (1980, 1, 1, 0, 0, 0)  # the earliest zip timestamp: results do not depend on the clock
 ZIP_END_MAGIC, ZIP_END = b"PK\x05\x06", struct.Struct("<4s4H2LH")  # end of central directory record: magic,
 #                disk numbers, entries (on this disk, in all), directory size and offset, comment length
 ZIP_ENTRY = 256  # directory bytes allowed per member: a CellMap chunk's entry takes ~120
@@ -412,125 +407,3 @@ def _check_segments(page: Any, index: int, data: bytes, field: str) -> None:
         if _inflated_size(memoryview(data)[offset:offset + count], size, zlib.MAX_WBITS) > size:
             raise UploadError(f"{field}: a strip or tile of TIFF page {index} inflates to more than the {size} bytes "
                               f"its header declares", 413)
-
-
-# ---- label maps for em-from-labels models --------------------------------------------------------------------
-
-def label_maps(card: ModelCard, decoded: Decoded, classes: Sequence[str] | None, field: str,
-               max_maps: int) -> np.ndarray:
-    """Uploaded labels -> the label-map condition [N, K, H, W] of an em-from-labels model (+1/-1/0), counted and
-    shaped first: the condition takes 4 bytes per voxel and model class, many times the upload's bytes.
-
-    Two shapes are understood. Index maps [H, W] or [N, H, W] of integers: CellMap class ids, or with
-    `classes`, value i means classes[i - 1] (0: none). Per-class masks [N, C, H, W] whose C channels are named by
-    `classes` (else by the file, else they must be the model's classes in order): integer or bool masks use the
-    CellMap codes (1 present, 0 absent, 255 unannotated); float masks are the condition itself, in [-1, 1].
-    Model classes no channel names are "not given" (0).
-    """
-    array = decoded.array
-    names = tuple(classes) if classes else decoded.classes
-    if array.ndim not in (2, 3, 4):
-        raise UploadError(f"{field}: shape {array.shape}; give index maps [N, H, W] (integer class ids) or per-class "
-                          f"masks [N, C, H, W]")
-    maps = 1 if array.ndim == 2 else len(array)
-    if maps > max_maps:
-        raise UploadError(f"{field}: {maps} label maps; at most {max_maps} per request (EMSERVE_MAX_SAMPLES), one "
-                          f"sample each")
-    _check_patch(card, array.shape[-2:], field)
-    if array.ndim in (2, 3) and (np.issubdtype(array.dtype, np.integer) or array.dtype == bool):
-        ids = array[None] if array.ndim == 2 else array
-        return label_maps_from_ids(card, _cellmap_ids(ids, names, field) if names else ids)
-    if array.ndim != 4:
-        raise UploadError(f"{field}: index maps of dtype {array.dtype}; index maps hold integer class ids, masks are "
-                          f"[N, C, H, W]")
-    names = names or _model_channels(card, array.shape[1], field)
-    if len(names) != array.shape[1]:
-        raise UploadError(f"classes: {len(names)} names {list(names)} for {array.shape[1]} mask channels")
-    values = _condition_values(array, field)
-    out = np.zeros((array.shape[0], len(card.classes), *array.shape[2:]), np.float32)
-    for channel, name in enumerate(names):
-        out[:, _model_index(card, name)] = values[:, channel]
-    return out
-
-
-def _cellmap_ids(values: np.ndarray, names: Sequence[str], field: str) -> np.ndarray:
-    """Index-map values 1..len(names) -> the CellMap ids of those (atomic) classes; 0 stays 0."""
-    for name in names:
-        if get_class(name).is_group:
-            raise UploadError(f"classes: {name!r} is a group class; index maps take atomic classes "
-                              f"({', '.join(get_class(name).members)})")
-    if values.min() < 0 or values.max() > len(names):
-        raise UploadError(f"{field}: index-map values in [{values.min()}, {values.max()}]; with classes "
-                          f"{list(names)} they must be in [0, {len(names)}] (0 = none)")
-    lookup = np.array([0, *(get_class(name).id for name in names)], np.int64)
-    return lookup[values.astype(np.int64)]
-
-
-def _check_patch(card: ModelCard, size: Sequence[int], field: str) -> None:
-    if tuple(size) != (card.patch_size, card.patch_size):
-        raise UploadError(f"{field}: label maps of {size[0]}x{size[1]}; this model takes {card.patch_size}x"
-                          f"{card.patch_size} (its patch size)")
-
-
-def _model_channels(card: ModelCard, channels: int, field: str) -> tuple[str, ...]:
-    if channels != len(card.classes):
-        raise UploadError(f"{field}: {channels} mask channels and no class names; name them with 'classes', or give "
-                          f"all {len(card.classes)} of the model's classes in order ({', '.join(card.classes)})")
-    return tuple(card.classes)
-
-
-def _model_index(card: ModelCard, name: str) -> int:
-    get_class(name)  # an unknown name gets the error listing every known class
-    if name not in card.classes:
-        raise UploadError(f"classes: {name!r} is not one of the model's classes; allowed: {', '.join(card.classes)}")
-    return card.classes.index(name)
-
-
-def _condition_values(masks: np.ndarray, field: str) -> np.ndarray:
-    """Masks -> condition values: CellMap codes (integer or bool) to +1/-1/0; float checked to lie in [-1, 1]."""
-    if masks.dtype == bool or np.issubdtype(masks.dtype, np.integer):
-        bad = ~np.isin(masks, (ABSENT, PRESENT, UNKNOWN))
-        if bad.any():
-            raise UploadError(f"{field}: integer masks hold {sorted(np.unique(masks[bad]).tolist())[:5]}; allowed: "
-                              f"1 present, 0 absent, 255 unannotated")
-        return label_channels(masks)
-    if not np.issubdtype(masks.dtype, np.floating):
-        raise UploadError(f"{field}: dtype {masks.dtype}; masks are integer / bool (0/1/255) or float in [-1, 1]")
-    if not np.isfinite(masks).all():
-        raise UploadError(f"{field}: float masks contain NaN or infinite values")
-    if masks.min() < -1 or masks.max() > 1:
-        raise UploadError(f"{field}: float masks in [{masks.min():.3g}, {masks.max():.3g}]; they must be in [-1, 1] "
-                          f"(+1 present, -1 absent, 0 not given)")
-    return masks.astype(np.float32)
-
-
-# ---- encoding results ----------------------------------------------------------------------------------------
-
-def npz_bytes(arrays: Mapping[str, np.ndarray]) -> bytes:
-    """An .npz (readable by np.load with allow_pickle=False) whose bytes depend only on the arrays."""
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w") as archive:
-        for name, array in arrays.items():
-            member = io.BytesIO()
-            np.lib.format.write_array(member, np.asarray(array), allow_pickle=False)
-            archive.writestr(zipfile.ZipInfo(f"{name}.npy", ZIP_TIME), member.getvalue(), zipfile.ZIP_DEFLATED)
-    return buffer.getvalue()
-
-
-def zip_folder(folder: Path) -> bytes:
-    """A zarr store folder as a zip with the store's keys at its root (what zarr.storage.ZipStore reads)."""
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w") as archive:
-        for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-            info = zipfile.ZipInfo(path.relative_to(folder).as_posix(), ZIP_TIME)
-            archive.writestr(info, path.read_bytes(), zipfile.ZIP_DEFLATED)
-    return buffer.getvalue()
-
-
-def png_bytes(rgb: np.ndarray, metadata: Mapping[str, Any]) -> bytes:
-    """A PNG of an RGB picture with the result's metadata as JSON in its `emserve` text chunk."""
-    info = PngImagePlugin.PngInfo()
-    info.add_text("emserve", json.dumps(metadata, sort_keys=True))
-    buffer = io.BytesIO()
-    Image.fromarray(rgb).save(buffer, format="PNG", pnginfo=info)
-    return buffer.getvalue()

@@ -1,0 +1,1 @@
+"""The HTTP service: `bentoml serve emserve.serving.service:EMServe` (docs/SERVICE.md)."""
