@@ -3,26 +3,19 @@ come back as one line naming what is wrong, with exit status 2."""
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Annotated
 
-import numpy as np
 import typer
 from rich.console import Console
 from rich.table import Table
 
+from emserve import cli_options as opt
 from emserve.data.ngff import format_nm
-from emserve.diffusion import (
-    DEFAULT_LABEL_GUIDANCE,
-    DEFAULT_SAMPLER,
-    DEFAULT_SPACING,
-    DEFAULT_STEPS,
-    SAMPLERS,
-    SPACINGS,
-)
+from emserve.diffusion import DEFAULT_LABEL_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_SPACING, DEFAULT_STEPS
 from emserve.postprocess import DEFAULT_LABEL_METHOD
+from emserve.reports import SCORE_COLUMNS, scores_csv, write_json, write_text
 from emserve.runtime.memory import DEFAULT_MEMORY_BUDGET, parse_bytes
 
 app = typer.Typer(
@@ -133,59 +126,14 @@ def data_info(
         console.print(f"{crop}: {', '.join(em.crop_classes(crop))}")
 
 
-# Options every training shares (`train ddpm`, `train seg`).
-Stores = Annotated[list[str], typer.Argument(help="Training stores (<dataset>.zarr paths or s3:// URLs).")]
-RunFolder = Annotated[Path, typer.Option(help="Run folder: checkpoints, samples/, log.jsonl.")]
-ClassList = Annotated[str, typer.Option(help="Comma-separated class names (default: every class annotated in "
-                                             "the stores).")]
-PatchSize = Annotated[int, typer.Option(help="Square 2D patch size in voxels.")]
-BatchSize = Annotated[int, typer.Option(help="Patches per optimizer step (split across torchrun processes).")]
-MemoryBudget = Annotated[str, typer.Option(help="Most memory one model call may take, e.g. 4GiB or 512MB; larger "
-                                                "batches are split into calls that fit (same results).")]
-Steps = Annotated[int, typer.Option(help="Optimizer steps in all (a resumed run stops here too).")]
-LearningRate = Annotated[float, typer.Option(help="AdamW learning rate.")]
-Width = Annotated[int, typer.Option(help="UNet base channels (the study: 64).")]
-Multipliers = Annotated[str, typer.Option(help="Channel multipliers per level (the study: 1,2,4,8).")]
-BlocksPerLevel = Annotated[int, typer.Option(help="ResNet blocks per UNet level.")]
-ClassGroups = Annotated[str, typer.Option(help="Groups for class-balanced patches, e.g. "
-                                               "'mito_mem+mito_lum,ld_mem+ld_lum'.")]
-Balance = Annotated[float, typer.Option(help="Share of patches centred on a class group.")]
-PatchAxis = Annotated[str, typer.Option(help="Axis the 2D patches are normal to: z | y | x.")]
-VoxelSize = Annotated[str, typer.Option(help="Scale level to train on, 'Z,Y,X' in nm (default: finest).")]
-Precision = Annotated[str, typer.Option(help="auto | fp32 | bf16 (auto: bf16 where the hardware has it).")]
-Device = Annotated[str, typer.Option(help="auto | cpu | cuda (auto: CUDA where present).")]
-Seed = Annotated[int, typer.Option(help="Seeds weights, batches and dropout; a run is reproducible from it.")]
-Sampler = Annotated[str, typer.Option(help=" | ".join(SAMPLERS) + ".")]
-LabelMethod = Annotated[str, typer.Option(help="Generated channels to labels: threshold (overlapping) | argmax (one "
-                                               "class per pixel) | paired (argmax, each lumen decoded with its "
-                                               "membrane: enclosed by construction).")]
-RuntimePrecision = Annotated[str, typer.Option(
-    "--precision", help="fp32 | bf16 (bf16: autocast with --backend torchscript or torch; faster where the CPU or "
-                        "GPU has bf16; not parity-checked, recorded in the output store).")]
-Despeckle = Annotated[int, typer.Option(help="Drop generated label objects smaller than this many pixels before "
-                                             "screening (0: keep all).")]
-Spacing = Annotated[str, typer.Option(help=f"Which timesteps the steps visit: {' | '.join(SPACINGS)} (trailing: "
-                                           "evenly spaced; karras: crowded at low noise, ends at noise 0).")]
-CheckpointEvery = Annotated[int, typer.Option(help="Steps between checkpoints.")]
-PreviewEvery = Annotated[int, typer.Option(help="Steps between PNG previews (samples/).")]
-Resume = Annotated[bool, typer.Option(help="Continue from the newest checkpoint in --out.")]
-LabelledSlices = Annotated[int, typer.Option(help="Keep labels on only this many evenly spaced slices per crop "
-                                                  "(the low-label regime; 0: all).")]
-
-
 @train_app.command("ddpm")
+@opt.option_groups
 def train_ddpm(
-    stores: Stores,
-    out: RunFolder,
+    stores: Annotated[list[str], typer.Argument(help="Training stores (<dataset>.zarr paths or s3:// URLs).")],
+    out: opt.RunFolder,
     mode: Annotated[str, typer.Option(help="em | labels | pairs | em-from-labels")] = "pairs",
-    classes: ClassList = "",
-    patch_size: PatchSize = 64,
-    batch_size: BatchSize = 16,
-    steps: Steps = 2000,
-    lr: LearningRate = 2e-4,
-    width: Width = 32,
-    multipliers: Multipliers = "1,2,4",
-    blocks_per_level: BlocksPerLevel = 2,
+    classes: opt.ClassList = "",
+    net: opt.NetOptions = opt.NetOptions(),
     schedule: Annotated[str, typer.Option(help="Noise schedule: linear | cosine | sigmoid.")] = "sigmoid",
     objective: Annotated[str, typer.Option(help="What the UNet predicts: eps | x0 | v.")] = "v",
     timesteps: Annotated[int, typer.Option(help="Diffusion steps of the training noise process.")] = 1000,
@@ -193,44 +141,31 @@ def train_ddpm(
     dataset_condition: Annotated[bool, typer.Option(help="Condition on the dataset (domain).")] = True,
     p_drop: Annotated[float, typer.Option(help="Probability of dropping each condition (CFG training).")] = 0.5,
     raw_weight: Annotated[float, typer.Option(help="pairs: raw loss weight relative to all labels.")] = 1.0,
-    class_groups: ClassGroups = "",
-    balance: Balance = 0.5,
-    axis: PatchAxis = "z",
-    voxel_size: VoxelSize = "",
-    labelled_slices: LabelledSlices = 0,
-    precision: Precision = "auto",
-    device: Device = "auto",
-    seed: Seed = 0,
-    checkpoint_every: CheckpointEvery = 500,
-    preview_every: PreviewEvery = 500,
-    resume: Resume = False,
+    run: opt.RunOptions = opt.RunOptions(),
 ) -> None:
     """Train a diffusion model (DDPM) on 2D patches of vEM stores, with classifier-free guidance conditions.
 
     Runs data-parallel when launched with torchrun. Checkpoints are safetensors + a JSON model card.
     """
+    from emserve.data.store import annotated_classes
     from training.ddpm import DDPMConfig
-    from training.ddpm import train_ddpm as run
+    from training.ddpm import train_ddpm as train
 
-    names = _csv(classes) or (_annotated_classes(stores) if mode != "em" else [])
+    names = opt.parse_csv(classes) or (annotated_classes(stores) if mode != "em" else [])
     cfg = DDPMConfig(
-        stores=stores, out=str(out), mode=mode, classes=names, patch_size=patch_size, batch_size=batch_size,
-        steps=steps, lr=lr, width=width, multipliers=_ints("multipliers", multipliers),
-        blocks_per_level=blocks_per_level, schedule=schedule,
-        objective=objective, timesteps=timesteps, class_condition=class_condition,
-        dataset_condition=dataset_condition, p_drop=p_drop, raw_weight=raw_weight,
-        class_groups=_groups(class_groups), balance=balance, axis=axis,
-        voxel_size=_voxel_size(voxel_size), labelled_slices=labelled_slices, precision=precision, device=device,
-        seed=seed, checkpoint_every=checkpoint_every, preview_every=preview_every, command=command_line(),
+        stores=stores, out=str(out), mode=mode, classes=names, schedule=schedule, objective=objective,
+        timesteps=timesteps, class_condition=class_condition, dataset_condition=dataset_condition, p_drop=p_drop,
+        raw_weight=raw_weight, **net.config(), **run.config(), command=command_line(),
     )
-    _report_checkpoint(run(cfg, resume=resume))
+    _report_checkpoint(train(cfg, resume=run.resume))
 
 
 @train_app.command("seg")
+@opt.option_groups
 def train_seg(
     stores: Annotated[list[str] | None, typer.Argument(help="Real training stores (<dataset>.zarr paths or s3:// "
                                                             "URLs); may be left out with --generated.")] = None,
-    out: RunFolder = Path("runs/seg"),
+    out: opt.RunFolder = Path("runs/seg"),
     generated: Annotated[list[str] | None, typer.Option(help="A generated store (from `emserve generate`); "
                                                              "repeatable.")] = None,
     generated_fraction: Annotated[float, typer.Option(help="With real and generated stores: share of every "
@@ -241,49 +176,30 @@ def train_seg(
                                                    "one (e.g. pretrained on generated pairs; same classes and "
                                                    "UNet) or a DDPM's denoiser of the same UNet shape (denoising "
                                                    "pretraining).")] = None,
-    classes: ClassList = "",
+    classes: opt.ClassList = "",
     exclusive: Annotated[bool, typer.Option(help="One class per voxel (softmax over background + classes) "
                                                  "instead of a sigmoid per class.")] = False,
     dice_weight: Annotated[float, typer.Option(help="Weight of the Dice loss beside cross-entropy.")] = 1.0,
-    patch_size: PatchSize = 64,
-    batch_size: BatchSize = 16,
-    steps: Steps = 2000,
-    lr: LearningRate = 2e-4,
-    width: Width = 32,
-    multipliers: Multipliers = "1,2,4",
-    blocks_per_level: BlocksPerLevel = 2,
-    class_groups: ClassGroups = "",
-    balance: Balance = 0.5,
-    axis: PatchAxis = "z",
-    voxel_size: VoxelSize = "",
-    labelled_slices: LabelledSlices = 0,
-    precision: Precision = "auto",
-    device: Device = "auto",
-    seed: Seed = 0,
-    checkpoint_every: CheckpointEvery = 500,
-    preview_every: PreviewEvery = 500,
-    resume: Resume = False,
+    net: opt.NetOptions = opt.NetOptions(),
+    run: opt.RunOptions = opt.RunOptions(),
 ) -> None:
     """Train a 2D segmentation network (the denoiser's UNet, no timestep) on real, generated or mixed pairs.
 
     Unannotated classes are left out of the loss. Same checkpoints, model card, resume and progress as
     `train ddpm`; previews show true labels beside predictions on fixed patches.
     """
+    from emserve.data.store import annotated_classes
     from training.seg import SegConfig
-    from training.seg import train_seg as run
+    from training.seg import train_seg as train
 
     stores, generated = list(stores or []), list(generated or [])
     cfg = SegConfig(
         stores=stores, out=str(out), generated=generated, generated_fraction=generated_fraction,
         generated_weight=generated_weight, init=str(init or ""),
-        classes=_csv(classes) or _annotated_classes(stores + generated), exclusive=exclusive,
-        dice_weight=dice_weight, patch_size=patch_size, batch_size=batch_size, steps=steps, lr=lr, width=width,
-        multipliers=_ints("multipliers", multipliers), blocks_per_level=blocks_per_level,
-        class_groups=_groups(class_groups), balance=balance, axis=axis, voxel_size=_voxel_size(voxel_size),
-        labelled_slices=labelled_slices, precision=precision, device=device, seed=seed,
-        checkpoint_every=checkpoint_every, preview_every=preview_every, command=command_line(),
+        classes=opt.parse_csv(classes) or annotated_classes(stores + generated), exclusive=exclusive,
+        dice_weight=dice_weight, **net.config(), **run.config(), command=command_line(),
     )
-    _report_checkpoint(run(cfg, resume=resume))
+    _report_checkpoint(train(cfg, resume=run.resume))
 
 
 @app.command("experiment")
@@ -292,24 +208,24 @@ def experiment(
     out: Annotated[Path, typer.Option(help="Experiment folder: runs, generated stores, report.md / .json.")],
     holdout: Annotated[str, typer.Option(help="Crops to score on and never train on, comma-separated: 'crop3' "
                                               "or '<dataset>/crop3'.")],
-    classes: ClassList = "",
-    patch_size: PatchSize = 64,
-    width: Width = 32,
-    multipliers: Multipliers = "1,2,4",
-    blocks_per_level: BlocksPerLevel = 1,
-    batch_size: BatchSize = 8,
-    lr: LearningRate = 4e-4,
+    classes: opt.ClassList = "",
+    patch_size: opt.PatchSize = 64,
+    width: opt.Width = 32,
+    multipliers: opt.Multipliers = "1,2,4",
+    blocks_per_level: opt.BlocksPerLevel = 1,
+    batch_size: opt.BatchSize = 8,
+    lr: opt.LearningRate = 4e-4,
     seg_steps: Annotated[int, typer.Option(help="Training steps of each segmentation arm.")] = 1000,
     ddpm_steps: Annotated[int, typer.Option(help="Training steps of each pairs DDPM.")] = 4000,
     from_labels_steps: Annotated[int, typer.Option(
         help="Training steps of an EM-from-labels DDPM that draws the few labelled slices' label maps as new EM "
              "for a few+rendered arm (0: no such arm).")] = 0,
     samples: Annotated[int, typer.Option(help="Generated pairs per DDPM.")] = 256,
-    sampler: Sampler = DEFAULT_SAMPLER,
+    sampler: opt.Sampler = DEFAULT_SAMPLER,
     sample_steps: Annotated[int, typer.Option(help="Denoising steps per sample.")] = DEFAULT_STEPS,
-    spacing: Spacing = DEFAULT_SPACING,
-    despeckle: Despeckle = 0,
-    label_method: LabelMethod = DEFAULT_LABEL_METHOD,
+    spacing: opt.Spacing = DEFAULT_SPACING,
+    despeckle: opt.Despeckle = 0,
+    label_method: opt.LabelMethod = DEFAULT_LABEL_METHOD,
     mix: Annotated[float, typer.Option(help="Mixed arms: share of generated patches per batch.")] = 0.5,
     generated_weight: Annotated[float, typer.Option(help="Weighted arms: loss weight of a generated patch "
                                                          "(a real one weighs 1).")] = 0.25,
@@ -317,8 +233,8 @@ def experiment(
         help="Filtered arms: keep a generated pair if the baseline network agrees with it at least as well as "
              "with this quantile of real training patches.")] = 0.25,
     few_slices: Annotated[int, typer.Option(help="Low-label arms: labelled slices kept per crop.")] = 2,
-    class_groups: ClassGroups = "",
-    voxel_size: VoxelSize = "",
+    class_groups: opt.ClassGroups = "",
+    voxel_size: opt.VoxelSize = "",
     arms: Annotated[str, typer.Option(help="Arms to run, comma-separated (their baselines are added); default: "
                                            "every arm the budgets allow. See `training/experiment/config.py`.")] = "",
     seeds: Annotated[str, typer.Option(help="Seeds, comma-separated; each trains every network anew. Intervals "
@@ -332,16 +248,19 @@ def experiment(
     few+rendered and few+augmented arms), and reports realism (FD / KID) and class-presence guidance.
     Rerun the same command to resume an interrupted experiment; add seeds to extend it.
     """
+    from emserve.data.store import annotated_classes
     from training.experiment import ExperimentConfig, run_experiment
 
     cfg = ExperimentConfig(
-        stores=stores, out=str(out), holdout=_csv(holdout), classes=_csv(classes) or _annotated_classes(stores),
-        patch_size=patch_size, width=width, multipliers=_ints("multipliers", multipliers),
-        blocks_per_level=blocks_per_level, batch_size=batch_size, lr=lr, seg_steps=seg_steps, ddpm_steps=ddpm_steps,
+        stores=stores, out=str(out), holdout=opt.parse_csv(holdout),
+        classes=opt.parse_csv(classes) or annotated_classes(stores), patch_size=patch_size, width=width,
+        multipliers=opt.parse_ints("multipliers", multipliers), blocks_per_level=blocks_per_level,
+        batch_size=batch_size, lr=lr, seg_steps=seg_steps, ddpm_steps=ddpm_steps,
         from_labels_steps=from_labels_steps, samples=samples, sampler=sampler, sample_steps=sample_steps,
         spacing=spacing, despeckle=despeckle, label_method=label_method, mix=mix, generated_weight=generated_weight,
-        filter_quantile=filter_quantile, few_slices=few_slices, class_groups=_groups(class_groups),
-        voxel_size=_voxel_size(voxel_size), arms=_csv(arms), seeds=list(_ints("seeds", seeds)), command=command_line(),
+        filter_quantile=filter_quantile, few_slices=few_slices, class_groups=opt.parse_groups(class_groups),
+        voxel_size=opt.parse_voxel_size(voxel_size), arms=opt.parse_csv(arms),
+        seeds=list(opt.parse_ints("seeds", seeds)), command=command_line(),
     )
     console.print(f"report: {run_experiment(cfg)}")
 
@@ -382,9 +301,9 @@ def generate(
     out: Annotated[Path, typer.Argument(help="The store to write, e.g. out/generated.zarr (+ a .png grid).")],
     samples: Annotated[int, typer.Option(help="How many 2D samples.")] = 16,
     seed: Annotated[int, typer.Option(help="Request seed; sample i always gets the same per-sample seed.")] = 0,
-    sampler: Sampler = DEFAULT_SAMPLER,
+    sampler: opt.Sampler = DEFAULT_SAMPLER,
     steps: Annotated[int, typer.Option(help="Denoising steps (the study: DDIM 250).")] = DEFAULT_STEPS,
-    spacing: Spacing = DEFAULT_SPACING,
+    spacing: opt.Spacing = DEFAULT_SPACING,
     guidance: Annotated[float | None, typer.Option(
         help="Classifier-free guidance scale (1 = none; the study: 6). Default: 1, and for from-labels "
              f"{DEFAULT_LABEL_GUIDANCE:g} (the label maps are followed most closely near it).")] = None,
@@ -394,20 +313,19 @@ def generate(
     dataset: Annotated[str | None, typer.Option(help="Dataset (domain) to imitate, by name.")] = None,
     labels_from: Annotated[str, typer.Option(help="from-labels: a store whose crops give the label maps, or PNG/"
                                                   "TIFF index maps of CellMap class ids (file, folder or glob).")] = "",
-    label_method: LabelMethod = DEFAULT_LABEL_METHOD,
+    label_method: opt.LabelMethod = DEFAULT_LABEL_METHOD,
     screen: Annotated[bool, typer.Option(help="Mark implausible label maps unannotated (lumen without or "
                                               "outside its membrane, specks).")] = True,
     min_size: Annotated[int, typer.Option(help="Screening: smallest object in pixels (0: any).")] = 0,
-    despeckle: Despeckle = 0,
+    despeckle: opt.Despeckle = 0,
     batch_size: Annotated[int, typer.Option(help="Samples per model batch (memory is bounded by it).")] = 8,
-    memory_budget: MemoryBudget = DEFAULT_MEMORY_BUDGET,
+    memory_budget: opt.MemoryBudget = DEFAULT_MEMORY_BUDGET,
     resume: Annotated[bool, typer.Option(help="Continue an interrupted run into the same --out.")] = False,
     backend: Annotated[str, typer.Option(help="auto | onnx | torchscript | torch | triton (auto: by what the "
                                               "model folder holds).")] = "auto",
-    served_card: Annotated[str, typer.Option("--card", help="triton: the exported folder whose card the "
-                                                           "server's model has.")] = "",
-    device: Device = "auto",
-    precision: RuntimePrecision = "fp32",
+    served_card: opt.ServedCard = "",
+    device: opt.Device = "auto",
+    precision: opt.RuntimePrecision = "fp32",
 ) -> None:
     """Generate EM, label maps or EM + label pairs with a diffusion model, into the CellMap layout.
 
@@ -415,7 +333,7 @@ def generate(
     i of the EM. Screening never drops a sample: a rejected one keeps its EM and gets its labels marked
     unannotated (255), so segmentation training leaves them out.
     """
-    from emserve.pipelines import GenerationRequest, generate_store
+    from emserve.pipelines import GenerationRequest, generate_store, label_source
     from emserve.postprocess import Screening
 
     if what not in GENERATE_MODES:
@@ -432,10 +350,10 @@ def generate(
         if guidance is None:
             guidance = DEFAULT_LABEL_GUIDANCE if what == "from-labels" else 1.0
         request = GenerationRequest(samples=samples, seed=seed, sampler=sampler, steps=steps, spacing=spacing,
-                                    guidance=guidance, rescale=rescale, present=tuple(_csv(present)),
-                                    absent=tuple(_csv(absent)), dataset=dataset, batch_size=batch_size,
+                                    guidance=guidance, rescale=rescale, present=tuple(opt.parse_csv(present)),
+                                    absent=tuple(opt.parse_csv(absent)), dataset=dataset, batch_size=batch_size,
                                     label_method=label_method, despeckle=despeckle)
-        labels = _label_source(card, labels_from, seed) if what == "from-labels" else None
+        labels = label_source(card, labels_from, seed) if what == "from-labels" else None
         screening = Screening(min_size=min_size) if screen and card.mode in ("pairs", "labels") else None
 
         def progress(done: int, total: int) -> None:
@@ -458,7 +376,7 @@ def segment(
     source: Annotated[str, typer.Argument(help="EM to segment: a <dataset>.zarr / .n5 store or s3:// URL, or an "
                                                "8-bit PNG / TIFF image or multi-page TIFF stack.")],
     out: Annotated[Path, typer.Argument(help="The store to write, e.g. out/predictions.zarr.")],
-    axis: Annotated[str, typer.Option(help="Segment slices normal to this axis: z | y | x.")] = "z",
+    axis: opt.SliceAxis = "z",
     tile: Annotated[int | None, typer.Option(help="Tile size in voxels (default: the model's patch size).")] = None,
     overlap: Annotated[int | None, typer.Option(help="Tile overlap in voxels (default: a quarter tile).")] = None,
     threshold: Annotated[float, typer.Option(help="Multi-label models: probability above which a voxel is "
@@ -466,12 +384,11 @@ def segment(
     probabilities: Annotated[bool, typer.Option(help="Also write per-class probabilities (x255, uint8).")] = False,
     voxel_size: Annotated[str, typer.Option(help="Stores: the scale level, 'Z,Y,X' in nm (default: the finest).")] = "",
     batch_size: Annotated[int, typer.Option(help="Tiles per model call.")] = 8,
-    memory_budget: MemoryBudget = DEFAULT_MEMORY_BUDGET,
-    backend: Annotated[str, typer.Option(help="auto | onnx | torchscript | torch | triton.")] = "auto",
-    served_card: Annotated[str, typer.Option("--card", help="triton: the exported folder whose card the "
-                                                           "server's model has.")] = "",
-    device: Device = "auto",
-    precision: RuntimePrecision = "fp32",
+    memory_budget: opt.MemoryBudget = DEFAULT_MEMORY_BUDGET,
+    backend: opt.Backend = "auto",
+    served_card: opt.ServedCard = "",
+    device: opt.Device = "auto",
+    precision: opt.RuntimePrecision = "fp32",
     overwrite: Annotated[bool, typer.Option(help="Replace OUT if it exists.")] = False,
 ) -> None:
     """Segment an image or volume of any size, tile by tile with blended overlaps, into the CellMap layout.
@@ -480,7 +397,7 @@ def segment(
     the predictions overlay the EM; memory is bounded by one slice, not the volume.
     """
     from emserve.runtime.load import load_runtime
-    from emserve.segmentation import segment_store
+    from emserve.segmentation import segment_store, segmentation_source
 
     options = {"card": served_card} if served_card else {}
     runtime = load_runtime(model, backend, device=device, precision=precision,
@@ -488,7 +405,7 @@ def segment(
     try:
         if runtime.card.mode != "segmentation":
             raise ValueError(f"model: {model} is a {runtime.card.mode!r} model, not a segmentation network")
-        geometry = _segment_source(source, voxel_size)
+        geometry = segmentation_source(source, voxel_size)
 
         def progress(done: int, total: int) -> None:
             if console.is_terminal:
@@ -508,13 +425,13 @@ def evaluate_seg(
     stores: Annotated[list[str], typer.Argument(help="Stores with ground-truth crops.")],
     crops: Annotated[str, typer.Option(help="Held-out crops, comma-separated: 'crop3' (in every store) or "
                                             "'<dataset>/crop3' (default: every crop).")] = "",
-    axis: Annotated[str, typer.Option(help="Segment slices normal to this axis: z | y | x.")] = "z",
+    axis: opt.SliceAxis = "z",
     tile: Annotated[int | None, typer.Option(help="Tile size (default: the model's patch size).")] = None,
     threshold: Annotated[float, typer.Option(help="Multi-label models: probability threshold.")] = 0.5,
-    json_out: Annotated[Path | None, typer.Option("--json", help="Write the report as JSON here.")] = None,
+    json_out: opt.JsonOut = None,
     csv_out: Annotated[Path | None, typer.Option("--csv", help="Write the per-class table as CSV here.")] = None,
-    backend: Annotated[str, typer.Option(help="auto | onnx | torchscript | torch | triton.")] = "auto",
-    device: Device = "auto",
+    backend: opt.Backend = "auto",
+    device: opt.Device = "auto",
 ) -> None:
     """Per-class Dice (F1), IoU, precision and recall on held-out crops, and their means.
 
@@ -527,14 +444,14 @@ def evaluate_seg(
     with load_runtime(model, backend, device=device) as runtime:
         if runtime.card.mode != "segmentation":
             raise ValueError(f"model: {model} is a {runtime.card.mode!r} model, not a segmentation network")
-        report = evaluate_segmentation(runtime, held_out_crops(stores, runtime.card.classes, _csv(crops)),
+        report = evaluate_segmentation(runtime, held_out_crops(stores, runtime.card.classes, opt.parse_csv(crops)),
                                        axis=axis, tile=tile, threshold=threshold)
     report["model"] = model
     _print_scores(report)
     if json_out is not None:
-        _write_text(json_out, json.dumps(report, indent=2))
+        write_json(json_out, report)
     if csv_out is not None:
-        _write_text(csv_out, _scores_csv(report))
+        write_text(csv_out, scores_csv(report))
 
 
 @evaluate_app.command("realism")
@@ -544,7 +461,7 @@ def evaluate_realism(
     samples: Annotated[int, typer.Option(help="Generated samples to use (real patches: twice as many).")] = 256,
     seed: Annotated[int, typer.Option(help="Seeds the real patch draw and the quiz order.")] = 0,
     picture: Annotated[Path | None, typer.Option(help="Write a 'which one is fake?' grid here (PNG).")] = None,
-    json_out: Annotated[Path | None, typer.Option("--json", help="Write the report as JSON here.")] = None,
+    json_out: opt.JsonOut = None,
 ) -> None:
     """Frechet distance and KID of generated EM against real EM, beside the real-vs-real floor.
 
@@ -561,7 +478,7 @@ def evaluate_realism(
     if picture is not None:
         console.print(f"quiz: {picture} (answers in the JSON report)")
     if json_out is not None:
-        _write_text(json_out, json.dumps(report, indent=2))
+        write_json(json_out, report)
 
 
 @evaluate_app.command("presence")
@@ -575,7 +492,7 @@ def evaluate_presence(
                                             "every crop).")] = "",
     voxel_size: Annotated[str, typer.Option(help="Read the real crops at this voxel size in nm, z,y,x (default: "
                                                  "the finest); match the model's training data.")] = "",
-    json_out: Annotated[Path | None, typer.Option("--json", help="Write the report as JSON here.")] = None,
+    json_out: opt.JsonOut = None,
 ) -> None:
     """Share of generated samples that hold each class, beside the share of real patches of their size.
 
@@ -583,11 +500,12 @@ def evaluate_presence(
     ones, so specks do not count. Compare two generated stores (unguided, and with `--present <class>`) to see
     whether class-presence guidance raises a rare class's share.
     """
+    from emserve.data.store import annotated_classes
     from emserve.evaluation import evaluate_presence as run
     from emserve.metrics import format_score
 
-    report = run(generated, real, _csv(classes) or _annotated_classes(real), crops=_csv(crops),
-                 voxel_size=_voxel_size(voxel_size))
+    report = run(generated, real, opt.parse_csv(classes) or annotated_classes(real), crops=opt.parse_csv(crops),
+                 voxel_size=opt.parse_voxel_size(voxel_size))
     table = Table(title=f"{report['samples']} samples of {generated} vs real {report['patch_size']}-pixel patches")
     for col in ("class", "min object (pixels)", "generated", "real"):
         table.add_column(col, justify="left" if col == "class" else "right")
@@ -596,7 +514,7 @@ def evaluate_presence(
                       format_score(row["real"]))
     console.print(table)
     if json_out is not None:
-        _write_text(json_out, json.dumps(report, indent=2))
+        write_json(json_out, report)
 
 
 @evaluate_app.command("transfer")
@@ -608,11 +526,11 @@ def evaluate_transfer(
     samples: Annotated[int, typer.Option(help="Label maps to render.")] = 64,
     seed: Annotated[int, typer.Option(help="Picks the label maps and seeds their noise; the same seed renders "
                                            "the same maps.")] = 0,
-    sampler: Sampler = DEFAULT_SAMPLER,
+    sampler: opt.Sampler = DEFAULT_SAMPLER,
     steps: Annotated[int, typer.Option(help="Denoising steps.")] = DEFAULT_STEPS,
-    spacing: Spacing = DEFAULT_SPACING,
+    spacing: opt.Spacing = DEFAULT_SPACING,
     guidance: Annotated[float, typer.Option(help="Classifier-free guidance scale.")] = DEFAULT_LABEL_GUIDANCE,
-    json_out: Annotated[Path | None, typer.Option("--json", help="Write the report as JSON here.")] = None,
+    json_out: opt.JsonOut = None,
 ) -> None:
     """Label transfer: render one store's label maps as EM (of another dataset, say), segment the EM, and
     score the segmentation against the label maps. High scores: the generated EM carries its labels."""
@@ -625,10 +543,7 @@ def evaluate_transfer(
     report["crops"] = [f"{labels_from} rendered as {dataset or 'any dataset'}"]
     _print_scores(report)
     if json_out is not None:
-        _write_text(json_out, json.dumps(report, indent=2))
-
-
-SCORE_COLUMNS = ("dice", "iou", "precision", "recall")
+        write_json(json_out, report)
 
 
 def _print_scores(report: dict) -> None:
@@ -644,98 +559,14 @@ def _print_scores(report: dict) -> None:
     console.print(table)
 
 
-def _scores_csv(report: dict) -> str:
-    lines = [",".join(("class", *SCORE_COLUMNS, "annotated", "present"))]
-    for row in [*report["classes"], {"name": "mean", **report["mean"], "annotated": "", "present": ""}]:
-        lines.append(",".join([row["name"], *("" if row[m] is None else f"{row[m]:.6f}" for m in SCORE_COLUMNS),
-                               str(row["annotated"]), str(row["present"])]))
-    return "\n".join(lines) + "\n"
-
-
-def _write_text(path: Path, text: str) -> None:
-    """Write a report atomically (temp file + rename): a reader never sees half of one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
-def _segment_source(source: str, voxel_size: str) -> dict:
-    """volume, normalize, voxel_size and translation of what `emserve segment` reads."""
-    if not _is_store(source):
-        from emserve.data.stacks import discover, read_stack
-
-        return {"volume": read_stack(discover(source, "source"), "source")}
-    from emserve.data.store import EMStore
-
-    store = EMStore(source)
-    level = store.em_level(_voxel_size(voxel_size))
-    return {"volume": store.em_volume(level), "normalize": store.normalize, "voxel_size": level.voxel_size,
-            "translation": level.translation}
-
-
-def _label_source(card, source: str, seed: int):
-    """Label maps for from-labels, sample i -> map: random patches of a store's crops (in the model's classes),
-    or PNG / TIFF index maps of CellMap class ids (a file, folder or glob), used in order and repeated."""
-    from emserve.pipelines import label_maps_from_ids, store_label_maps
-
-    if not source:
-        raise ValueError("labels_from: from-labels needs label maps; give a store or index-map images with "
-                         "--labels-from")
-    if not _is_store(source):
-        from emserve.data.stacks import discover, read_stack
-
-        maps = label_maps_from_ids(card, read_stack(discover(source, "labels_from"), "labels_from"))
-        return lambda start, stop: maps[np.arange(start, stop) % len(maps)]
-    return store_label_maps(card, source, seed)
-
-
-def _is_store(path: str) -> bool:
-    """A zarr / N5 store (local or s3://), as opposed to image files."""
-    local = Path(path)
-    return (path.startswith("s3://") or local.suffix.lower() in (".zarr", ".n5")
-            or (local / ".zgroup").exists() or (local / "zarr.json").exists())
-
-
 def command_line() -> str:
     """The command as typed, recorded in provenance and model cards."""
     return " ".join(["emserve", *sys.argv[1:]])
 
 
-def _csv(value: str) -> list[str]:
-    return [v.strip() for v in value.split(",") if v.strip()]
-
-
-def _ints(field: str, value: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(v) for v in _csv(value))
-    except ValueError:
-        raise ValueError(f"{field}: {value!r} must be comma-separated integers, e.g. 1,2,4") from None
-
-
-def _groups(value: str) -> list[list[str]]:
-    return [g.split("+") for g in _csv(value)]
-
-
-def _voxel_size(value: str) -> tuple[float, float, float] | None:
-    from emserve.data.stacks import parse_voxel_size
-
-    return parse_voxel_size(value) if value else None
-
-
 def _report_checkpoint(last: Path | None) -> None:
     if last is not None:  # None on torchrun ranks other than 0
         console.print(f"checkpoint: {last}")
-
-
-def _annotated_classes(paths: list[str]) -> list[str]:
-    """Every class annotated in any crop of the stores, in class-table order."""
-    from emserve.classes import CLASS_TABLE
-    from emserve.data.store import EMStore
-
-    stores = [EMStore(p) for p in paths]
-    found = {c for s in stores for crop in s.crops for c in s.crop_classes(crop)}
-    return [c.name for c in CLASS_TABLE if c.name in found]
 
 
 if __name__ == "__main__":

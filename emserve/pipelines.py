@@ -21,7 +21,8 @@ from emserve.classes import ABSENT, PRESENT, UNKNOWN, check_class_names, masks_f
 from emserve.data.lock import store_lock
 from emserve.data.ngff import multiscales_attrs, pyramid_levels
 from emserve.data.patches import PatchSampler, label_channels, load_crops
-from emserve.data.store import EM_GROUP, EMStore
+from emserve.data.stacks import discover, read_stack
+from emserve.data.store import EM_GROUP, EMStore, is_store
 from emserve.data.writer import EM_NAME, CropToWrite, add_crop, atomic_directory, fsync_tree, provenance
 from emserve.diffusion import (
     DEFAULT_SAMPLER,
@@ -325,3 +326,15 @@ def preview(card: ModelCard, raws: Sequence[np.ndarray | None], masks: Sequence[
     classes = card.label_classes
     tiles = [pair_tile(r, m if len(classes) else None, classes) for r, m in zip(raws, masks, strict=True)]
     return save_png(grid(tiles, columns=min(columns, len(tiles))), path)
+
+
+def label_source(card: ModelCard, source: str, seed: int) -> LabelSource:
+    """Label maps for from-labels, sample i -> map: random patches of a store's crops (in the model's classes),
+    or PNG / TIFF index maps of CellMap class ids (a file, folder or glob), used in order and repeated."""
+    if not source:
+        raise ValueError("labels_from: from-labels needs label maps; give a store or index-map images with "
+                         "--labels-from")
+    if not is_store(source):
+        maps = label_maps_from_ids(card, read_stack(discover(source, "labels_from"), "labels_from"))
+        return lambda start, stop: maps[np.arange(start, stop) % len(maps)]
+    return store_label_maps(card, source, seed)

@@ -21,6 +21,8 @@ import zarr
 
 from emserve.card import ModelCard
 from emserve.data.patches import check_axis
+from emserve.data.stacks import discover, parse_voxel_size, read_stack
+from emserve.data.store import EMStore, is_store
 from emserve.data.writer import INFERENCE_GROUP, atomic_directory, create_class_arrays, provenance
 from emserve.runtime.base import Runtime
 
@@ -214,3 +216,15 @@ def segment_store(runtime: Runtime, volume: Any, out: str | Path, *,
             if progress is not None:
                 progress(index + 1, volume.shape[along])
     return Path(out)
+
+
+def segmentation_source(source: str, voxel_size: str = "") -> dict:
+    """volume, normalize, voxel_size and translation (the keywords of segment_store) of what `emserve segment`
+    reads: a store's EM at the scale level of `voxel_size` ('Z,Y,X' in nm; empty: the finest), or an image stack
+    as it is (images have one scale, so `voxel_size` is not read)."""
+    if not is_store(source):
+        return {"volume": read_stack(discover(source, "source"), "source")}
+    store = EMStore(source)
+    level = store.em_level(parse_voxel_size(voxel_size) if voxel_size else None)
+    return {"volume": store.em_volume(level), "normalize": store.normalize, "voxel_size": level.voxel_size,
+            "translation": level.translation}

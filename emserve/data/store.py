@@ -29,7 +29,16 @@ from typing import Any, Protocol
 import numpy as np
 import zarr
 
-from emserve.classes import ABSENT, ENCODING, PRESENT, UNKNOWN, atomic_members, check_class_names, get_class
+from emserve.classes import (
+    ABSENT,
+    CLASS_TABLE,
+    ENCODING,
+    PRESENT,
+    UNKNOWN,
+    atomic_members,
+    check_class_names,
+    get_class,
+)
 from emserve.data.ngff import (
     ScaleLevel,
     format_nm,
@@ -497,3 +506,17 @@ def _n5_resolution_level(name: str, group_attrs: Mapping[str, Any], level_attrs:
                          f"N5 metadata (pixelResolution {{dimensions: [x, y, z], unit: nm}})")
     translation = (f - 1) * base / 2
     return ScaleLevel(name, tuple(float(v) for v in vs[::-1]), tuple(float(t) for t in translation[::-1]))
+
+
+def is_store(path: str) -> bool:
+    """A zarr / N5 store (local or s3://), as opposed to image files."""
+    local = Path(path)
+    return (path.startswith("s3://") or local.suffix.lower() in (".zarr", ".n5")
+            or (local / ".zgroup").exists() or (local / "zarr.json").exists())
+
+
+def annotated_classes(paths: Sequence[str]) -> list[str]:
+    """Every class annotated in any crop of the stores, in class-table order."""
+    stores = [EMStore(p) for p in paths]
+    found = {c for s in stores for crop in s.crops for c in s.crop_classes(crop)}
+    return [c.name for c in CLASS_TABLE if c.name in found]
