@@ -204,3 +204,20 @@ def test_pngs_and_npys_within_the_limits_are_read():
     buffer = io.BytesIO()
     np.save(buffer, IMAGE)
     assert np.array_equal(decode(buffer.getvalue(), "image", LIMITS, EM_KINDS, "em").array, IMAGE)
+
+
+def test_a_zipped_store_of_label_crops_is_read_from_its_first_crop_in_natural_order(tmp_path):
+    """crop2 comes before crop10, in an upload as in EMStore.crops (a plain sort would read crop10)."""
+    from emserve.serving.encoding import zip_folder
+
+    folder = tmp_path / "labels.zarr"
+    for crop, value in (("crop10", 0), ("crop2", 1)):
+        array = zarr.create_array(str(folder / "recon-1/labels/groundtruth" / crop / "mito_mem" / "s0"),
+                                  shape=(1, 8, 8), chunks=(1, 8, 8), dtype="u1", zarr_format=2)
+        array[...] = value
+    for group in ("", "recon-1", "recon-1/labels", "recon-1/labels/groundtruth", "recon-1/labels/groundtruth/crop2",
+                  "recon-1/labels/groundtruth/crop10", "recon-1/labels/groundtruth/crop2/mito_mem",
+                  "recon-1/labels/groundtruth/crop10/mito_mem"):
+        zarr.open_group(str(folder / group), mode="a", zarr_format=2)
+    decoded = decode(zip_folder(folder), "labels", LIMITS, ("zarr",), "labels")
+    assert decoded.classes == ("mito_mem",) and (decoded.array == 1).all()

@@ -35,7 +35,7 @@ from PIL import Image
 from zarr.core.buffer import cpu
 from zarr.storage import MemoryStore
 
-from emserve.data.store import EM_GROUP, GROUNDTRUTH_GROUP, PREFERRED_EM
+from emserve.data.store import EM_GROUP, GROUNDTRUTH_GROUP, PREFERRED_EM, natural_key
 
 NPY_MAGIC, ZIP_MAGIC, PNG_MAGIC = b"\x93NUMPY", b"PK\x03\x04", b"\x89PNG\r\n\x1a\n"
 TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")  # classic and BigTIFF, both byte orders
@@ -338,8 +338,9 @@ def _read_zarr(data: bytes, field: str, limits: UploadLimits,
 
 def _read_crop(root: zarr.Group, store: Mapping[str, bytes], field: str,
                limits: UploadLimits) -> tuple[np.ndarray, tuple[str, ...]]:
-    """Label codes [Z, K, Y, X] of the first crop's class arrays, and their class names."""
-    crops = sorted(root[GROUNDTRUTH_GROUP].group_keys()) if GROUNDTRUTH_GROUP in root else []
+    """Label codes [Z, K, Y, X] of the first crop's class arrays (natural order, as EMStore.crops: crop2 before
+    crop10), and their class names."""
+    crops = sorted(root[GROUNDTRUTH_GROUP].group_keys(), key=natural_key) if GROUNDTRUTH_GROUP in root else []
     if not crops:
         raise UploadError(f"{field}: the zarr store has no array at its root and no crop under {GROUNDTRUTH_GROUP}")
     crop = root[f"{GROUNDTRUTH_GROUP}/{crops[0]}"]
