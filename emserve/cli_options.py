@@ -31,9 +31,10 @@ ClassGroups = Annotated[str, typer.Option(help="Groups for class-balanced patche
 VoxelSize = Annotated[str, typer.Option(help="Scale level to train on, 'Z,Y,X' in nm (default: finest).")]
 Device = Annotated[str, typer.Option(help="auto | cpu | cuda (auto: CUDA where present).")]
 Sampler = Annotated[str, typer.Option(help=" | ".join(SAMPLERS) + ".")]
-LabelMethod = Annotated[str, typer.Option(help="Generated channels to labels: threshold (overlapping) | argmax (one "
-                                               "class per pixel) | paired (argmax, each lumen decoded with its "
-                                               "membrane: enclosed by construction).")]
+LabelMethod = Annotated[str, typer.Option(help="Generated channels to labels: auto (paired for a model of atomic "
+                                               "classes, else threshold) | threshold (overlapping) | argmax (one "
+                                               "class per pixel) | paired (argmax; the ring around each lumen not "
+                                               "drawn as its membrane becomes membrane).")]
 RuntimePrecision = Annotated[str, typer.Option(
     "--precision", help="fp32 | bf16 (bf16: autocast with --backend torchscript or torch; faster where the CPU or "
                         "GPU has bf16; not parity-checked, recorded in the output store).")]

@@ -3,7 +3,9 @@
 A diffusion model emits one channel per class in [-1, 1]. `labels_from_channels` turns them into masks either
 per class (threshold: classes may overlap, as group classes do), exclusively (argmax with background: the
 strongest class wins where it clears the threshold), or exclusively with each lumen decoded together with its
-membrane (paired: every lumen enclosed by its membrane by construction), optionally without specks below a size.
+membrane (paired: the ring around each lumen that was not drawn as its membrane becomes membrane), optionally
+without specks below a size. "auto", the default, decodes a model of atomic CellMap classes (mutually exclusive by
+their definition) as paired and any other (group classes overlap their members) by threshold.
 Screening then checks what biology guarantees: a lumen is enclosed by its membrane (unless it leaves the patch),
 no lumen lacks a membrane, objects are not specks.
 """
@@ -17,18 +19,29 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import ndimage
 
-from emserve.classes import MEMBRANE_OF
+from emserve.classes import MEMBRANE_OF, get_class
 
-LABEL_METHODS = ("threshold", "argmax", "paired")
-DEFAULT_LABEL_METHOD = "threshold"
+LABEL_METHODS = ("auto", "threshold", "argmax", "paired")
+DEFAULT_LABEL_METHOD = "auto"
+
+
+def resolve_label_method(method: str, classes: Sequence[str]) -> str:
+    """The method "auto" means for these classes: paired where every class is atomic (CellMap's atomic classes
+    never overlap), threshold otherwise; any other method as it is. Measured on the default pairs model
+    (docs/experiments/label-decoding.md): paired keeps argmax's pair consistency and passes screening as drawn
+    where threshold and argmax decoding fail it for nearly every sample."""
+    if method != "auto":
+        return method
+    return "paired" if classes and not any(get_class(name).is_group for name in classes) else "threshold"
 
 
 def labels_from_channels(channels: np.ndarray, method: str = DEFAULT_LABEL_METHOD, threshold: float = 0.0,
                          despeckle: int = 0, classes: Sequence[str] = ()) -> np.ndarray:
     """Bool masks [..., K, H, W] from channels [..., K, H, W] in [-1, 1], without objects smaller than
-    `despeckle` pixels (0: all kept). "paired" needs the channels' class names, to know lumens and membranes."""
+    `despeckle` pixels (0: all kept). "paired" and "auto" need the channels' class names."""
     if method not in LABEL_METHODS:
         raise ValueError(f"labels: method {method!r} is not allowed; choose one of {', '.join(LABEL_METHODS)}")
+    method = resolve_label_method(method, classes)
     if method == "threshold":
         masks = channels > threshold
     else:
@@ -42,23 +55,21 @@ def labels_from_channels(channels: np.ndarray, method: str = DEFAULT_LABEL_METHO
 
 
 def enclose_lumens(masks: np.ndarray, classes: Sequence[str]) -> np.ndarray:
-    """Masks [..., K, H, W] with each lumen decoded together with its membrane: the union of the two is the
-    organelle; its pixels at least one pixel inside the organelle (4-connected; the patch border does not count
-    as outside) stay lumen where the lumen was drawn, every other pixel of it is membrane. So every lumen is
-    enclosed by its membrane by construction, and a lumen drawn without one gains the ring it lacked at the cost
-    of its outermost pixels; a lumen under three pixels across becomes membrane."""
+    """Exclusive masks [..., K, H, W] with each lumen decoded together with its membrane: the lumen stays as drawn,
+    and the pixels around it (4-connected, the rim screening checks) that were not drawn as its membrane become
+    membrane, taken from whatever class held them. So a lumen drawn with a broken or missing membrane gains the
+    ring it lacked. The lumen is kept rather than eroded into a ring: eroding cost pair consistency
+    (docs/experiments/label-decoding.md), since the model's EM shows the lumen where it drew it."""
     index = {name: k for k, name in enumerate(classes)}
     pairs = [(index[lumen], index[membrane]) for lumen, membrane in MEMBRANE_OF.items()
              if lumen in index and membrane in index]
-    if not pairs:
-        return masks
     out = masks.copy()
     for sample in np.ndindex(masks.shape[:-3]):
         for lumen, membrane in pairs:
-            organelle = masks[sample][lumen] | masks[sample][membrane]
-            inside = masks[sample][lumen] & ndimage.binary_erosion(organelle, border_value=1)
-            out[sample][lumen] = inside
-            out[sample][membrane] = organelle & ~inside
+            drawn = out[sample][lumen]
+            ring = ndimage.binary_dilation(drawn) & ~drawn
+            out[sample][:, ring] = False
+            out[sample][membrane][ring] = True
     return out
 
 

@@ -71,22 +71,36 @@ def test_despeckling_drops_small_objects_so_a_plausible_map_passes_screening():
     assert not exclusive[:, 2].any() and exclusive[:, 1].sum() == 2 * lumen.sum()
 
 
-def test_paired_decoding_encloses_every_lumen_in_its_membrane_and_keeps_the_organelle():
+def test_paired_decoding_encloses_every_lumen_in_its_membrane_keeping_the_lumen_as_drawn():
     membrane, lumen = ring()
     rng = np.random.default_rng(0)
     channels = np.where(np.stack([membrane, lumen, np.zeros_like(lumen)]), 1.0, -1.0) + rng.normal(0, 0.1, (3, 32, 32))
     channels[0, :, 16:] = -1.0  # half the membrane not drawn: threshold or argmax decoding is rejected for it
-    channels[1, 2:4, 25:27] = 1.0  # a 2x2 lumen speck without membrane
-    channels[1, 28:31, 2:12] = 1.0  # a thick lumen drawn without membrane, 3 px high
+    channels[1, 28:31, 2:12] = 1.0  # a lumen drawn without membrane, touching the patch's edge nowhere
     channels[2, 20:26, 24:30] = 1.0  # a lipid droplet lumen: no ld_mem channel, so left as drawn
+    channels[2, 29, 12] = 2.0  # a lipid droplet pixel beside the naked lumen: its ring takes it
     argmax = labels_from_channels(channels, "argmax")
     assert Screening().check(argmax, CLASSES) != []
     paired = labels_from_channels(channels, "paired", classes=CLASSES)
     assert Screening().check(paired, CLASSES) == []
-    np.testing.assert_array_equal(paired[0] | paired[1], argmax[0] | argmax[1])  # the organelles as drawn
-    assert not (paired[0] & paired[1]).any()
-    assert not paired[1, 2:4, 25:27].any() and paired[0, 2:4, 25:27].all()  # a speck is too thin for a lumen
-    assert paired[1, 29, 3:11].all() and not paired[1, 28].any()  # the thick one keeps its middle row
-    np.testing.assert_array_equal(paired[2], argmax[2])
-    np.testing.assert_array_equal(paired[1, 8:25, :16], lumen[8:25, :16])  # where its membrane was drawn: as drawn
-    assert paired[1, 16, 16:20].all() and not paired[1, 16, 20]  # where it was not: the rim became membrane
+    np.testing.assert_array_equal(paired[1], argmax[1])  # every lumen as drawn
+    assert paired.sum(0).max() == 1  # still one class per pixel
+    assert not (argmax[0] & ~paired[0]).any()  # the membrane as drawn is kept
+    np.testing.assert_array_equal(paired[0, 8:25, :11], argmax[0, 8:25, :11])  # where the membrane was drawn: as drawn
+    assert paired[0, 16, 21] and not argmax[0, 16, 21]  # where it was not: the pixel outside the lumen became membrane
+    assert not paired[0, 16, 22]  # and only that ring, one pixel wide
+    assert paired[0, 27, 2:12].all() and paired[0, 28:31, 12].all()  # the naked lumen gained its ring
+    assert not paired[2, 29, 12] and argmax[2, 29, 12]  # taken from the class that held it
+    np.testing.assert_array_equal(paired[2, 20:26, 24:30], argmax[2, 20:26, 24:30])
+
+
+def test_auto_decodes_atomic_classes_paired_and_overlapping_group_classes_by_threshold():
+    from emserve.postprocess import resolve_label_method
+
+    assert resolve_label_method("auto", CLASSES) == "paired"
+    assert resolve_label_method("auto", ["mito", "pm"]) == "threshold"  # mito (a group) overlaps its members
+    assert resolve_label_method("auto", []) == "threshold"
+    assert resolve_label_method("argmax", CLASSES) == "argmax"
+    channels = np.full((2, 4, 4), -1.0)
+    channels[:, :2] = 0.5  # mito and pm both drawn: threshold keeps the overlap, as group classes need
+    assert labels_from_channels(channels, "auto", classes=["mito", "pm"])[:, :2].all()

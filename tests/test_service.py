@@ -51,6 +51,7 @@ from emserve.serving.encoding import npz_bytes, zip_folder
 CLASSES = ["mito_mem", "ld_lum"]
 LIMITS = {"EMSERVE_MAX_SAMPLES": "8", "EMSERVE_MAX_TASK_SAMPLES": "400", "EMSERVE_MAX_STEPS": "50",
           "EMSERVE_MAX_UPLOAD_BYTES": "200000", "EMSERVE_MAX_VOXELS": "40000", "EMSERVE_THREADS": "2"}
+pytestmark = pytest.mark.slow  # real servers, exports or training runs: `make test` runs it, `make check` not
 
 
 # ---- fixtures ------------------------------------------------------------------------------------------------
@@ -308,7 +309,7 @@ BAD_JSON = [
     ({"model": "../etc/passwd"}, "model: '../etc/passwd' is not a served model; this endpoint takes 'pairs' models"),
     ({"model": "tiny-seg"}, "model: 'tiny-seg' is a 'segmentation' model; this endpoint takes 'pairs' models"),
     ({"output": "/tmp/x"}, "output: '/tmp/x' is not allowed; choose one of npz, zarr.zip, png"),
-    ({"label_method": "max"}, "label_method: 'max' is not allowed; choose one of threshold, argmax, paired"),
+    ({"label_method": "max"}, "label_method: 'max' is not allowed; choose one of auto, threshold, argmax, paired"),
     ({"despeckle": -3}, "despeckle: -3 is not allowed; allowed: 0 to 256"),
 ]
 
