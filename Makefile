@@ -20,7 +20,7 @@ TORCH_INSTALL := $(BIN)/pip install -q torch==2.13.0+cpu 2>/dev/null \
 endif
 
 PORT   ?= 3000
-.PHONY: setup demo serve test lint clean
+.PHONY: setup demo serve test check lint clean
 
 setup: $(VENV)/.installed
 
@@ -58,6 +58,10 @@ lint: setup
 
 test: lint
 	$(BIN)/pytest -q
+
+# The fast tier for development: everything but the tests marked slow (real servers, exports, training runs).
+check: lint
+	$(BIN)/pytest -q -m "not slow"
 
 clean:
 	rm -rf $(VENV) $(OUT)

@@ -19,6 +19,8 @@ from torch import nn
 from emserve.card import ModelCard
 from emserve.unet import Attention, UNet
 
+pytestmark = pytest.mark.slow  # real servers, exports or training runs: `make test` runs it, `make check` not
+
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--model", "tiny", "--threads", "1", "--exporter", "legacy"]  # legacy: a faster export, same graph inputs
 

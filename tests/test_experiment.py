@@ -15,6 +15,8 @@ from emserve.data.store import EMStore
 from training.experiment import ARMS, ExperimentConfig, baseline_of
 from training.experiment.generated import deform, few_label_maps, label_source, split_in_proportion
 
+pytestmark = pytest.mark.slow  # real servers, exports or training runs: `make test` runs it, `make check` not
+
 SMOKE = ["--patch-size", "16", "--width", "8", "--multipliers", "1,2", "--batch-size", "4", "--seg-steps", "6",
          "--ddpm-steps", "6", "--samples", "8", "--sample-steps", "3", "--despeckle", "5", "--from-labels-steps", "6"]
 

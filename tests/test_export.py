@@ -32,7 +32,7 @@ text_format = pytest.importorskip("google.protobuf.text_format")
 ONNX_TYPES = {1: "TYPE_FP32", 7: "TYPE_INT64"}  # onnx.TensorProto.FLOAT, INT64
 
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,8 @@ import pytest
 
 from emserve.data.store import EMStore
 
+pytestmark = pytest.mark.slow  # real servers, exports or training runs: `make test` runs it, `make check` not
+
 moto_server = pytest.importorskip("moto.server", reason="the S3 tests need moto[server] (the 'dev' extra)")
 boto3 = pytest.importorskip("boto3")
 pytest.importorskip("s3fs", reason="s3:// needs the optional 's3' extra (s3fs)")

@@ -14,6 +14,8 @@ import torch
 from training import checkpoint as ckpt
 from training.ddpm import DDPMConfig, train_ddpm
 
+pytestmark = pytest.mark.slow  # real servers, exports or training runs: `make test` runs it, `make check` not
+
 # device cpu: resume is compared loss for loss, which CUDA's non-deterministic kernels would not reproduce
 TINY = {"patch_size": 32, "width": 16, "multipliers": (1, 2), "batch_size": 8, "preview_every": 10_000, "device": "cpu"}
 

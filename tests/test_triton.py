@@ -36,6 +36,8 @@ pytest.importorskip("tritonclient.grpc", reason="tritonclient is not installed: 
 
 from emserve.runtime.triton import TritonRuntime, from_url
 
+pytestmark = pytest.mark.slow  # real servers, exports or training runs: `make test` runs it, `make check` not
+
 SERVER_SCRIPT = Path(__file__).with_name("triton_server.py")
 SERVER_PACKAGES = ("nvidia-pytriton==0.7.0", "numpy==1.26.4", "onnxruntime==1.32.0")
 CLASSES = ["mito_mem", "ld_lum"]
