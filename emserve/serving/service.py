@@ -187,17 +187,17 @@ class EMServe:
         DEFAULT_LABEL_GUIDANCE: the EM follows its label maps more closely than unguided). `labels`: .npy, .npz,
         zipped zarr or PNG holding index maps [N,H,W] (CellMap ids, or values 1..C naming `classes`) or masks
         [N,C,H,W] (0/1/255, or float +1/-1/0) whose channels `classes` names; H = W = the model's patch size."""
-        name, runtime = self.pick("em-from-labels", model)
+        name, runtime = self.pick_model("em-from-labels", model)
         check_choice("output", output, FORMATS)
-        decoded = self.upload(labels, "labels", ("npy", "npz", "zarr", "png"), "labels")
+        decoded = self.decode_upload(labels, "labels", ("npy", "npz", "zarr", "png"), "labels")
         with client_errors("labels"):
             maps = label_maps(runtime.card, decoded, classes, "labels", self.limits.samples)
-        request = self.request(runtime.card, samples=len(maps), seed=seed, sampler=sampler, steps=steps,
+        request = self.checked_request(runtime.card, samples=len(maps), seed=seed, sampler=sampler, steps=steps,
                                spacing=spacing, guidance=guidance, rescale=rescale, dataset=dataset)
         upload = decoded.array
         record = {"labels_upload": {"kind": decoded.kind, "shape": list(upload.shape), "dtype": str(upload.dtype),
                                     "classes": list(classes or decoded.classes or [])}}
-        return self.generated(ctx, name, runtime, request, maps, output, None, "generate_from_labels", record)
+        return self.generate_and_encode(ctx, name, runtime, request, maps, output, None, "generate_from_labels", record)
 
     @bentoml.api
     @answers_timeout
@@ -207,10 +207,10 @@ class EMServe:
         """Per-class masks of an uploaded EM image [Y,X] or volume [Z,Y,X] (.npy, TIFF, zipped zarr, PNG; uint8, or
         float in [-1, 1]) from a "segmentation" model, tile by tile (slice by slice along `axis`). npz: masks
         uint8 [K,...], classes, metadata, and with `probabilities` float16 [K,...]."""
-        name, runtime = self.pick("segmentation", model)
+        name, runtime = self.pick_model("segmentation", model)
         card = runtime.card
         check_choice("output", output, FORMATS)
-        raw = self.upload(image, "image", ("npy", "tiff", "zarr", "png"), "em").array
+        raw = self.decode_upload(image, "image", ("npy", "tiff", "zarr", "png"), "em").array
         if raw.ndim not in (2, 3) or 0 in raw.shape:
             raise InvalidArgument(f"image: shape {raw.shape}; give an image [Y, X] or a volume [Z, Y, X]")
         if tile is not None:
@@ -226,27 +226,28 @@ class EMServe:
         settings = {"axis": axis, "tile": tile, "overlap": overlap, "threshold": threshold,
                     "probabilities": probabilities, "output": output, "image": {"shape": list(raw.shape),
                                                                                   "dtype": str(raw.dtype)}}
-        record = self.record(name, runtime, "segment", settings, [])
+        record = self.provenance(name, runtime, "segment", settings, [])
         if output == "zarr.zip":
             folder = Path(ctx.temp_dir) / "segmentation.zarr"
             with client_errors("image"):
                 segment_store(runtime, raw if raw.ndim == 3 else raw[None], folder, axis=axis, tile=tile,
                               overlap=overlap, threshold=threshold, keep_probabilities=probabilities, source="upload",
                               tick=deadline(ctx))
-            return self.result(ctx, "segmentation", output, self.zipped(folder, record))
+            return self.write_result(ctx, "segmentation", output, self.zip_with_record(folder, record))
         with client_errors("image"):
             probs = segment_array(runtime, raw, axis=axis, tile=tile, overlap=overlap, tick=deadline(ctx))
         masks = masks_from_probabilities(card, probs, threshold)
         if output == "png":
-            return self.result(ctx, "segmentation", output, png_bytes(segmentation_picture(card, raw, masks), record))
+            picture = png_bytes(segmentation_picture(card, raw, masks), record)
+            return self.write_result(ctx, "segmentation", output, picture)
         arrays = {"masks": masks.astype(np.uint8), "classes": np.array(card.classes), "metadata": metadata(record)}
         if probabilities:
             arrays["probabilities"] = probs.astype(np.float16)
-        return self.result(ctx, "segmentation", output, npz_bytes(arrays))
+        return self.write_result(ctx, "segmentation", output, npz_bytes(arrays))
 
     # ---- the steps the endpoints share ------------------------------------------------------------------------
 
-    def pick(self, mode: str, name: str | None) -> tuple[str, Runtime]:
+    def pick_model(self, mode: str, name: str | None) -> tuple[str, Runtime]:
         """The model the request names (a served folder name, nothing else), or the first served of `mode`."""
         of_mode = [n for n, runtime in self.runtimes.items() if runtime.card.mode == mode]
         if name is None:
@@ -260,15 +261,15 @@ class EMServe:
                                   f"{', '.join(of_mode) or 'none served'}")
         return name, self.runtimes[name]
 
-    def upload(self, path: Path, field: str, kinds: Sequence[str], purpose: str) -> Any:
+    def decode_upload(self, path: Path, field: str, kinds: Sequence[str], purpose: str) -> Any:
         """Decode a file BentoML stored for this request (in its own temporary folder) from memory."""
         with client_errors():
             return decode(read_upload(path, field, self.limits.upload), field, self.limits.upload, kinds, purpose)
 
-    def request(self, card: ModelCard, *, samples: int, seed: int, sampler: str, steps: int, spacing: str,
-                guidance: float, rescale: float, dataset: str | None, present: Sequence[str] = (),
-                absent: Sequence[str] = (), label_method: str = DEFAULT_LABEL_METHOD,
-                despeckle: int = 0) -> GenerationRequest:
+    def checked_request(self, card: ModelCard, *, samples: int, seed: int, sampler: str, steps: int, spacing: str,
+                        guidance: float, rescale: float, dataset: str | None, present: Sequence[str] = (),
+                        absent: Sequence[str] = (), label_method: str = DEFAULT_LABEL_METHOD,
+                        despeckle: int = 0) -> GenerationRequest:
         """A GenerationRequest within the limits and accepted by the model (checked before anything runs)."""
         check_range("seed", seed, 0, 2**63 - 1)
         check_choice("sampler", sampler, SAMPLERS)
@@ -310,21 +311,21 @@ class EMServe:
 
     def _pairs(self, ctx: bentoml.Context, settings: dict[str, Any], limit: int, setting: str,
                progress: Callable[[int, int], None] | None) -> Path:
-        name, runtime = self.pick("pairs", settings["model"])
+        name, runtime = self.pick_model("pairs", settings["model"])
         check_choice("output", settings["output"], FORMATS)
         check_range("samples", settings["samples"], 1, limit, setting)
-        request = self.request(runtime.card, samples=settings["samples"], seed=settings["seed"],
+        request = self.checked_request(runtime.card, samples=settings["samples"], seed=settings["seed"],
                                sampler=settings["sampler"], steps=settings["steps"], spacing=settings["spacing"],
                                guidance=settings["guidance"], rescale=settings["rescale"], dataset=settings["dataset"],
                                present=settings["present"] or (), absent=settings["absent"] or (),
                                label_method=settings["label_method"], despeckle=settings["despeckle"])
         screening = Screening() if settings["screen"] else None
-        return self.generated(ctx, name, runtime, request, None, settings["output"], screening, "generate_pairs",
-                              {"screen": settings["screen"]}, progress)
+        return self.generate_and_encode(ctx, name, runtime, request, None, settings["output"], screening,
+                                        "generate_pairs", {"screen": settings["screen"]}, progress)
 
-    def generated(self, ctx: bentoml.Context, name: str, runtime: Runtime, request: GenerationRequest,
-                  maps: np.ndarray | None, output: str, screening: Screening | None, endpoint: str,
-                  extra: dict[str, Any], progress: Callable[[int, int], None] | None = None) -> Path:
+    def generate_and_encode(self, ctx: bentoml.Context, name: str, runtime: Runtime, request: GenerationRequest,
+                            maps: np.ndarray | None, output: str, screening: Screening | None, endpoint: str,
+                            extra: dict[str, Any], progress: Callable[[int, int], None] | None = None) -> Path:
         """Generate the request and encode it as `output`, with the model, seeds and parameters recorded."""
         card = runtime.card
         if not submitted(ctx):
@@ -336,46 +337,46 @@ class EMServe:
         codes = [label_codes(card, labels, screening) for _, labels in parts]
         seeds = [seed for batch in batches for seed in batch.seeds]
         settings = {**asdict(request), "output": output, **extra}
-        record = self.record(name, runtime, endpoint, settings, seeds)
+        record = self.provenance(name, runtime, endpoint, settings, seeds)
         if screening is not None:
             record["screening"] = screening.summary()
         if output == "zarr.zip":
-            return self.result(ctx, endpoint, output, self.generated_store(ctx, card, request, batches, parts, codes,
-                                                                           record))
+            zipped = self.zip_generated_store(ctx, card, request, batches, parts, codes, record)
+            return self.write_result(ctx, endpoint, output, zipped)
         raw = raw_to_uint8(np.concatenate([r for r, _ in parts]))
         if output == "png":
             tiles = [pair_tile(r, m > 0, card.classes) for (rs, ms) in parts for r, m in zip(rs, ms, strict=True)]
-            return self.result(ctx, endpoint, output, png_bytes(grid(tiles[:SHOWN], min(4, len(tiles))), record))
+            return self.write_result(ctx, endpoint, output, png_bytes(grid(tiles[:SHOWN], min(4, len(tiles))), record))
         arrays = {"em": raw, "labels": np.concatenate(codes), "classes": np.array(card.classes),
                   "seeds": np.array(seeds, np.int64), "metadata": metadata(record)}
-        return self.result(ctx, endpoint, output, npz_bytes(arrays))
+        return self.write_result(ctx, endpoint, output, npz_bytes(arrays))
 
-    def generated_store(self, ctx: bentoml.Context, card: ModelCard, request: GenerationRequest,
-                        batches: list[GeneratedBatch], parts: list[tuple[np.ndarray | None, np.ndarray]],
-                        codes: list[np.ndarray], record: dict[str, Any]) -> bytes:
+    def zip_generated_store(self, ctx: bentoml.Context, card: ModelCard, request: GenerationRequest,
+                            batches: list[GeneratedBatch], parts: list[tuple[np.ndarray | None, np.ndarray]],
+                            codes: list[np.ndarray], record: dict[str, Any]) -> bytes:
         """The batches as the CLI writes them (a CellMap-layout store, one crop per batch), zipped."""
         folder = Path(ctx.temp_dir) / "generated.zarr"
         store = GeneratedStore(folder, card, request)
         for batch, (raw, _), code in zip(batches, parts, codes, strict=True):
             store.write(batch, raw, code)
         store.finish()
-        return self.zipped(folder, record)
+        return self.zip_with_record(folder, record)
 
     @staticmethod
-    def zipped(folder: Path, record: dict[str, Any]) -> bytes:
+    def zip_with_record(folder: Path, record: dict[str, Any]) -> bytes:
         import zarr
 
         zarr.open_group(str(folder), mode="r+").attrs.update({"service": json.loads(json.dumps(record))})
         return zip_folder(folder)
 
     @staticmethod
-    def record(name: str, runtime: Runtime, endpoint: str, settings: dict[str, Any], seeds: list[int]
-               ) -> dict[str, Any]:
+    def provenance(name: str, runtime: Runtime, endpoint: str, settings: dict[str, Any], seeds: list[int]
+                   ) -> dict[str, Any]:
         return {"endpoint": endpoint, "emserve": __version__, "model": describe(name, runtime),
                 "parameters": settings, "seeds": seeds}
 
     @staticmethod
-    def result(ctx: bentoml.Context, stem: str, output: str, data: bytes) -> Path:
+    def write_result(ctx: bentoml.Context, stem: str, output: str, data: bytes) -> Path:
         """The result as a file in the request's own temporary folder, which BentoML sends and then deletes."""
         path = Path(ctx.temp_dir) / f"{stem}{SUFFIX[output]}"
         path.write_bytes(data)
