@@ -3,7 +3,7 @@
     bentoml serve emserve.serving.service:EMServe --host 127.0.0.1 --port 3000      # models from ./models
 
 Thin on purpose (BentoDiffusion style): the models load once in `__init__`; each endpoint is a typed method
-that checks its fields, calls the functions the CLI calls and encodes the result with emserve.serving.uploads. Every
+that checks its fields, calls the functions the CLI calls and encodes the result (emserve.serving.encoding). Every
 exported model folder under the models directory is served under its folder name; an endpoint takes the first
 model of its mode unless the request names one. Every result records the model (name, mode, backend, sha256 of
 its weights and files), the per-sample seeds and all parameters.

@@ -1,6 +1,5 @@
-"""The service's settings, read from the environment when the server starts (a bad value stops it, named).
-
-Environment (read when the service module is imported, i.e. when the server starts):
+"""The service's settings, read from the environment when the service module is imported, i.e. when the server
+starts (a bad value stops it, naming the variable):
 
     EMSERVE_MODELS          folder of exported models (default: models/ beside the emserve package, else ./models)
     EMSERVE_TRITON_URL      http://host:port or grpc://host:port: run the graphs on that Triton server instead
