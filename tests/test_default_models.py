@@ -50,6 +50,7 @@ def test_models_readme_records_the_command_that_trained_each_model(folder):
 
 
 @pytest.mark.parametrize("folder", FOLDERS, ids=lambda f: f.name)
+@pytest.mark.slow
 def test_the_shipped_torchscript_graph_runs_attention_on_the_fused_kernel(folder):
     torch = pytest.importorskip("torch")
     from emserve.runtime.torchscript import TorchScriptRuntime

@@ -159,6 +159,7 @@ def test_a_store_from_before_a_request_field_existed_resumes_only_as_what_it_was
         GeneratedStore(tmp_path / "old.zarr", card, dataclasses.replace(request, spacing="karras"), resume=True)
 
 
+@pytest.mark.slow
 def test_cli_generates_pairs_and_em_from_the_store_labels(checkpoints, toy_store, tmp_path):
     def emserve(*args):
         return subprocess.run([sys.executable, "-m", "emserve.cli", *args], capture_output=True, text=True,
@@ -200,6 +201,7 @@ def test_cli_generates_pairs_and_em_from_the_store_labels(checkpoints, toy_store
     assert wrong.returncode == 2 and "different model or request" in wrong.stderr
 
 
+@pytest.mark.slow
 def test_cli_generates_em_alone_and_label_maps_alone(checkpoints, tmp_path):
     def emserve(*args):
         return subprocess.run([sys.executable, "-m", "emserve.cli", *args], capture_output=True, text=True,
@@ -264,6 +266,7 @@ def test_bad_sampling_settings_are_refused_before_anything_is_written(checkpoint
     assert not (tmp_path / "g.zarr").exists()
 
 
+@pytest.mark.slow
 def test_png_index_maps_drive_em_from_labels_in_order(checkpoints, tmp_path):
     from PIL import Image
 

@@ -47,6 +47,7 @@ print(json.dumps({"per_sample": (peaks[1] - peaks[0]) / 24}))
 
 @pytest.mark.parametrize("backend", ["onnx", "torchscript"])
 @pytest.mark.parametrize("size", [64, 128])
+@pytest.mark.slow
 def test_the_estimate_bounds_the_memory_a_backend_takes_per_sample(backend, size):
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
     done = subprocess.run([sys.executable, "-c", PROBE, str(MODEL), backend, str(size)], capture_output=True,

@@ -125,6 +125,7 @@ def test_label_transfer_scores_the_segmentation_of_rendered_labels(toy_store):
     assert report["samples"] == 64
 
 
+@pytest.mark.slow
 def test_transfer_cli_renders_with_the_options_given(toy_store, tmp_path):
     from emserve.evaluation import evaluate_label_transfer
     from emserve.runtime.load import load_runtime

@@ -180,6 +180,7 @@ def test_refuses_to_overwrite_and_checks_crop_shape(phantoms, tmp_path):
     assert not list(Path(tmp_path).iterdir())
 
 
+@pytest.mark.slow
 def test_the_cli_writes_what_write_phantoms_writes_and_refuses_to_overwrite(tmp_path):
     def cli(seed: int, *extra: str) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, "-m", "emserve.cli", "data", "phantom", str(tmp_path / "cli"),

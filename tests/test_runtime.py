@@ -55,6 +55,7 @@ def samples(runtime, request, mode):
 
 
 @pytest.mark.parametrize("mode", ["pairs", "em-from-labels"])
+@pytest.mark.slow
 def test_same_seed_and_request_give_the_same_samples_on_every_backend(models, mode):
     checkpoint, folder = models[mode]
     runtimes = [load_runtime(checkpoint, "torch", device="cpu"), OnnxRuntime(folder, threads=1, device="cpu"),

@@ -248,6 +248,7 @@ def test_rejected_generated_samples_take_no_batch_slots_and_generated_patches_ca
     np.testing.assert_array_equal(weight, [1.0] * 32 + [0.25] * 32)
 
 
+@pytest.mark.slow
 def test_segment_cli_writes_predictions_that_overlay_the_source(toy_store, tmp_path):
     checkpoint = make_checkpoint(tmp_path / "runs" / "seg", "segmentation")
     model = export_model(checkpoint, tmp_path / "models", exporter="legacy")

@@ -274,6 +274,7 @@ def _all_slices(store: EMStore, classes: list[str]) -> tuple[np.ndarray, np.ndar
 
 
 @needs_vnc
+@pytest.mark.slow
 def test_real_vnc_stack(tmp_path):
     out = tmp_path / "vnc.zarr"
     labels = VNC / "labels"

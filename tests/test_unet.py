@@ -294,6 +294,7 @@ def test_attention_runs_on_the_fused_kernel_in_eager_torch_and_traced():
         assert "aten::_scaled_dot_product_attention_math" not in ops
 
 
+@pytest.mark.slow
 def test_onnx_export_matches_eager(tmp_path):
     pytest.importorskip("onnxscript")
     ort = pytest.importorskip("onnxruntime")
