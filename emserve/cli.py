@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from emserve import cli_options as opt
+from emserve.checks import check_choice
 from emserve.data.ngff import format_nm
 from emserve.diffusion import DEFAULT_LABEL_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_SPACING, DEFAULT_STEPS
 from emserve.postprocess import DEFAULT_LABEL_METHOD
@@ -336,8 +337,7 @@ def generate(
     from emserve.pipelines import GenerationRequest, generate_store, label_source
     from emserve.postprocess import Screening
 
-    if what not in GENERATE_MODES:
-        raise ValueError(f"what: {what!r} is not allowed; choose one of {', '.join(GENERATE_MODES)}")
+    check_choice("what", what, GENERATE_MODES)
     from emserve.runtime.load import load_runtime
 
     options = {"card": served_card} if served_card else {}

@@ -9,6 +9,7 @@ memory stays bounded and an interrupted run resumes where it stopped.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -17,7 +18,8 @@ import numpy as np
 import zarr
 
 from emserve.card import RAW, ModelCard
-from emserve.classes import ABSENT, PRESENT, UNKNOWN, check_class_names, masks_from_ids
+from emserve.checks import check_choice, check_range, show
+from emserve.classes import ABSENT, PRESENT, UNKNOWN, masks_from_ids
 from emserve.data.lock import store_lock
 from emserve.data.ngff import multiscales_attrs, pyramid_levels
 from emserve.data.patches import PatchSampler, label_channels, load_crops
@@ -42,6 +44,7 @@ LabelSource = Callable[[int, int], np.ndarray]  # (start, stop) -> label-map cha
 VOXEL_SIZE = (1.0, 1.0, 1.0)  # generated patches have no physical size of their own; the card says what they mimic
 # What a stored request without these fields was made with (they were added later): a resume compares like with like.
 FIELDS_ADDED_LATER = {"despeckle": 0, "spacing": "trailing"}
+MAX_SEED = 2**63 - 1  # seeds are recorded as int64 (store attributes, npz metadata)
 
 
 @dataclass(frozen=True)
@@ -63,23 +66,16 @@ class GenerationRequest:
     despeckle: int = 0  # label objects smaller than this many pixels are dropped (before screening)
 
     def __post_init__(self) -> None:
-        if self.samples < 1:
-            raise ValueError(f"samples: {self.samples} must be at least 1")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size: {self.batch_size} must be at least 1")
-        if self.sampler not in SAMPLERS:
-            raise ValueError(f"sampler: {self.sampler!r} is not allowed; choose one of {', '.join(SAMPLERS)}")
-        if self.spacing not in SPACINGS:
-            raise ValueError(f"spacing: {self.spacing!r} is not allowed; choose one of {', '.join(SPACINGS)}")
-        if self.label_method not in LABEL_METHODS:
-            raise ValueError(f"label_method: {self.label_method!r} is not allowed; choose one of "
-                             f"{', '.join(LABEL_METHODS)}")
-        if self.despeckle < 0:
-            raise ValueError(f"despeckle: {self.despeckle} must be 0 (keep every object) or a size in pixels")
-        if not np.isfinite(self.guidance):
-            raise ValueError(f"guidance: {self.guidance} is not a finite number (1 = no guidance)")
-        if not 0 <= self.rescale <= 1:
-            raise ValueError(f"rescale: {self.rescale} is not in [0, 1]")
+        """The checks that need no model (`check_request` adds the model's); the one validator of a request, which
+        the CLI, the service and the experiment all go through."""
+        check_range("samples", self.samples, 1, math.inf)
+        check_range("seed", self.seed, 0, MAX_SEED)
+        check_range("batch_size", self.batch_size, 1, math.inf)
+        check_choice("sampler", self.sampler, SAMPLERS)
+        check_choice("spacing", self.spacing, SPACINGS)
+        check_choice("label_method", self.label_method, LABEL_METHODS)
+        check_range("guidance", self.guidance, -math.inf, math.inf)  # finite: NaN and the infinities fail
+        check_range("rescale", self.rescale, 0, 1)
         both = set(self.present) & set(self.absent)
         if both:
             raise ValueError(f"present/absent: {sorted(both)} cannot be both present and absent")
@@ -109,10 +105,10 @@ def conditions(card: ModelCard, request: GenerationRequest, batch: int,
         if not card.class_condition:
             raise ValueError("present/absent: this model has no class-presence condition")
         vector = np.zeros(k, np.float32)
-        for names, value in ((request.present, 1.0), (request.absent, -1.0)):
-            for name in check_class_names(names) if names else ():
+        for field, names, value in (("present", request.present, 1.0), ("absent", request.absent, -1.0)):
+            for name in names:
                 if name not in card.classes:
-                    raise ValueError(f"present/absent: class {name!r} is not one of the model's classes "
+                    raise ValueError(f"{field}: {show(name)} is not one of the model's classes; allowed: "
                                      f"{', '.join(card.classes)}")
                 vector[card.classes.index(name)] = value
     if card.class_condition:
@@ -162,10 +158,11 @@ def check_request(card: ModelCard, request: GenerationRequest) -> None:
     """Refuse a request the model cannot serve before anything is computed or written."""
     if card.mode == "segmentation":
         raise ValueError("model: a segmentation model does not generate; use `emserve segment`")
+    check_range("despeckle", request.despeckle, 0, card.patch_size**2)
+    check_range("steps", request.steps, 1, card.timesteps)
     k, size = len(card.classes), card.patch_size
     example = np.zeros((1, k, size, size), np.float32) if card.label_map_condition else None
     conditions(card, request, 1, example)
-    make_schedule(card.schedule, card.timesteps).timesteps(request.steps)  # raises for steps out of range
 
 
 def generate(card: ModelCard, denoise: Denoise, request: GenerationRequest, labels: LabelSource | None = None,

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from emserve.checks import check_choice
 from emserve.classes import PRESENT, UNKNOWN
 from emserve.data.store import EMStore, LabelledCrop
 
@@ -50,8 +51,7 @@ def class_presence(labels: np.ndarray) -> np.ndarray:
 
 
 def check_axis(axis: str) -> int:
-    if axis not in AXES:
-        raise ValueError(f"axis: {axis!r} is not allowed; choose one of {', '.join(AXES)}")
+    check_choice("axis", axis, AXES)
     return AXES[axis]
 
 

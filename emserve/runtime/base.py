@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from emserve.card import ModelCard, sha256_file
+from emserve.checks import check_choice
 from emserve.runtime.memory import samples_within
 
 if TYPE_CHECKING:
@@ -34,8 +35,7 @@ BF16_BACKENDS = ("torchscript", "torch")
 
 
 def check_device(device: str) -> str:
-    if device not in DEVICES:
-        raise ValueError(f"device: {device!r} is not allowed; choose one of {', '.join(DEVICES)}")
+    check_choice("device", device, DEVICES)
     return device
 
 
@@ -55,8 +55,7 @@ def torch_device(device: str) -> torch.device:
 
 def check_precision(precision: str, backend: str) -> str:
     """`precision` if `backend` can compute in it; checked before loading, so a bad pair fails fast and by name."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision: {precision!r} is not allowed; choose one of {', '.join(PRECISIONS)}")
+    check_choice("precision", precision, PRECISIONS)
     if precision != "fp32" and backend not in BF16_BACKENDS:
         raise ValueError(f"precision: {precision!r} needs backend {' or '.join(BF16_BACKENDS)}; the {backend} "
                          f"backend runs the exported fp32 graph")

@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from emserve.card import CARD_NAME, ModelCard, sha256_file
+from emserve.checks import check_choice
 from emserve.diffusion import Denoise
 from emserve.runtime.base import Runtime, check_precision, graph_inputs, torch_device
 from emserve.unet import UNet
@@ -27,8 +28,7 @@ WEIGHTS = {"ema": EMA_FILE, "model": MODEL_FILE}
 def load_module(checkpoint: str | Path, weights: str = "ema") -> tuple[ModelCard, UNet, str]:
     """(card, UNet in eval mode, weights file name) of a checkpoint folder, the weights checked by sha256."""
     checkpoint = Path(checkpoint)
-    if weights not in WEIGHTS:
-        raise ValueError(f"weights: {weights!r} is not allowed; choose one of {', '.join(WEIGHTS)}")
+    check_choice("weights", weights, WEIGHTS)
     card = ModelCard.load(checkpoint)
     file = WEIGHTS[weights]
     if file not in card.weights:

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from emserve.card import ModelCard
+from emserve.checks import check_choice
 from emserve.runtime.base import OUTPUT_NAME, Runtime
 from emserve.runtime.triton_config import served_io
 
@@ -54,8 +55,7 @@ class TritonRuntime(Runtime):
     def __init__(self, url: str, model_name: str, card: ModelCard, protocol: str = "http", *,
                  model_version: str = "", max_batch: int | None = None, memory_budget: int | None = None,
                  timeout: float = 60.0, connect_timeout: float = 10.0) -> None:
-        if protocol not in PROTOCOLS:
-            raise ValueError(f"protocol: {protocol!r} is not allowed; choose one of {', '.join(PROTOCOLS)}")
+        check_choice("protocol", protocol, PROTOCOLS)
         super().__init__(card, max_batch, memory_budget)
         self.url, self.model_name, self.model_version, self.protocol = url, model_name, model_version, protocol
         self.timeout, self.connect_timeout = timeout, connect_timeout

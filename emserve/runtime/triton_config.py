@@ -25,6 +25,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from emserve.card import ModelCard
+from emserve.checks import check_choice
 from emserve.runtime.base import OUTPUT_NAME, graph_inputs
 
 CONFIG_NAME = "config.pbtxt"
@@ -61,8 +62,7 @@ def served_io(card: ModelCard, max_batch_size: int = 32
 def triton_config(card: ModelCard, name: str, *, max_batch_size: int = 32, instance_kind: str = "auto",
                   instances: int = 1, max_queue_delay_us: int = 500) -> str:
     """The config.pbtxt text for serving this card's ONNX graph with Triton's onnxruntime backend."""
-    if instance_kind not in INSTANCE_KINDS:
-        raise ValueError(f"instance_kind: {instance_kind!r} is not allowed; choose one of {', '.join(INSTANCE_KINDS)}")
+    check_choice("instance_kind", instance_kind, INSTANCE_KINDS)
     if max_batch_size < 0:
         raise ValueError(f"max_batch_size: {max_batch_size} must be >= 0 (0: no batching by Triton)")
     if instances < 1:

@@ -23,7 +23,8 @@ from starlette.datastructures import FormData, UploadFile
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 
-from emserve.serving.checks import check_fields, check_file_name, show
+from emserve.checks import show
+from emserve.serving.checks import check_fields, check_file_name
 from emserve.serving.settings import TASK_TTL
 
 FORM_OVERHEAD = 1 << 20  # bytes a multipart body may carry beyond its upload (other fields, part headers)

@@ -1,49 +1,23 @@
-"""Request checks: every refusal names the field, the value (cut short) and what is allowed.
+"""The service's side of request checks: fields an endpoint does not take, upload file names, and client errors.
 
-emserve's own checks (pipelines, segmentation, uploads) raise ValueError; `client_errors` turns those into the
-client's errors (400, or the status an UploadError carries), so a bad request never reaches the client as a 500.
+emserve's own checks (`emserve.checks`, pipelines, segmentation, uploads) raise ValueError naming the field;
+`client_errors` turns those into the client's errors (400, or the status an UploadError carries), so a bad request
+never reaches the client as a 500.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from http import HTTPStatus
 from typing import Any
 
 from bentoml.exceptions import BadInput, BentoMLException, InvalidArgument
 
-from emserve.card import ModelCard
+from emserve.checks import show
 from emserve.serving.uploads import UploadError
 
 FILE_NAME = 255  # characters of an upload's file name (a file system's limit for one name)
-
-
-def show(value: Any) -> str:
-    """A value for an error message, cut short: clients can send anything, and messages are echoed back."""
-    text = repr(value)
-    return text if len(text) <= 80 else f"{text[:77]}..."
-
-
-def check_range(field: str, value: float, low: float, high: float, setting: str = "") -> None:
-    """Comparisons only: NaN compares false, and a client's int of hundreds of digits compares exactly, where
-    converting it to a float (math.isfinite) would raise OverflowError."""
-    if not low <= value <= high:
-        where = f" (the upper bound is {setting})" if setting else ""
-        raise InvalidArgument(f"{field}: {show(value)} is not allowed; allowed: {low} to {high}{where}")
-
-
-def check_choice(field: str, value: str, allowed: Sequence[str]) -> None:
-    if value not in allowed:
-        raise InvalidArgument(f"{field}: {show(value)} is not allowed; choose one of {', '.join(allowed)}")
-
-
-def check_classes(field: str, names: Sequence[str], card: ModelCard) -> tuple[str, ...]:
-    for name in names:
-        if name not in card.classes:
-            raise InvalidArgument(f"{field}: {show(name)} is not one of the model's classes; allowed: "
-                                  f"{', '.join(card.classes)}")
-    return tuple(names)
 
 
 def check_fields(given: Iterable[str], cls: Any) -> None:

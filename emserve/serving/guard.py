@@ -16,8 +16,8 @@ import bentoml
 from python_multipart.multipart import parse_options_header
 from starlette.responses import JSONResponse
 
+from emserve.checks import show
 from emserve.serving.bentoml_compat import FORM_OVERHEAD, expire_results, result_database, submitted
-from emserve.serving.checks import show
 from emserve.serving.settings import API_KEY_ENV, TIMEOUT, Limits
 
 RETRY_AFTER = 5  # seconds a client refused for a full queue is told to wait (Retry-After)

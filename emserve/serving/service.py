@@ -28,14 +28,13 @@ from bentoml.validators import ContentType
 
 from emserve import __version__
 from emserve.card import CARD_NAME, ModelCard
+from emserve.checks import check_choice, check_range, show
 from emserve.data.patches import check_axis
 from emserve.diffusion import (
     DEFAULT_LABEL_GUIDANCE,
     DEFAULT_SAMPLER,
     DEFAULT_SPACING,
     DEFAULT_STEPS,
-    SAMPLERS,
-    SPACINGS,
 )
 from emserve.pictures import grid, pair_tile, raw_to_uint8
 from emserve.pipelines import (
@@ -47,7 +46,7 @@ from emserve.pipelines import (
     label_codes,
     split_channels,
 )
-from emserve.postprocess import DEFAULT_LABEL_METHOD, LABEL_METHODS, Screening
+from emserve.postprocess import DEFAULT_LABEL_METHOD, Screening
 from emserve.runtime.base import Runtime
 from emserve.runtime.load import load_runtime
 from emserve.segmentation import (
@@ -60,7 +59,7 @@ from emserve.segmentation import (
     tiling,
 )
 from emserve.serving.bentoml_compat import cancel_check, submitted
-from emserve.serving.checks import check_choice, check_classes, check_range, client_errors, show
+from emserve.serving.checks import client_errors
 from emserve.serving.encoding import npz_bytes, png_bytes, zip_folder
 from emserve.serving.guard import Guard, answers_timeout, deadline
 from emserve.serving.label_maps import label_maps
@@ -188,7 +187,8 @@ class EMServe:
         zipped zarr or PNG holding index maps [N,H,W] (CellMap ids, or values 1..C naming `classes`) or masks
         [N,C,H,W] (0/1/255, or float +1/-1/0) whose channels `classes` names; H = W = the model's patch size."""
         name, runtime = self.pick_model("em-from-labels", model)
-        check_choice("output", output, FORMATS)
+        with client_errors():
+            check_choice("output", output, FORMATS)
         decoded = self.decode_upload(labels, "labels", ("npy", "npz", "zarr", "png"), "labels")
         with client_errors("labels"):
             maps = label_maps(runtime.card, decoded, classes, "labels", self.limits.samples)
@@ -209,15 +209,16 @@ class EMServe:
         uint8 [K,...], classes, metadata, and with `probabilities` float16 [K,...]."""
         name, runtime = self.pick_model("segmentation", model)
         card = runtime.card
-        check_choice("output", output, FORMATS)
+        with client_errors():
+            check_choice("output", output, FORMATS)
         raw = self.decode_upload(image, "image", ("npy", "tiff", "zarr", "png"), "em").array
         if raw.ndim not in (2, 3) or 0 in raw.shape:
             raise InvalidArgument(f"image: shape {raw.shape}; give an image [Y, X] or a volume [Z, Y, X]")
-        if tile is not None:
-            check_range("tile", tile, 1, self.limits.tile, "EMSERVE_MAX_TILE")
-        if overlap is not None:  # a loose bound here: tiling's exact one (below the tile) echoes the value whole
-            check_range("overlap", overlap, 0, self.limits.tile, "EMSERVE_MAX_TILE")
         with client_errors():
+            if tile is not None:
+                check_range("tile", tile, 1, self.limits.tile, "EMSERVE_MAX_TILE")
+            if overlap is not None:  # a loose bound here: tiling's exact one (below the tile) echoes the value whole
+                check_range("overlap", overlap, 0, self.limits.tile, "EMSERVE_MAX_TILE")
             tile, overlap = tiling(card, tile, overlap)
             check_threshold(threshold)
             check_axis(axis)
@@ -270,21 +271,15 @@ class EMServe:
                         guidance: float, rescale: float, dataset: str | None, present: Sequence[str] = (),
                         absent: Sequence[str] = (), label_method: str = DEFAULT_LABEL_METHOD,
                         despeckle: int = 0) -> GenerationRequest:
-        """A GenerationRequest within the limits and accepted by the model (checked before anything runs)."""
-        check_range("seed", seed, 0, 2**63 - 1)
-        check_choice("sampler", sampler, SAMPLERS)
-        check_choice("spacing", spacing, SPACINGS)
-        check_choice("label_method", label_method, LABEL_METHODS)
-        check_range("despeckle", despeckle, 0, card.patch_size**2)
-        check_range("steps", steps, 1, min(self.limits.steps, card.timesteps), "EMSERVE_MAX_STEPS")
-        check_range("guidance", guidance, 0, self.limits.guidance, "EMSERVE_MAX_GUIDANCE")
-        check_range("rescale", rescale, 0, 1)
-        with client_errors():  # present/absent overlap, a dataset or condition the model does not know
+        """A GenerationRequest within the service's limits and accepted by the model (checked before anything
+        runs): the limits here, everything else by the pipelines' one validator."""
+        with client_errors():
+            check_range("steps", steps, 1, self.limits.steps, "EMSERVE_MAX_STEPS")
+            check_range("guidance", guidance, 0, self.limits.guidance, "EMSERVE_MAX_GUIDANCE")
             request = GenerationRequest(samples=samples, seed=seed, sampler=sampler, steps=steps, spacing=spacing,
-                                        guidance=guidance, rescale=rescale,
-                                        present=check_classes("present", present, card),
-                                        absent=check_classes("absent", absent, card), dataset=dataset,
-                                        batch_size=BATCH_SIZE, label_method=label_method, despeckle=despeckle)
+                                        guidance=guidance, rescale=rescale, present=tuple(present),
+                                        absent=tuple(absent), dataset=dataset, batch_size=BATCH_SIZE,
+                                        label_method=label_method, despeckle=despeckle)
             check_request(card, request)
         return request
 
@@ -312,8 +307,9 @@ class EMServe:
     def _pairs(self, ctx: bentoml.Context, settings: dict[str, Any], limit: int, setting: str,
                progress: Callable[[int, int], None] | None) -> Path:
         name, runtime = self.pick_model("pairs", settings["model"])
-        check_choice("output", settings["output"], FORMATS)
-        check_range("samples", settings["samples"], 1, limit, setting)
+        with client_errors():
+            check_choice("output", settings["output"], FORMATS)
+            check_range("samples", settings["samples"], 1, limit, setting)
         request = self.checked_request(runtime.card, samples=settings["samples"], seed=settings["seed"],
                                sampler=settings["sampler"], steps=settings["steps"], spacing=settings["spacing"],
                                guidance=settings["guidance"], rescale=settings["rescale"], dataset=settings["dataset"],
