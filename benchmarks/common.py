@@ -269,18 +269,15 @@ def parse_backends(text: str) -> list[str]:
 
 
 def example_inputs(card: ModelCard, batch: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, dict]:
-    """Random (x, t, cond) a runtime accepts for this card: noise, timesteps, non-null conditions."""
+    """Random (x, t, cond) a runtime accepts for this card: noise, timesteps, and every condition the card takes
+    (its shapes and dtypes) drawn from its non-null values: -1 / +1 for masks and presence, a known dataset."""
     rng = np.random.default_rng(seed)
-    size, k = card.patch_size, len(card.classes)
+    size = card.patch_size
     x = rng.standard_normal((batch, card.unet["in_channels"], size, size), dtype=np.float32)
     t = rng.uniform(0, card.timesteps - 1, batch).astype(np.float32)
-    cond: dict[str, np.ndarray] = {}
-    if card.class_condition:
-        cond["classes"] = rng.integers(-1, 2, (batch, k)).astype(np.float32)
-    if card.datasets:
-        cond["dataset"] = rng.integers(0, len(card.datasets), batch).astype(np.int64)
-    if card.label_map_condition:
-        cond["label_map"] = rng.integers(-1, 2, (batch, k, size, size)).astype(np.float32)
+    cond = {name: (rng.integers(0, len(card.datasets), null.shape) if name == "dataset"
+                   else rng.choice([-1.0, 1.0], null.shape)).astype(null.dtype)
+            for name, null in card.null_conditions(batch, size, size).items()}
     return x, t, cond
 
 

@@ -4,6 +4,7 @@ come back as one line naming what is wrong, with exit status 2."""
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
@@ -355,18 +356,23 @@ def generate(
                                     label_method=label_method, despeckle=despeckle)
         labels = label_source(card, labels_from, seed) if what == "from-labels" else None
         screening = Screening(min_size=min_size) if screen and card.mode in ("pairs", "labels") else None
-
-        def progress(done: int, total: int) -> None:
-            if console.is_terminal:
-                console.print(f"{done}/{total} samples", end="\r")
-
-        picture = generate_store(card, denoise, request, out, labels, screening, resume=resume, progress=progress,
-                                 precision=denoise.precision)
+        picture = generate_store(card, denoise, request, out, labels, screening, resume=resume,
+                                 progress=terminal_progress("samples"), precision=denoise.precision)
         console.print(f"wrote {out} and {picture}")
         if screening is not None:
             console.print(screening.summary())
     finally:
         denoise.close()
+
+
+def terminal_progress(unit: str) -> Callable[[int, int], None]:
+    """A progress callback that counts `unit` done on one overwritten line, on a terminal only (logs stay clean)."""
+
+    def progress(done: int, total: int) -> None:
+        if console.is_terminal:
+            console.print(f"{done}/{total} {unit}", end="\r")
+
+    return progress
 
 
 @app.command("segment")
@@ -406,14 +412,9 @@ def segment(
         if runtime.card.mode != "segmentation":
             raise ValueError(f"model: {model} is a {runtime.card.mode!r} model, not a segmentation network")
         geometry = segmentation_source(source, voxel_size)
-
-        def progress(done: int, total: int) -> None:
-            if console.is_terminal:
-                console.print(f"{done}/{total} slices", end="\r")
-
         segment_store(runtime, out=out, axis=axis, tile=tile, overlap=overlap, batch_size=batch_size,
                       threshold=threshold, keep_probabilities=probabilities, overwrite=overwrite, source=source,
-                      progress=progress, **geometry)
+                      progress=terminal_progress("slices"), **geometry)
         console.print(f"wrote {out}")
     finally:
         runtime.close()

@@ -141,16 +141,14 @@ def parity_cases(card: ModelCard) -> list[tuple[int, int, int]]:
     return [(1, p, p), (3, p, p), (2, half, p + 2 * f)]
 
 
-def parity_inputs(model: UNet, batch: int, height: int, width: int, seed: int) -> dict[str, torch.Tensor]:
-    """Random inputs with the first sample at the null conditions (so the learned nulls are compared too)."""
+def parity_inputs(model: UNet, card: ModelCard, batch: int, height: int, width: int,
+                  seed: int) -> dict[str, torch.Tensor]:
+    """Random inputs with the first sample at the card's null conditions (so the learned nulls are compared too)."""
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         inputs = model.example_inputs(batch, height, width)
-    for name in ("classes", "label_map"):
-        if name in inputs:
-            inputs[name][0] = 0
-    if "dataset" in inputs:
-        inputs["dataset"][0] = -1
+    for name, null in card.null_conditions(1, height, width).items():
+        inputs[name][0] = torch.from_numpy(null[0])
     return inputs
 
 
@@ -167,7 +165,7 @@ def check_parity(model: UNet, folder: str | Path, tolerance: float = DEFAULT_TOL
     worst = dict.fromkeys(runtimes, 0.0)
     rows = []
     for i, (batch, height, width) in enumerate(cases):
-        inputs = parity_inputs(model, batch, height, width, seed + i)
+        inputs = parity_inputs(model, card, batch, height, width, seed + i)
         with torch.no_grad():
             expected = model(**inputs).numpy()
         arrays = {k: v.numpy() for k, v in inputs.items()}
