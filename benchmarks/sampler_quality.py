@@ -6,10 +6,11 @@
 (DDIM, 250 steps; request seed 0); a second DDIM-250 draw with other seeds (request seed 1) gives the floor, the
 distance two draws of the same sampler have by chance. Every other sampler draws from the same noise as that second
 draw (request seed 1), so its distance to the reference is the floor plus what the sampler changes. Distances are
-Frechet distances of the EM channel on emserve's fixed filter-bank features (emserve.metrics, as `emserve evaluate
-realism`), standardised by the reference's features. The model must be trained: the weights decide quality, so a
-folder of exported weights is required (no random-weight sizes here). Each row is also timed (seconds per sample,
-through emserve.pipelines.generate as served), so the table gives samples per second at each quality.
+Frechet distances of the EM channel on emserve's fixed filter-bank features (emserve.evaluation.metrics, as
+`emserve evaluate realism`), standardised by the reference's features. The model must be trained: the weights
+decide quality, so a folder of exported weights is required (no random-weight sizes here). Each row is also timed
+(seconds per sample, through emserve.pipelines.generate as served), so the table gives samples per second at each
+quality.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import numpy as np
 from benchmarks.common import command_line, emit, header, machine_facts, markdown_table, number, set_threads
 from benchmarks.sampling import parse_samplers
 from emserve.diffusion import SPACINGS
-from emserve.metrics import frechet_distance, patch_features, standardize
+from emserve.evaluation.metrics import frechet_distance, patch_features, standardize
 from emserve.pipelines import GenerationRequest, generate
 from emserve.runtime.base import PRECISIONS, Runtime, check_precision
 from emserve.runtime.load import load_runtime, pick_backend

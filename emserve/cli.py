@@ -439,7 +439,7 @@ def evaluate_seg(
     A class a crop did not annotate is skipped there (not counted as absent); "-" marks a score that is
     undefined (the class is annotated nowhere, or absent and never predicted).
     """
-    from emserve.evaluation import evaluate_segmentation, held_out_crops
+    from emserve.evaluation.evaluate import evaluate_segmentation, held_out_crops
     from emserve.runtime.load import load_runtime
 
     with load_runtime(model, backend, device=device) as runtime:
@@ -469,7 +469,7 @@ def evaluate_realism(
     Features come from a fixed filter bank that ships with emserve (no downloads): compare numbers from the
     same version only. The floor is the distance between two independent draws of real patches.
     """
-    from emserve.evaluation import evaluate_realism as run
+    from emserve.evaluation.evaluate import evaluate_realism as run
 
     report = run(generated, real, samples=samples, seed=seed, picture=picture)
     console.print(f"FD  {report['fd']:.3f}   (real vs real {report['fd_real_vs_real']:.3f})")
@@ -502,8 +502,8 @@ def evaluate_presence(
     whether class-presence guidance raises a rare class's share.
     """
     from emserve.data.store import annotated_classes
-    from emserve.evaluation import evaluate_presence as run
-    from emserve.metrics import format_score
+    from emserve.evaluation.evaluate import evaluate_presence as run
+    from emserve.evaluation.metrics import format_score
 
     report = run(generated, real, opt.parse_csv(classes) or annotated_classes(real), crops=opt.parse_csv(crops),
                  voxel_size=opt.parse_voxel_size(voxel_size))
@@ -535,7 +535,7 @@ def evaluate_transfer(
 ) -> None:
     """Label transfer: render one store's label maps as EM (of another dataset, say), segment the EM, and
     score the segmentation against the label maps. High scores: the generated EM carries its labels."""
-    from emserve.evaluation import evaluate_label_transfer
+    from emserve.evaluation.evaluate import evaluate_label_transfer
     from emserve.runtime.load import load_runtime
 
     with load_runtime(model) as denoiser, load_runtime(segmenter) as seg:
@@ -548,7 +548,7 @@ def evaluate_transfer(
 
 
 def _print_scores(report: dict) -> None:
-    from emserve.metrics import format_score
+    from emserve.evaluation.metrics import format_score
 
     table = Table(title=f"segmentation scores on {', '.join(report['crops'])}")
     for col in ("class", *SCORE_COLUMNS, "annotated voxels", "present"):

@@ -11,8 +11,14 @@ from checkpoints import CLASSES, make_checkpoint
 
 from emserve.classes import ABSENT, PRESENT, UNKNOWN
 from emserve.data.writer import CropToWrite, write_store
-from emserve.evaluation import evaluate_presence, evaluate_realism, held_out_crops
-from emserve.metrics import Counts, frechet_distance, kernel_distance, plane_object_sizes, segmentation_report
+from emserve.evaluation.evaluate import evaluate_presence, evaluate_realism, held_out_crops
+from emserve.evaluation.metrics import (
+    Counts,
+    frechet_distance,
+    kernel_distance,
+    plane_object_sizes,
+    segmentation_report,
+)
 from training.export import export_model
 
 
@@ -105,7 +111,7 @@ def test_evaluate_cli_writes_json_and_csv_that_agree(toy_store, tmp_path):
 
 def test_label_transfer_scores_the_segmentation_of_rendered_labels(toy_store):
     from emserve.card import ModelCard
-    from emserve.evaluation import evaluate_label_transfer
+    from emserve.evaluation.evaluate import evaluate_label_transfer
     from emserve.runtime.base import CallableRuntime
 
     unet = {"in_channels": 1, "out_channels": 1, "multipliers": [1, 2], "timestep": True, "label_channels": 2}
@@ -127,7 +133,7 @@ def test_label_transfer_scores_the_segmentation_of_rendered_labels(toy_store):
 
 @pytest.mark.slow
 def test_transfer_cli_renders_with_the_options_given(toy_store, tmp_path):
-    from emserve.evaluation import evaluate_label_transfer
+    from emserve.evaluation.evaluate import evaluate_label_transfer
     from emserve.runtime.load import load_runtime
 
     renderer = make_checkpoint(tmp_path / "renderer", "em-from-labels", label_channels=len(CLASSES),

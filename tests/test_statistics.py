@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from emserve.metrics import Counts, segmentation_report, tile_counts
-from emserve.statistics import dice_interval, mean_dice, paired_difference, verdict
+from emserve.evaluation.metrics import Counts, segmentation_report, tile_counts
+from emserve.evaluation.statistics import dice_interval, mean_dice, paired_difference, verdict
 
 
 def random_counts(rng, seeds=3, tiles=40, classes=3, scale=200):

@@ -21,13 +21,13 @@ from emserve.data.patches import PatchBatch, PatchSampler, label_channels, load_
 from emserve.data.store import GROUNDTRUTH_GROUP, EMStore
 from emserve.data.writer import atomic_directory
 from emserve.diffusion import DEFAULT_LABEL_GUIDANCE
-from emserve.metrics import confusion
+from emserve.evaluation.metrics import confusion
+from emserve.evaluation.statistics import mean_dice
 from emserve.pipelines import GenerationRequest, LabelSource, generate_store, sample_seed
 from emserve.postprocess import Screening
 from emserve.runtime.base import Runtime
 from emserve.runtime.load import load_runtime
 from emserve.segmentation import masks_from_probabilities, probabilities
-from emserve.statistics import mean_dice
 from training.experiment.config import ExperimentConfig
 
 

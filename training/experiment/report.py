@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from emserve.metrics import format_score
-from emserve.statistics import dice_interval, paired_difference, verdict
+from emserve.evaluation.metrics import format_score
+from emserve.evaluation.statistics import dice_interval, paired_difference, verdict
 from training.experiment.config import BASELINE, PRETRAIN_SHARE, baseline_of, control_of
 from training.transfer import FOLD_TIME
 

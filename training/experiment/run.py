@@ -15,7 +15,7 @@ from pathlib import Path
 from emserve.card import ModelCard
 from emserve.classes import PRESENT
 from emserve.data.store import EMStore
-from emserve.evaluation import evaluate_presence, evaluate_realism, evaluate_segmentation, held_out_crops
+from emserve.evaluation.evaluate import evaluate_presence, evaluate_realism, evaluate_segmentation, held_out_crops
 from emserve.runtime.load import load_runtime
 from training.ddpm import DDPMConfig, train_ddpm
 from training.experiment.config import BASELINE, PRETRAIN_SHARE, ExperimentConfig, regime_of

@@ -6,7 +6,7 @@ unlabelled sections (where the segmentation budget may be chosen) and on the hel
 
 Reads EXPERIMENT_DIR/experiment.json for the stores, classes, voxel size, holdout and labelled slices; scores
 EXPERIMENT_DIR/seed-*/seg-few/step-<STEP> with the experiment's own scoring call (evaluate_segmentation, columns of
-one patch side through every section) and intervals (emserve.statistics).
+one patch side through every section) and intervals (emserve.evaluation.statistics).
 """
 
 import json
@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 
 from emserve.classes import UNKNOWN
-from emserve.evaluation import evaluate_segmentation, held_out_crops
+from emserve.evaluation.evaluate import evaluate_segmentation, held_out_crops
+from emserve.evaluation.statistics import dice_interval, mean_dice, paired_difference, verdict
 from emserve.runtime.load import load_runtime
-from emserve.statistics import dice_interval, mean_dice, paired_difference, verdict
 
 
 def unlabelled_sections(crops, count):

@@ -2,7 +2,7 @@
 masks and `few+denoiser`'s (seed 0). Run from the repository root: python docs/experiments/vnc-few-labels/picture.py
 """
 from emserve.classes import PRESENT
-from emserve.evaluation import held_out_crops
+from emserve.evaluation.evaluate import held_out_crops
 from emserve.pictures import grid, pair_tile, save_png
 from emserve.runtime.load import load_runtime
 from emserve.segmentation import masks_from_probabilities, segment_array

@@ -60,8 +60,8 @@ def confusion(predicted: np.ndarray, labels: np.ndarray) -> np.ndarray:
 
 def tile_counts(predicted: np.ndarray, labels: np.ndarray, tile: int) -> np.ndarray:
     """(tp, fp, fn) per tile and class [T, K, 3] of masks against labels [K, Z, Y, X] (0/1/255; 255 skipped),
-    the units a bootstrap over held-out data resamples (emserve.statistics). A tile is a column: a `tile` x `tile`
-    block through every z-plane (the last row and column of blocks may be narrower), because neighbouring planes
+    the units a bootstrap over held-out data resamples (`statistics`). A tile is a column: a `tile` x `tile` block
+    through every z-plane (the last row and column of blocks may be narrower), because neighbouring planes
     show the same organelles and would not be independent draws."""
     if tile < 1:
         raise ValueError(f"tile: {tile} must be a positive number of pixels")

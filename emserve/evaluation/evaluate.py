@@ -1,7 +1,7 @@
 """`emserve evaluate`: a segmentation network against held-out annotations, generated EM against real EM, and how
 often generated pairs hold each class against how often real patches do.
 
-Stores in, JSON-ready reports out; the numbers come from emserve.metrics, the predictions from the same tiled
+Stores in, JSON-ready reports out; the numbers come from emserve.evaluation.metrics, the predictions from the same tiled
 inference as `emserve segment`, so what is evaluated is what users run.
 """
 
@@ -16,7 +16,7 @@ from emserve.classes import UNKNOWN
 from emserve.data.patches import PatchSampler, RawPatchSampler
 from emserve.data.store import EMStore, LabelledCrop
 from emserve.diffusion import DEFAULT_LABEL_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_SPACING, DEFAULT_STEPS
-from emserve.metrics import (
+from emserve.evaluation.metrics import (
     Counts,
     plane_object_sizes,
     presence_share,
@@ -57,7 +57,7 @@ def evaluate_segmentation(runtime: Runtime, crops: Sequence[LabelledCrop], *, ax
                           count_tile: int | None = None) -> dict:
     """Per-class and mean Dice / IoU / precision / recall of the network's masks on the crops. With
     `count_tile`, also "tile_counts": (tp, fp, fn) per class of every column (`count_tile` pixels square, through
-    every z-plane) [tiles][classes][3], crop after crop, for intervals (emserve.statistics)."""
+    every z-plane) [tiles][classes][3], crop after crop, for intervals (emserve.evaluation.statistics)."""
     card = runtime.card
     counts = [Counts() for _ in card.classes]
     tiles = []
@@ -107,7 +107,7 @@ def evaluate_presence(generated: str, real: Sequence[str], classes: Sequence[str
                       voxel_size: Sequence[float] | None = None) -> dict:
     """Per class, the share of generated samples that hold an object of real size, beside the share of real
     patches of the samples' size that do: does the model draw a class as often as the data holds it, and does
-    class-presence guidance raise that share? ("Of real size": emserve.metrics, presence.)
+    class-presence guidance raise that share? ("Of real size": emserve.evaluation.metrics, presence.)
 
     Real patches are the real crops' z-planes cut into tiles of the samples' size as training cuts them (a grid
     whose last row and column sit flush with the border), at `voxel_size` (default: the finest); only samples and

@@ -15,7 +15,7 @@ A paired difference uses the same seeds and tiles for the arm and its baseline i
 variation both share (a hard tile is hard for both), so it is far tighter than two separate intervals.
 
 Counts come as arrays [seeds, tiles, classes, 3] of (true positives, false positives, false negatives), from
-`emserve.evaluation.evaluate_segmentation(..., count_tile=N)`; seed s of an arm and of its baseline must be the
+`emserve.evaluation.evaluate.evaluate_segmentation(..., count_tile=N)`; seed s of an arm and of its baseline must be the
 same training seed.
 """
 
