@@ -23,8 +23,9 @@ from emserve.classes import ABSENT, PRESENT, UNKNOWN, masks_from_ids
 from emserve.data.lock import store_lock
 from emserve.data.ngff import multiscales_attrs, pyramid_levels
 from emserve.data.patches import PatchSampler, label_channels, load_crops
+from emserve.data.sources import EM_GROUP
 from emserve.data.stacks import discover, read_stack
-from emserve.data.store import EM_GROUP, EMStore, is_store
+from emserve.data.store import EMStore, is_store
 from emserve.data.writer import EM_NAME, CropToWrite, add_crop, atomic_directory, fsync_tree, provenance
 from emserve.diffusion import (
     DEFAULT_SAMPLER,

@@ -12,7 +12,8 @@ from scipy import ndimage as ndi
 
 from emserve.classes import ABSENT, BY_NAME, PRESENT, UNKNOWN
 from emserve.data.phantom import PHANTOM_CLASSES, PRESETS, RARE_CLASSES, make_phantom, write_phantoms
-from emserve.data.store import GROUNDTRUTH_GROUP, EMStore
+from emserve.data.sources import GROUNDTRUTH_GROUP
+from emserve.data.store import EMStore
 
 SHAPE = (32, 160, 160)
 CROP = (16, 96, 96)

@@ -27,7 +27,7 @@ import zarr
 from emserve.classes import ABSENT, ENCODING, PRESENT, UNKNOWN, check_class_names
 from emserve.data.lock import clear_leftovers, temporary_name
 from emserve.data.ngff import multiscales_attrs, pyramid_factors, pyramid_levels
-from emserve.data.store import EM_GROUP, GROUNDTRUTH_GROUP, is_remote
+from emserve.data.sources import EM_GROUP, GROUNDTRUTH_GROUP, is_remote
 
 EM_NAME = "fibsem-uint8"
 INFERENCE_GROUP = "recon-1/labels/inference"  # predictions of `emserve segment`, beside labels/groundtruth

@@ -35,7 +35,8 @@ from PIL import Image
 from zarr.core.buffer import cpu
 from zarr.storage import MemoryStore
 
-from emserve.data.store import EM_GROUP, GROUNDTRUTH_GROUP, PREFERRED_EM, natural_key
+from emserve.data.sources import EM_GROUP, GROUNDTRUTH_GROUP, PREFERRED_EM
+from emserve.data.store import natural_key
 
 NPY_MAGIC, ZIP_MAGIC, PNG_MAGIC = b"\x93NUMPY", b"PK\x03\x04", b"\x89PNG\r\n\x1a\n"
 TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")  # classic and BigTIFF, both byte orders

@@ -18,7 +18,8 @@ from scipy import ndimage
 
 from emserve.classes import UNKNOWN
 from emserve.data.patches import PatchBatch, PatchSampler, label_channels, load_crops
-from emserve.data.store import GROUNDTRUTH_GROUP, EMStore
+from emserve.data.sources import GROUNDTRUTH_GROUP
+from emserve.data.store import EMStore
 from emserve.data.writer import atomic_directory
 from emserve.diffusion import DEFAULT_LABEL_GUIDANCE
 from emserve.evaluation.metrics import confusion
