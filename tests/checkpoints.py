@@ -1,4 +1,5 @@
-"""Tiny real training checkpoints for the export and runtime tests."""
+"""The tests' tiny models: one UNet shape (TINY_UNET) for networks built directly, trained by a test, or saved as
+real training checkpoints with random weights (make_checkpoint) for the export, runtime and service tests."""
 
 import torch
 
@@ -7,6 +8,12 @@ from emserve.unet import UNet
 from training.checkpoint import TrainingState, save_checkpoint
 
 CLASSES = ["mito_mem", "ld_lum"]
+TINY_UNET = dict(width=8, multipliers=(1, 2), blocks_per_level=1)  # UNet options, and the same training options
+
+
+def tiny_unet(in_channels: int, out_channels: int, **options) -> UNet:
+    """A UNet of the tests' tiny shape; `options` add conditions or override the shape."""
+    return UNet(in_channels, out_channels, **{**TINY_UNET, **options})
 
 
 def make_checkpoint(run_dir, mode, seed=0, **unet):
@@ -14,8 +21,7 @@ def make_checkpoint(run_dir, mode, seed=0, **unet):
     torch.manual_seed(seed)
     k = len(CLASSES)
     channels = {"pairs": (1 + k, 1 + k), "em-from-labels": (1, 1), "segmentation": (1, k)}[mode]
-    model = UNet(*channels, width=8, multipliers=(1, 2), blocks_per_level=1, timestep=mode != "segmentation",
-                 **unet)
+    model = tiny_unet(*channels, timestep=mode != "segmentation", **unet)
     torch.nn.init.normal_(model.head[-1].weight, std=0.1)  # the head starts at zero: make the output depend on x
     card = ModelCard(mode=mode, classes=CLASSES, patch_size=16, unet=model.config.to_dict(),
                      datasets=["a", "b"] if unet.get("num_datasets") else [],

@@ -14,10 +14,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from checkpoints import tiny_unet
 from torch import nn
 
 from emserve.card import ModelCard
-from emserve.unet import Attention, UNet
+from emserve.unet import Attention
 
 pytestmark = pytest.mark.slow  # real servers, exports or training runs: `make test` runs it, `make check` not
 
@@ -93,7 +94,7 @@ def test_denoiser_report(workdir):
         (b, n) for b in ("onnx", "torchscript", "torchscript-bf16", "torch", "torch-bf16") for n in (1, 2)]
     flops = int(fact(report, "FLOPs per sample").split()[0])
     torch.manual_seed(0)
-    tiny = UNet(3, 3, width=8, multipliers=(1, 2), blocks_per_level=1, num_classes=2, num_datasets=2).eval()
+    tiny = tiny_unet(3, 3, num_classes=2, num_datasets=2).eval()
     assert flops == counted_flops(tiny, tiny.example_inputs(1, 16))
     for row in rows:
         per_call, per_sample = positive(row["ms per call"]), positive(row["ms per sample"])

@@ -8,6 +8,7 @@ import sys
 import numpy as np
 import pytest
 import zarr
+from checkpoints import CLASSES, TINY_UNET
 
 from emserve.card import ModelCard
 from emserve.classes import PRESENT, UNKNOWN
@@ -37,7 +38,7 @@ def checkpoints(toy_store, tmp_path_factory):
     for mode in ("pairs", "em-from-labels", "em", "labels"):
         run = tmp_path_factory.mktemp(mode)
         cfg = DDPMConfig(stores=[str(p) for p in toy_store], out=str(run), mode=mode,
-                         classes=["mito_mem", "ld_lum"], patch_size=16, width=8, multipliers=(1, 2), batch_size=4,
+                         classes=CLASSES, patch_size=16, batch_size=4, **TINY_UNET,
                          steps=2, lr=1e-2, checkpoint_every=2, preview_every=100)
         out[mode] = train_ddpm(cfg)
     return out

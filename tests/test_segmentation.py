@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 import zarr
-from checkpoints import CLASSES, make_checkpoint
+from checkpoints import CLASSES, TINY_UNET, make_checkpoint
 from PIL import Image
 
 from emserve.card import ModelCard
@@ -175,9 +175,8 @@ def test_a_patch_weighing_twice_another_counts_like_two_copies_of_it():
 def trained(toy_store, tmp_path_factory):
     """A tiny segmentation network trained on the toy stores (mito bright, lipid droplets dark)."""
     run = tmp_path_factory.mktemp("seg")
-    cfg = SegConfig(stores=[str(toy_store[0])], out=str(run), classes=CLASSES, patch_size=32, width=8,
-                    multipliers=(1, 2), blocks_per_level=1, batch_size=8, steps=80, lr=3e-3, ema=0.9,
-                    checkpoint_every=40, preview_every=80)
+    cfg = SegConfig(stores=[str(toy_store[0])], out=str(run), classes=CLASSES, patch_size=32, batch_size=8, steps=80,
+                    lr=3e-3, ema=0.9, checkpoint_every=40, preview_every=80, **TINY_UNET)
     return train_seg(cfg), run
 
 
@@ -197,8 +196,8 @@ def test_training_learns_the_toy_organelles_and_tiled_inference_finds_them(train
 def test_fine_tuning_starts_from_the_checkpoints_weights_and_refuses_another_network(trained, toy_store, tmp_path):
     checkpoint, _ = trained
     start = load_runtime(checkpoint, "torch", device="cpu")
-    common = dict(stores=[str(toy_store[0])], classes=CLASSES, patch_size=32, width=8, multipliers=(1, 2),
-                  blocks_per_level=1, batch_size=4, steps=1, checkpoint_every=1, preview_every=1)
+    common = dict(stores=[str(toy_store[0])], classes=CLASSES, patch_size=32, batch_size=4, steps=1,
+                  checkpoint_every=1, preview_every=1, **TINY_UNET)
     frozen = train_seg(SegConfig(out=str(tmp_path / "tuned"), lr=0.0, init=str(checkpoint), **common))
     tuned = load_runtime(frozen, "torch", device="cpu")  # lr 0: still the starting weights after a step
     x = np.random.default_rng(0).uniform(-1, 1, (2, 1, 32, 32)).astype(np.float32)
@@ -212,8 +211,8 @@ def test_fine_tuning_starts_from_the_checkpoints_weights_and_refuses_another_net
 
 
 def test_generated_stores_train_alone_or_mixed(toy_store, tmp_path):
-    common = dict(classes=CLASSES, patch_size=16, width=8, multipliers=(1, 2), blocks_per_level=1, batch_size=4,
-                  steps=2, checkpoint_every=2, preview_every=2)
+    common = dict(classes=CLASSES, patch_size=16, batch_size=4, steps=2, checkpoint_every=2, preview_every=2,
+                  **TINY_UNET)
     alone = train_seg(SegConfig(stores=[], generated=[str(toy_store[1])], out=str(tmp_path / "gen"), **common))
     mixed = train_seg(SegConfig(stores=[str(toy_store[0])], generated=[str(toy_store[1])], generated_fraction=0.25,
                                 out=str(tmp_path / "mix"), **common))

@@ -10,6 +10,7 @@ import time
 import numpy as np
 import pytest
 import torch
+from checkpoints import CLASSES, TINY_UNET
 
 from training import checkpoint as ckpt
 from training.ddpm import DDPMConfig, train_ddpm
@@ -17,12 +18,11 @@ from training.ddpm import DDPMConfig, train_ddpm
 pytestmark = pytest.mark.slow  # real servers, exports or training runs: `make test` runs it, `make check` not
 
 # device cpu: resume is compared loss for loss, which CUDA's non-deterministic kernels would not reproduce
-TINY = {"patch_size": 32, "width": 16, "multipliers": (1, 2), "batch_size": 8, "preview_every": 10_000, "device": "cpu"}
+TINY = {**TINY_UNET, "width": 16, "patch_size": 32, "batch_size": 8, "preview_every": 10_000, "device": "cpu"}
 
 
 def config(toy_store, out, **kw):
-    return DDPMConfig(stores=[str(p) for p in toy_store], out=str(out), classes=["mito_mem", "ld_lum"],
-                      **{**TINY, **kw})
+    return DDPMConfig(stores=[str(p) for p in toy_store], out=str(out), classes=CLASSES, **{**TINY, **kw})
 
 
 def losses(run_dir):

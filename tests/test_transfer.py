@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from checkpoints import CLASSES, make_checkpoint
+from checkpoints import CLASSES, TINY_UNET, make_checkpoint, tiny_unet
 
 from emserve.card import ModelCard
 from emserve.unet import UNet
@@ -10,14 +10,14 @@ from training.checkpoint import load_checkpoint
 from training.seg import SegConfig, train_seg
 from training.transfer import FOLD_TIME, segmenter_weights
 
-SHAPE = dict(width=16, multipliers=(1, 2), blocks_per_level=1, attention_levels=(1,), attention_head_dim=8)
+SHAPE = dict(width=16, attention_levels=(1,), attention_head_dim=8)  # tiny, wider: attention at the second level
 
 
 def random_denoiser(label_channels: int = 2) -> UNet:
     """A pairs-style denoiser (EM + label channels in and out, class and dataset conditions) with every
     parameter away from its initial value, so a wrong fold of any of them shows."""
     torch.manual_seed(0)
-    denoiser = UNet(1 + label_channels, 1 + label_channels, timestep=True, num_classes=2, num_datasets=2, **SHAPE)
+    denoiser = tiny_unet(1 + label_channels, 1 + label_channels, timestep=True, num_classes=2, num_datasets=2, **SHAPE)
     with torch.no_grad():
         for p in denoiser.parameters():
             p.add_(0.1 * torch.randn_like(p))
@@ -26,7 +26,7 @@ def random_denoiser(label_channels: int = 2) -> UNet:
 
 def test_the_folded_segmenter_computes_the_denoiser_at_the_fold_time_with_null_conditions():
     denoiser = random_denoiser()
-    segmenter = UNet(1, 3, timestep=False, **SHAPE).eval()
+    segmenter = tiny_unet(1, 3, timestep=False, **SHAPE).eval()
     weights = segmenter_weights(denoiser, segmenter, timesteps=1000)
     assert not weights["head.2.weight"].any()  # its own head, even of the denoiser's shape: logits start at zero
     weights.update({f"head.2.{k}": v for k, v in denoiser.head[2].state_dict().items()})  # to compare the rest
@@ -41,19 +41,19 @@ def test_the_folded_segmenter_computes_the_denoiser_at_the_fold_time_with_null_c
 
 def test_the_stem_keeps_the_em_channel_and_a_different_shape_is_refused_by_name():
     denoiser = random_denoiser()
-    segmenter = UNet(1, 5, timestep=False, **SHAPE)
+    segmenter = tiny_unet(1, 5, timestep=False, **SHAPE)
     weights = segmenter_weights(denoiser, segmenter, timesteps=1000)
     assert not weights["head.2.weight"].any() and not weights["head.2.bias"].any()
     torch.testing.assert_close(weights["stem.weight"], denoiser.state_dict()["stem.weight"][:, :1])
     with pytest.raises(ValueError, match=r"init: stem\.weight is \[16, 1, 3, 3\] in the denoiser and \[24, 1, 3, 3\] "
                                          r"here; width, multipliers"):
-        segmenter_weights(denoiser, UNet(1, 3, timestep=False, **{**SHAPE, "width": 24}), timesteps=1000)
+        segmenter_weights(denoiser, tiny_unet(1, 3, timestep=False, **{**SHAPE, "width": 24}), timesteps=1000)
 
 
 def test_train_seg_init_from_a_ddpm_checkpoint_starts_from_its_folded_denoiser(toy_store, tmp_path):
-    ddpm = make_checkpoint(tmp_path / "ddpm", "pairs")  # width 8, multipliers (1, 2), one block per level
-    common = dict(stores=[str(toy_store[0])], classes=CLASSES, patch_size=32, width=8, multipliers=(1, 2),
-                  blocks_per_level=1, batch_size=4, steps=1, checkpoint_every=1, preview_every=1, lr=0.0)
+    ddpm = make_checkpoint(tmp_path / "ddpm", "pairs")  # of TINY_UNET's shape, as the segmenter below
+    common = dict(stores=[str(toy_store[0])], classes=CLASSES, patch_size=32, batch_size=4, steps=1,
+                  checkpoint_every=1, preview_every=1, lr=0.0, **TINY_UNET)
     tuned = train_seg(SegConfig(out=str(tmp_path / "tuned"), init=str(ddpm), **common))
     _, _, ema, _, _ = load_checkpoint(tuned)
     _, _, denoiser_weights, _, _ = load_checkpoint(ddpm)

@@ -34,6 +34,8 @@ from emserve.runtime.triton_config import write_triton_config
 pytest.importorskip("tritonclient.http", reason="tritonclient is not installed: pip install 'tritonclient[grpc,http]'")
 pytest.importorskip("tritonclient.grpc", reason="tritonclient is not installed: pip install 'tritonclient[grpc,http]'")
 
+from checkpoints import tiny_unet
+
 from emserve.runtime.triton import TritonRuntime, from_url
 
 pytestmark = pytest.mark.slow  # real servers, exports or training runs: `make test` runs it, `make check` not
@@ -52,12 +54,10 @@ def make_checkpoint(run_dir: Path) -> Path:
     """A real training checkpoint of a tiny conditional pairs denoiser with random weights."""
     import torch
 
-    from emserve.unet import UNet
     from training.checkpoint import TrainingState, save_checkpoint
 
     torch.manual_seed(0)
-    model = UNet(1 + len(CLASSES), 1 + len(CLASSES), width=8, multipliers=(1, 2), timestep=True,
-                 num_classes=len(CLASSES), num_datasets=2)
+    model = tiny_unet(1 + len(CLASSES), 1 + len(CLASSES), timestep=True, num_classes=len(CLASSES), num_datasets=2)
     torch.nn.init.normal_(model.head[-1].weight, std=0.05)  # the head starts at zero: make the output depend on x
     card = tiny_card(model.config.to_dict())
     state = TrainingState(step=1, ranks=[], losses=[])

@@ -8,6 +8,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from checkpoints import tiny_unet  # noqa: E402
+
 from emserve.unet import UNet, UNetConfig, count_parameters, dropout_conditions  # noqa: E402
 
 K, N, L = 4, 3, 4  # classes, datasets, label channels
@@ -15,11 +17,8 @@ K, N, L = 4, 3, 4  # classes, datasets, label channels
 
 def tiny(**overrides) -> UNet:
     """A tiny conditional UNet with random (non-zero) weights everywhere, including the zero-initialised head."""
-    kwargs = dict(in_channels=2, out_channels=3, width=8, multipliers=(1, 2), blocks_per_level=1,
-                  num_classes=K, num_datasets=N, label_channels=L)
-    kwargs.update(overrides)
     torch.manual_seed(0)
-    model = UNet(**kwargs).eval()
+    model = tiny_unet(2, 3, **{"num_classes": K, "num_datasets": N, "label_channels": L, **overrides}).eval()
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.1 * torch.randn_like(p))
@@ -59,7 +58,7 @@ def test_bad_spatial_size_raises(multipliers, h, w):
 
 
 def test_zero_initialised_head_gives_zero_output():
-    model = UNet(2, 3, width=8, multipliers=(1, 2), blocks_per_level=1)
+    model = tiny_unet(2, 3)
     assert torch.count_nonzero(model(torch.randn(2, 2, 8, 8), torch.tensor([3.0, 500.0]))) == 0
 
 
