@@ -10,6 +10,7 @@ import pytest
 
 from emserve.classes import ABSENT, PRESENT, UNKNOWN
 from emserve.data.ngff import ScaleLevel, level_from_transform, parse_multiscales, select_level
+from emserve.data.sources import codec_names
 from emserve.data.store import EMStore, decode_labels
 
 CLASSES = ["mito_mem", "mito_lum", "mito", "er", "er_mem", "nuc", "ld_mem", "ld"]
@@ -255,3 +256,32 @@ def test_published_attributes_are_plain_json(stores):
     assert zattrs["cellmap"]["annotation"]["annotation_type"]["encoding"] == {"absent": 0, "unknown": 255}
     group = json.loads((stores["v2"] / "recon-1/labels/groundtruth/crop1/er_mem/.zattrs").read_text())
     assert "cellmap" not in group  # the encoding lives on the arrays only for this class
+
+
+# --- codecs -------------------------------------------------------------------------------------------------------
+def with_filter(array_dir, codec: dict) -> None:
+    """Rewrite a zarr v2 array's metadata to name one more filter."""
+    meta = json.loads((array_dir / ".zarray").read_text())
+    (array_dir / ".zarray").write_text(json.dumps({**meta, "filters": [codec]}))
+
+
+def test_arrays_with_codecs_outside_the_allow_list_are_refused_before_a_chunk_is_read(stores, tmp_path):
+    import shutil
+
+    path = shutil.copytree(stores["v2"], tmp_path / "hostile.zarr")
+    with_filter(path / "recon-1/em/fibsem-uint8/s0", {"id": "base64"})  # zarr would decode it: a codec it knows
+    with_filter(path / "recon-1/labels/groundtruth/crop1/mito_mem/s1", {"id": "packbits"})
+    store = EMStore(path)
+    with pytest.raises(ValueError) as err:
+        store.em_volume(store.em_levels[0])
+    message = one_line(err)
+    assert "recon-1/em/fibsem-uint8/s0: codecs ['base64'] are not read" in message and "allowed: adler32" in message
+    np.testing.assert_array_equal(store.em_volume(store.em_levels[1])[...], fx.em_s1(fx.em_volume()))  # untouched
+    with pytest.raises(ValueError, match=r"crop1/mito_mem/s1: codecs \['packbits'\] are not read"):
+        store.read_crop("crop1", ["mito_mem"])
+
+
+def test_codec_names_include_the_codecs_inside_a_shard():
+    metadata = {"zarr_format": 3, "codecs": [{"name": "sharding_indexed", "configuration": {
+        "codecs": [{"name": "bytes"}, {"name": "numcodecs.pickle"}], "index_codecs": [{"name": "crc32c"}]}}]}
+    assert codec_names(metadata) == ["sharding_indexed", "bytes", "pickle", "crc32c"]

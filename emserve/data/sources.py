@@ -21,6 +21,12 @@ from emserve.data.ngff import ScaleLevel, level_from_transform, multiscales_of, 
 EM_GROUP = "recon-1/em"
 GROUNDTRUTH_GROUP = "recon-1/labels/groundtruth"
 PREFERRED_EM = ("fibsem-uint8", "fibsem-uint16", "fibsem-int16")
+# Codecs of the zarr arrays emserve reads from stores (s3:// and local alike: a store is data someone else may have
+# written). A codec is code: zarr runs whichever registered codec a store's metadata names (numcodecs' own and any
+# installed plugin's), so only byte decoders known to yield numbers are read, and anything else is refused before
+# a chunk is (pickle, msgpack and vlen object codecs among them, which zarr 3 also refuses on numeric arrays).
+STORE_CODECS = frozenset({"bytes", "transpose", "shuffle", "delta", "zlib", "gzip", "bz2", "lzma", "blosc", "lz4",
+                          "zstd", "crc32", "crc32c", "adler32", "sharding_indexed"})
 
 
 class Volume(Protocol):
@@ -139,6 +145,35 @@ def n5_kvstore(path: str, dataset: str) -> dict[str, Any]:
     return kvstore
 
 
+def codec_names(metadata: Mapping[str, Any]) -> list[str]:
+    """The codecs of zarr array metadata (as `metadata.to_dict()` gives it) in the order they encode: v2 filter
+    ids then the compressor's; v3 codec names (numcodecs' without their `numcodecs.` prefix), a shard's inner and
+    index codecs after the sharding codec itself."""
+    if metadata.get("zarr_format") == 2:
+        return [str(c["id"]) for c in [*(metadata.get("filters") or []), metadata.get("compressor")] if c]
+    return _v3_codec_names(metadata.get("codecs") or [])
+
+
+def _v3_codec_names(codecs: list[Mapping[str, Any]]) -> list[str]:
+    names = []
+    for codec in codecs:
+        names.append(str(codec["name"]).removeprefix("numcodecs."))
+        inner = codec.get("configuration") or {}
+        names += _v3_codec_names([*(inner.get("codecs") or []), *(inner.get("index_codecs") or [])])
+    return names
+
+
+def checked_array(array: zarr.Array, where: str) -> zarr.Array:
+    """`array` if emserve may read it: a numeric dtype, and only codecs of STORE_CODECS."""
+    if np.dtype(array.dtype).kind not in "biuf":
+        raise ValueError(f"{where}: dtype {array.dtype}; emserve reads numeric arrays only")
+    refused = sorted(set(codec_names(array.metadata.to_dict())) - STORE_CODECS)
+    if refused:
+        raise ValueError(f"{where}: codecs {refused} are not read (only byte decoders known to yield numbers); "
+                         f"allowed: {', '.join(sorted(STORE_CODECS))}")
+    return array
+
+
 class ZarrSource:
     """A CellMap-layout zarr group: EM under recon-1/em, ground-truth crops under recon-1/labels/groundtruth."""
 
@@ -165,7 +200,7 @@ class ZarrSource:
         return parse_multiscales(attrs, f"{self.path}/{group}")
 
     def volume(self, dataset: str) -> Volume:
-        return self.root[dataset]
+        return checked_array(self.root[dataset], f"{self.path}/{dataset}")
 
     def groundtruth(self) -> zarr.Group | None:
         return self.root.get(GROUNDTRUTH_GROUP)

@@ -44,7 +44,7 @@ from emserve.data.ngff import (
     parse_multiscales,
     select_level,
 )
-from emserve.data.sources import Volume, open_source
+from emserve.data.sources import Volume, checked_array, open_source
 
 RAW_PERCENTILES = (0.5, 99.5)
 PERCENTILE_SAMPLE = 1 << 24  # voxels read at most to estimate the contrast window (a central block)
@@ -207,7 +207,7 @@ class EMStore:
 def _read_label_array(group: zarr.Group, level: ScaleLevel, where: str, shape: tuple[int, ...]) -> np.ndarray:
     """A class array at `level`, decoded from the store's `cellmap.annotation` encoding to 0/1/255."""
     lv = select_level(parse_multiscales(group.attrs.asdict(), where), level.voxel_size, where)
-    array = group[lv.path]
+    array = checked_array(group[lv.path], f"{where}/{lv.path}")
     if tuple(array.shape) != tuple(shape):
         raise ValueError(f"{where}: shape {tuple(array.shape)} differs from the crop's other classes {tuple(shape)}")
     annotation_type = _annotation_type(array.attrs.asdict()) or _annotation_type(group.attrs.asdict())

@@ -35,7 +35,7 @@ from PIL import Image
 from zarr.core.buffer import cpu
 from zarr.storage import MemoryStore
 
-from emserve.data.sources import EM_GROUP, GROUNDTRUTH_GROUP, PREFERRED_EM
+from emserve.data.sources import EM_GROUP, GROUNDTRUTH_GROUP, PREFERRED_EM, codec_names
 from emserve.data.store import natural_key
 
 NPY_MAGIC, ZIP_MAGIC, PNG_MAGIC = b"\x93NUMPY", b"PK\x03\x04", b"\x89PNG\r\n\x1a\n"
@@ -308,14 +308,6 @@ def _inflated_size(stream: memoryview, limit: int, wbits: int) -> int:
         stream = memoryview(inflater.unused_data)
         if total > limit or wbits == zlib.MAX_WBITS or not stream:  # zlib, like numcodecs, reads one stream
             return total
-
-
-def codec_names(metadata: Mapping[str, Any]) -> list[str]:
-    """The codecs of zarr array metadata (as `metadata.to_dict()` gives it) in the order they encode: v2 filter
-    ids then the compressor's, v3 codec names (those of numcodecs without their `numcodecs.` prefix)."""
-    if metadata.get("zarr_format") == 2:
-        return [str(c["id"]) for c in [*(metadata.get("filters") or []), metadata.get("compressor")] if c]
-    return [str(codec["name"]).removeprefix("numcodecs.") for codec in metadata.get("codecs") or []]
 
 
 def _read_zarr(data: bytes, field: str, limits: UploadLimits,
