@@ -838,6 +838,43 @@ def test_a_server_does_not_outlive_a_starter_killed_by_sigkill(models, tmp_path)
     assert not left(), "bentoml serve (or a worker) outlived the process that started it"
 
 
+def test_a_server_killed_mid_request_and_mid_task_is_restarted_and_serves_again(models, tmp_path):
+    """kill -9 of the whole server (every process of it, as a container runtime kills a container) while a request
+    and a task run: the client's request ends with a connection error at once instead of hanging, and a restarted
+    server serves; the task died with the server, so its id is unknown there (404) and the client submits it
+    again."""
+    import psutil
+
+    long = {**LIMITS, "EMSERVE_MAX_SAMPLES": "400", "EMSERVE_MAX_SAMPLE_STEPS": "20000"}
+    with serve(models, tmp_path, long) as server, httpx.Client(base_url=server.url, timeout=60) as session:
+        task = session.post("/generate_pairs_task/submit", json={"samples": 400, "steps": 50}).json()["task_id"]
+        assert wait_task(session, task, until="in_progress") == "in_progress"
+        ended: dict[str, object] = {}
+
+        def request() -> None:
+            start = time.monotonic()
+            try:
+                ended["answer"] = session.post("/generate_pairs", json={"samples": 400, "steps": 50}).status_code
+            except httpx.HTTPError as failure:
+                ended["answer"] = type(failure).__name__
+            ended["seconds"] = time.monotonic() - start
+
+        running = threading.Thread(target=request)
+        running.start()
+        time.sleep(1.0)  # well inside the request: 400 samples x 50 steps take several seconds
+        assert "answer" not in ended
+        arbiter = psutil.Process(server.process.pid)
+        for process in [arbiter, *arbiter.children(recursive=True)]:  # killpg of its group leaves workers serving
+            process.kill()
+        running.join(30)
+        assert ended["answer"] in ("RemoteProtocolError", "ReadError", "ConnectError") and ended["seconds"] < 30
+    with serve(models, tmp_path, long) as server, httpx.Client(base_url=server.url, timeout=60) as session:
+        assert session.get("/generate_pairs_task/status", params={"task_id": task}).status_code == 404
+        assert unpack(session.post("/generate_pairs", json={"samples": 2, "steps": 2}))["em"].shape == (2, 16, 16)
+        again = session.post("/generate_pairs_task/submit", json={"samples": 1, "steps": 1}).json()["task_id"]
+        assert wait_task(session, again) == "completed"
+
+
 def test_a_memory_budget_that_is_not_a_size_stops_the_server_saying_so(models, tmp_path):
     with pytest.raises(RuntimeError, match=r"EMSERVE_MEMORY_BUDGET: 'lots' is not a size"), \
             serve(models, tmp_path, {"EMSERVE_MEMORY_BUDGET": "lots"}):

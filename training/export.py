@@ -148,7 +148,7 @@ def parity_inputs(model: UNet, card: ModelCard, batch: int, height: int, width: 
         torch.manual_seed(seed)
         inputs = model.example_inputs(batch, height, width)
     for name, null in card.null_conditions(1, height, width).items():
-        inputs[name][0] = torch.from_numpy(null[0])
+        inputs[name][0] = torch.as_tensor(null[0])
     return inputs
 
 
