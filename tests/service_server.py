@@ -58,6 +58,7 @@ class Server:
     url: str
     process: subprocess.Popen
     log: Path
+    verify: str | bool = True  # what httpx checks the server's certificate against (https)
 
     def tail(self, lines: int = 30) -> str:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
@@ -65,9 +66,10 @@ class Server:
 
 @contextmanager
 def serve(models: Path, home: Path, env: Mapping[str, str] | None = None, timeout: float = 90.0,
-          bentoml: Path = BENTOML, cwd: Path = REPO) -> Iterator[Server]:
+          bentoml: Path = BENTOML, cwd: Path = REPO, tls: tuple[Path, Path] | None = None) -> Iterator[Server]:
     """`bentoml serve emserve.serving.service:EMServe` until the block ends; ready when /readyz answers 200. `bentoml`
-    and `cwd` choose another installation (a virtualenv laid out like the container's) and working folder.
+    and `cwd` choose another installation (a virtualenv laid out like the container's) and working folder; `tls`
+    (certificate, key) serves https, configured as docs/SERVICE.md says (BENTOML_CONFIG_OPTIONS).
 
     The port is picked free and then bound by the server, and bentoml reserves ports of its own in between, so
     one may be taken in that gap: a server that exits with "Address already in use" is started again on
@@ -75,6 +77,8 @@ def serve(models: Path, home: Path, env: Mapping[str, str] | None = None, timeou
     environment = {**os.environ, "BENTOML_HOME": str(home / "bentoml"), "BENTOML_DO_NOT_TRACK": "true",
                    "EMSERVE_MODELS": str(models), "EMSERVE_ORT_THREADS": "1", "OMP_NUM_THREADS": "1",
                    **(env or {})}
+    if tls:
+        environment["BENTOML_CONFIG_OPTIONS"] = tls_options(*tls)
     for attempt in range(3):
         (port,) = free_ports()
         log = home / f"server-{port}.log"
@@ -82,7 +86,7 @@ def serve(models: Path, home: Path, env: Mapping[str, str] | None = None, timeou
         with open(log, "w") as out:
             process = subprocess.Popen(command, cwd=cwd, env=environment, stdout=out, stderr=subprocess.STDOUT,
                                        start_new_session=True, preexec_fn=_die_with_parent)
-        server = Server(f"http://127.0.0.1:{port}", process, log)
+        server = Server(f"{'https' if tls else 'http'}://127.0.0.1:{port}", process, log, str(tls[0]) if tls else True)
         try:
             wait_ready(server, timeout)
         except RuntimeError:
@@ -97,6 +101,12 @@ def serve(models: Path, home: Path, env: Mapping[str, str] | None = None, timeou
         stop(process)
 
 
+def tls_options(certificate: Path, key: Path) -> str:
+    """BentoML's own TLS, switched on for the emserve service by configuration overrides."""
+    return (f"services.emserve.ssl.enabled=true services.emserve.ssl.certfile={certificate} "
+            f"services.emserve.ssl.keyfile={key}")
+
+
 def _die_with_parent() -> None:
     """In the child before exec: ask Linux for SIGTERM when the parent dies (prctl PR_SET_PDEATHSIG)."""
     if sys.platform.startswith("linux"):
@@ -109,7 +119,7 @@ def wait_ready(server: Server, timeout: float) -> None:
         if server.process.poll() is not None:
             raise RuntimeError(f"bentoml serve exited with {server.process.returncode}:\n{server.tail()}")
         try:
-            if httpx.get(f"{server.url}/readyz", timeout=2).status_code == 200:
+            if httpx.get(f"{server.url}/readyz", timeout=2, verify=server.verify).status_code == 200:
                 return
         except httpx.HTTPError:
             pass

@@ -875,6 +875,46 @@ def test_a_server_killed_mid_request_and_mid_task_is_restarted_and_serves_again(
         assert wait_task(session, again) == "completed"
 
 
+def self_signed(folder: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1, valid for a day, and its key (PEM files in `folder`)."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.UTC)
+    certificate = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+                   .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=1))
+                   .not_valid_after(now + datetime.timedelta(days=1))
+                   .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                                  critical=False)
+                   .sign(key, hashes.SHA256()))
+    paths = folder / "cert.pem", folder / "key.pem"
+    paths[0].write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    paths[1].write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return paths
+
+
+def test_tls_as_docs_say_serves_https_only_and_the_key_still_guards_every_route(models, tmp_path):
+    tls = self_signed(tmp_path)
+    with serve(models, tmp_path, {**LIMITS, "EMSERVE_API_KEY": "s3cret"}, tls=tls) as server:
+        with httpx.Client(base_url=server.url, timeout=60, verify=str(tls[0])) as session:
+            assert session.post("/generate_pairs", json={"samples": 2, "steps": 2}).status_code == 401
+            answer = session.post("/generate_pairs", json={"samples": 2, "steps": 2},
+                                  headers={"Authorization": "Bearer s3cret"})
+            assert unpack(answer)["em"].shape == (2, 16, 16)
+        with pytest.raises(httpx.HTTPError):  # plain http to the same port gets no answer
+            httpx.get(server.url.replace("https://", "http://") + "/readyz", timeout=5)
+        with pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):  # nor does a client that does
+            httpx.get(f"{server.url}/readyz", timeout=5)  # not trust the certificate
+
+
 def test_a_memory_budget_that_is_not_a_size_stops_the_server_saying_so(models, tmp_path):
     with pytest.raises(RuntimeError, match=r"EMSERVE_MEMORY_BUDGET: 'lots' is not a size"), \
             serve(models, tmp_path, {"EMSERVE_MEMORY_BUDGET": "lots"}):
