@@ -4,12 +4,14 @@ call in-process, to see what serving costs.
     python benchmarks/service_load.py                                   # models/, 16 clients, 60 s
     python benchmarks/service_load.py --clients 4 --duration 10 --steps 5 --json out/load.json
     python benchmarks/service_load.py --url http://127.0.0.1:3000       # a server already running
+    python benchmarks/service_load.py --clients 64 --duration 60        # overload: past the queue, 503 at once
 
-Without --url it starts `bentoml serve emserve.serving.service:EMServe` on 127.0.0.1 over --models (the helper of the
-tests, tests/service_server.py) and stops it afterwards. Reported: requests and samples per second, latency
-p50/p95/p99 (one client alone, then all clients at once), errors, the server's resident memory (its process
-tree) before, every second under load, and after, and the same generate_pairs request run in this process with
-ONNX Runtime.
+Without --url it starts `bentoml serve emserve.serving.service:EMServe` on 127.0.0.1 over --models (the helper of
+the tests, tests/service_server.py) and stops it afterwards. Reported: requests and samples per second, latency
+p50/p95/p99 (one client alone, then all clients at once), every answer by status (refusals by admission control,
+503/429, with their own latency; clients wait the Retry-After they are told), the slowest answer, errors, the
+server's resident memory (its process tree) before, every second under load, and after, and the same
+generate_pairs request run in this process with ONNX Runtime.
 """
 
 from __future__ import annotations
@@ -55,10 +57,12 @@ def server_rss(pid: int | None) -> int | None:
 
 
 def run_clients(url: str, body: dict, clients: int, duration: float, headers: dict[str, str]) -> dict:
-    """`clients` threads, each posting `body` in a loop until `duration` has passed; latencies of those that
-    succeeded, and the status of those that did not."""
-    latencies: list[float] = []
-    failures: list[str] = []
+    """`clients` threads, each posting `body` in a loop until `duration` has passed. Every answer is tallied by
+    status with its latency: served (200), refused by admission (503 / 429, after which the client waits the
+    Retry-After it was told, as a well-behaved client does) and anything else (a 5xx is a failure of the server,
+    a client error one of this script)."""
+    answers: dict[str, list[float]] = {}
+    others: list[str] = []
     lock = threading.Lock()
     stop = time.perf_counter() + duration
 
@@ -69,8 +73,12 @@ def run_clients(url: str, body: dict, clients: int, duration: float, headers: di
                 response = session.post("/generate_pairs", json=body)
                 elapsed = time.perf_counter() - start
                 with lock:
-                    (latencies.append(elapsed) if response.status_code == 200
-                     else failures.append(f"{response.status_code} {response.text[:120]}"))
+                    answers.setdefault(str(response.status_code), []).append(elapsed)
+                    if response.status_code not in (200, 429, 503):
+                        others.append(f"{response.status_code} {response.text[:120]}")
+                if response.status_code in (429, 503):
+                    wait = float(response.headers.get("retry-after", 1))
+                    time.sleep(max(0.0, min(wait, stop - time.perf_counter())))
 
     started = time.perf_counter()
     threads = [threading.Thread(target=client) for _ in range(clients)]
@@ -79,9 +87,16 @@ def run_clients(url: str, body: dict, clients: int, duration: float, headers: di
     for thread in threads:
         thread.join()
     wall = time.perf_counter() - started
-    return {"clients": clients, "wall_s": round(wall, 2), "requests": len(latencies), "errors": len(failures),
-            "first_errors": failures[:3], "requests_per_s": round(len(latencies) / wall, 3),
-            "samples_per_s": round(len(latencies) * body["samples"] / wall, 2), **percentiles(latencies)}
+    served = answers.get("200", [])
+    refused = answers.get("503", []) + answers.get("429", [])
+    every = [s for seconds in answers.values() for s in seconds]
+    return {"clients": clients, "wall_s": round(wall, 2), "answers": {k: len(v) for k, v in sorted(answers.items())},
+            "requests": len(served), "errors": len(others), "first_errors": others[:3],
+            "server_errors": sum(len(v) for k, v in answers.items() if k.startswith("5") and k != "503"),
+            "requests_per_s": round(len(served) / wall, 3),
+            "samples_per_s": round(len(served) * body["samples"] / wall, 2),
+            **percentiles(served), "refused": {"count": len(refused), **percentiles(refused)},
+            "slowest_answer_s": round(max(every), 2) if every else None}
 
 
 def in_process(model: Path, body: dict, repeats: int, threads: int | None) -> dict:
@@ -110,6 +125,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="sampler steps (the service's default)")
     parser.add_argument("--guidance", type=float, default=1.0)
     parser.add_argument("--threads", type=int, default=2, help="EMSERVE_THREADS of a started server")
+    parser.add_argument("--queue", type=int, help="EMSERVE_MAX_QUEUE of a started server (default: the service's)")
     parser.add_argument("--ort-threads", type=int, default=1,
                         help="ONNX Runtime intra-op threads of each session, on the server and in-process")
     parser.add_argument("--api-key", help="sent as X-API-Key")
@@ -120,6 +136,8 @@ def main() -> None:
     headers = {"X-API-Key": args.api_key} if args.api_key else {}
     env = {"EMSERVE_THREADS": str(args.threads), "EMSERVE_MAX_SAMPLES": str(max(32, args.samples)),
            "EMSERVE_ORT_THREADS": str(args.ort_threads)}
+    if args.queue:
+        env["EMSERVE_MAX_QUEUE"] = str(args.queue)
     sys.path.insert(0, str(REPO / "tests"))
     from service_server import serve  # the tests' helper: `bentoml serve` on a free port, stopped at the end
 

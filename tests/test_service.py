@@ -749,6 +749,21 @@ def test_the_load_benchmark_reports_latency_throughput_memory_and_overhead(model
     assert len(during) >= 2 and all(50 < m < 4096 for m in [report["server_rss_before_mb"], *during])
 
 
+def test_the_load_benchmark_past_the_queue_gets_only_200_and_503_and_the_refusals_at_once(models, tmp_path):
+    """Overload as docs/SERVICE.md measures it, bounded: 12 clients against a queue of 2 (EMSERVE_MAX_QUEUE) and
+    two threads: every answer is served or refused with 503, none is a server error, refusals come at once."""
+    out = tmp_path / "overload.json"
+    done = subprocess.run([sys.executable, "benchmarks/service_load.py", "--models", str(models), "--model",
+                           "tiny-pairs", "--clients", "12", "--duration", "4", "--solo", "1", "--samples", "8",
+                           "--steps", "20", "--queue", "2", "--json", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-2000:]
+    load = json.loads(out.read_text())["concurrent"]
+    assert set(load["answers"]) == {"200", "503"} and load["server_errors"] == load["errors"] == 0
+    assert load["answers"]["200"] == load["requests"] and load["answers"]["503"] == load["refused"]["count"]
+    assert load["refused"]["p99_ms"] < 1000 < load["refused"]["count"] * 1000  # refused at once, and some were
+
+
 def test_schemathesis_finds_no_server_error(server):
     import schemathesis
     from hypothesis import HealthCheck, given, settings
