@@ -790,6 +790,20 @@ def test_schemathesis_finds_no_server_error(server):
     assert httpx.get(f"{server.url}/readyz").status_code == 200
 
 
+def test_the_fuzz_benchmark_runs_every_operation_and_the_hostile_corpus(tmp_path):
+    """benchmarks/fuzz_service.py as docs/SERVICE.md runs it, with two cases per operation (the long run is
+    >= 1,000): it starts its own server, and passes only with no server error and every hostile file refused."""
+    out = tmp_path / "fuzz.json"
+    done = subprocess.run([sys.executable, "benchmarks/fuzz_service.py", "--examples", "2", "--json", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+    report = json.loads(out.read_text())
+    fuzzed = report["schemathesis"]
+    assert report["passed"] and fuzzed["operations"] >= 14 and len(fuzzed["per_operation"]) == fuzzed["operations"]
+    assert fuzzed["cases"] == sum(fuzzed["statuses"].values()) and not fuzzed["server_errors"]
+    assert report["hostile"]["files"] >= 15 and not report["hostile"]["wrong"] and report["served_after"] == 200
+
+
 # ---- deployment settings ---------------------------------------------------------------------------------------
 
 def test_api_key_and_a_mode_without_a_model(models, tmp_path):
