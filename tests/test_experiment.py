@@ -106,9 +106,13 @@ def test_denoiser_arms_start_from_their_regimes_ddpm_and_longer_arms_spend_the_s
                                              "weights": json.loads(ddpm.read_text())["weights"]}
         assert tuned["training"]["config"]["steps"] == 6 and tuned["training"]["generated"] == []
         assert tuned["training"]["config"]["labelled_slices"] == (2 if regime == "few" else 0)
-        longer = json.loads(next((out / "seed-0" / f"seg-{arm.replace('denoiser', 'longer')}").glob(
-            "step-00000012/card.json")).read_text())  # the segmentation and DDPM budgets (6 + 6), no init
+        longer_run = out / "seed-0" / f"seg-{arm.replace('denoiser', 'longer')}"
+        longer = json.loads((longer_run / "step-00000012/card.json").read_text())  # segmentation + DDPM budgets
         assert "init" not in longer["training"] and longer["training"]["generated"] == []
+        baseline = out / "seed-0" / f"seg-{'few' if regime == 'few' else 'real'}" / "step-00000006"
+        losses = [json.loads((run / "state.json").read_text())["losses"] for run in (baseline,
+                                                                                     longer_run / "step-00000012")]
+        assert len(losses[1]) == 12 and losses[1][:6] == losses[0]  # the baseline's run, continued
 
 
 def test_filtered_stores_drop_only_pairs_the_baseline_disagrees_with(experiment):
@@ -128,12 +132,15 @@ def test_filtered_stores_drop_only_pairs_the_baseline_disagrees_with(experiment)
             f"seg-{'few' if regime == 'few' else 'real'}/step-00000006")
 
 
-def test_a_rerun_resumes_and_trains_nothing(experiment):
+def test_a_rerun_resumes_and_trains_and_scores_nothing(experiment):
     out, cmd, report = experiment
     checkpoints = sorted(p.stat().st_mtime_ns for p in out.glob("seed-*/*/step-*"))
+    scored = {p: p.stat().st_mtime_ns for p in out.glob("seed-*/scores/*.json")}  # each network scored once
+    assert len(scored) == len(report["runs"]) * len(ARMS)
     again = run_cli(cmd)
     assert again.returncode == 0, again.stderr
     assert sorted(p.stat().st_mtime_ns for p in out.glob("seed-*/*/step-*")) == checkpoints
+    assert {p: p.stat().st_mtime_ns for p in out.glob("seed-*/scores/*.json")} == scored
     assert json.loads((out / "report.json").read_text())["arms"] == report["arms"]
 
 

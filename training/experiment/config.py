@@ -11,7 +11,9 @@ Two regimes, each with a baseline trained on real annotations only and arms that
   real+denoiser    real pairs for the whole budget, starting from the pairs DDPM's denoiser folded into a
                    segmenter (denoising pretraining, `training.transfer`): no generated data, the DDPM's features
   real+longer      real pairs for the segmentation and the DDPM budgets together: the compute +denoiser spends,
-                   so that a gain of +denoiser over +longer is not just more training (its second comparison)
+                   so that a gain of +denoiser over +longer is not just more training (its second comparison);
+                   its baseline's run continued (same seed, data order and constant learning rate: the same run),
+                   so only the DDPM budget's steps are trained
   few              real pairs, labels kept on only `few_slices` slices per crop (baseline of the low-label regime)
   few+...          the same six arms with the few-label DDPM and the `few` network as the filter
   few+rendered     the labelled slices' label maps drawn as new EM by an EM-from-labels DDPM (real labels,

@@ -9,14 +9,18 @@ when already there, so an interrupted experiment resumes by running the same com
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import MISSING, asdict, fields
 from pathlib import Path
 
 from emserve.card import ModelCard
 from emserve.classes import PRESENT
 from emserve.data.store import EMStore
+from emserve.data.writer import atomic_directory
 from emserve.evaluation.evaluate import evaluate_presence, evaluate_realism, evaluate_segmentation, held_out_crops
+from emserve.reports import write_json
 from emserve.runtime.load import load_runtime
+from training import checkpoint as ckpt
 from training.ddpm import DDPMConfig, train_ddpm
 from training.experiment.config import BASELINE, PRETRAIN_SHARE, ExperimentConfig, regime_of
 from training.experiment.generated import (
@@ -119,14 +123,21 @@ class SeedRun:
     def generated(self, regime: str) -> Path:
         return generate_pairs(self.cfg, self.ddpm(regime), self.dir / f"generated-{regime}.zarr", self.seed)
 
-    def seg(self, arm: str, steps: int, data: dict, folder: str | None = None) -> Path:
-        name = folder or f"seg-{arm.replace('+', '-')}"
-        config = SegConfig(out=str(self.dir / name), steps=steps, checkpoint_every=max(steps // 4, 1),
-                           preview_every=steps, **{**self.shared, **data})
+    def seg(self, arm: str, steps: int, data: dict, folder: str | None = None, resumes: Path | None = None) -> Path:
+        """Train (or resume) the network of `arm`; `resumes` is another run's last checkpoint that this one
+        continues (copied in whole when the folder has none of its own)."""
+        out = self.dir / (folder or f"seg-{arm.replace('+', '-')}")
+        if resumes is not None and not ckpt.checkpoints(out):
+            with atomic_directory(out / resumes.name) as tmp:
+                shutil.copytree(resumes, tmp)
+        config = SegConfig(out=str(out), steps=steps, checkpoint_every=max(steps // 4, 1), preview_every=steps,
+                           **{**self.shared, **data})
         return train_seg(config, resume=True)
 
     def arm_data(self, arm: str) -> tuple[dict, int]:
-        """(training data options, steps) of an arm; trains what it depends on first."""
+        """(training data options, steps) of an arm; trains what it depends on first. A longer arm is its
+        baseline's run continued (same seed, data and constant learning rate), so it trains only the extra
+        steps: see `network`."""
         cfg, steps = self.cfg, self.cfg.seg_steps
         if arm in BASELINE.values():
             return self.real[regime_of(arm)], steps
@@ -154,6 +165,31 @@ class SeedRun:
             return {**real, "generated": [str(p) for p in stores], **mixed}, steps
         return {**real, "generated": [str(self.generated(regime))], **mixed}, steps
 
+    def network(self, arm: str) -> Path:
+        """The last checkpoint of an arm's segmentation network, trained (or resumed) if needed."""
+        data, steps = self.arm_data(arm)
+        if arm.endswith("+longer"):
+            regime = regime_of(arm)
+            baseline = self.seg(BASELINE[regime], self.cfg.seg_steps, self.real[regime])
+            return self.seg(arm, steps, data, resumes=baseline)
+        return self.seg(arm, steps, data)
+
+    def scores(self, arm: str, checkpoint: Path, held: list) -> dict:
+        """The arm's scores on the held-out crops, kept in `scores/<arm>.json` beside the networks: a rerun (one
+        that adds arms or seeds) scores only networks it has not scored, and the record names the weights it
+        scored, so a retrained network is scored anew."""
+        record = self.dir / "scores" / f"{arm.replace('+', '-')}.json"
+        key = {"checkpoint": str(checkpoint), "weights": ModelCard.load(checkpoint).weights,
+               "held_out": [f"{c.dataset}/{c.name}" for c in held], "count_tile": count_tile(self.cfg)}
+        if record.exists():
+            kept = json.loads(record.read_text())
+            if kept["key"] == key:
+                return kept["scores"]
+        with load_runtime(checkpoint, "torch") as runtime:
+            scores = evaluate_segmentation(runtime, held, count_tile=count_tile(self.cfg))
+        write_json(record, {"key": key, "scores": scores})
+        return scores
+
     def filtered(self, regime: str) -> Path:
         """The regime's generated pairs that its baseline network agrees with (threshold from training patches)."""
         baseline = self.seg(BASELINE[regime], self.cfg.seg_steps, self.real[regime])
@@ -168,9 +204,7 @@ class SeedRun:
         """Train and score every arm; the realism of each pairs DDPM's EM; class-presence guidance."""
         scores, filtered = {}, {}
         for arm in self.arms:
-            data, steps = self.arm_data(arm)
-            with load_runtime(self.seg(arm, steps, data), "torch") as runtime:
-                scores[arm] = evaluate_segmentation(runtime, held, count_tile=count_tile(self.cfg))
+            scores[arm] = self.scores(arm, self.network(arm), held)
         for regime in ("full", "few"):
             store = self.dir / f"filtered-{regime}.zarr"
             if store.exists():
