@@ -8,16 +8,19 @@ import functools
 import hmac
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from http import HTTPStatus
 from typing import Any
 
 import bentoml
+from bentoml.exceptions import BadInput
+from pydantic_core import from_json
 from python_multipart.multipart import parse_options_header
 from starlette.responses import JSONResponse
 
 from emserve.checks import show
 from emserve.serving.bentoml_compat import FORM_OVERHEAD, expire_results, result_database, submitted
+from emserve.serving.checks import check_fields
 from emserve.serving.settings import API_KEY_ENV, TIMEOUT, Limits
 
 RETRY_AFTER = 5  # seconds a client refused for a full queue is told to wait (Retry-After)
@@ -46,9 +49,10 @@ class Guard:
     OPEN = ("/healthz", "/livez", "/readyz", "/metrics")
 
     def __init__(self, app: Any, api_key: str | None, limits: Limits, task_routes: Sequence[str],
-                 task_ttl: int) -> None:
+                 task_ttl: int, task_inputs: Mapping[str, Any]) -> None:
         self.app, self.api_key, self.limits = app, api_key, limits
         self.task_routes, self.task_ttl = tuple(task_routes), task_ttl
+        self.task_inputs = dict(task_inputs)  # submit route -> the task's input model (its fields)
         self.in_flight = self.tasks = 0  # one event loop per worker: no lock needed
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
@@ -59,6 +63,8 @@ class Guard:
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         submit = path.startswith(self.task_routes) and path.endswith(("/submit", "/retry"))
         refusal = self.refusal(path, scope["method"], headers)
+        if refusal is None and scope["method"] == "POST" and path in self.task_inputs:
+            refusal, receive = await self.task_fields(path, headers, receive)
         if refusal is None:
             stored = 0, 0.0
             if path.startswith(self.task_routes) and (database := result_database()) is not None:
@@ -101,6 +107,41 @@ class Guard:
                     "EMSERVE_MAX_JSON_BYTES, for a body that is not a multipart form"
                 return 413, f"content-length: {show(length)} bytes; at most {limit} are allowed ({setting})", None
         return None
+
+    async def task_fields(self, path: str, headers: dict[str, str],
+                          receive: Any) -> tuple[tuple[int, str, None] | None, Any]:
+        """A task's submission names only fields of the task, as every other endpoint's body must: BentoML
+        answers a submit at once and reads its fields only when the task runs, so a misspelt field would show
+        only in the failed task's result. The body (within its size limit, checked before) is read here and
+        handed on whole."""
+        chunks, more = [], True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":  # the client went away: BentoML sees the same
+                return None, receive
+            chunks.append(message.get("body", b""))
+            more = message.get("more_body", False)
+        body = b"".join(chunks)
+        replayed = False
+
+        async def replay() -> dict[str, Any]:
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        if parse_options_header(headers.get("content-type", ""))[0] == b"application/json":
+            try:
+                fields = from_json(body or b"{}")
+            except ValueError:
+                fields = None  # not JSON: BentoML's parse says why
+            if isinstance(fields, dict):
+                try:
+                    check_fields(fields, self.task_inputs[path])
+                except BadInput as error:
+                    return (HTTPStatus.BAD_REQUEST, str(error), None), replay
+        return None, replay
 
     def admission(self, path: str, submit: bool, stored: int, expires_in: float) -> tuple[int, str, int] | None:
         """The queue, and for a task's submission the running tasks and the results `stored`, the oldest of

@@ -395,4 +395,6 @@ def segmentation_picture(card: ModelCard, raw: np.ndarray, masks: np.ndarray) ->
 
 
 EMServe.add_asgi_middleware(Guard, api_key=api_key(), limits=LIMITS, task_ttl=TASK_TTL,
-                            task_routes=[f"{api.route}/" for api in EMServe.apis.values() if api.is_task])
+                            task_routes=[f"{api.route}/" for api in EMServe.apis.values() if api.is_task],
+                            task_inputs={f"{api.route}/submit": api.input_spec for api in EMServe.apis.values()
+                                         if api.is_task})
