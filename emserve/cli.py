@@ -306,9 +306,11 @@ def generate(
     sampler: opt.Sampler = DEFAULT_SAMPLER,
     steps: Annotated[int, typer.Option(help="Denoising steps (the study: DDIM 250).")] = DEFAULT_STEPS,
     spacing: opt.Spacing = DEFAULT_SPACING,
-    guidance: Annotated[float | None, typer.Option(
-        help="Classifier-free guidance scale (1 = none; the study: 6). Default: 1, and for from-labels "
-             f"{DEFAULT_LABEL_GUIDANCE:g} (the label maps are followed most closely near it).")] = None,
+    guidance: Annotated[str | None, typer.Option(
+        help="Classifier-free guidance scale (1 = none; the study: 6), or a weight per condition, e.g. "
+             "label_map=3,dataset=1.5 (chained in the order label_map, classes, dataset; conditions not named "
+             f"weigh 1). Default: 1, and for from-labels {DEFAULT_LABEL_GUIDANCE:g} (the label maps are followed "
+             "most closely near it).")] = None,
     rescale: Annotated[float, typer.Option(help="Guidance rescale in [0, 1] (the study: 0.7).")] = 0.0,
     present: Annotated[str, typer.Option(help="Classes the samples should contain, comma-separated.")] = "",
     absent: Annotated[str, typer.Option(help="Classes the samples should not contain.")] = "",
@@ -348,10 +350,10 @@ def generate(
         card = denoise.card
         if card.mode != GENERATE_MODES[what]:
             raise ValueError(f"model: {model} is a {card.mode!r} model; it cannot generate {what!r}")
-        if guidance is None:
-            guidance = DEFAULT_LABEL_GUIDANCE if what == "from-labels" else 1.0
+        default = DEFAULT_LABEL_GUIDANCE if what == "from-labels" else 1.0
         request = GenerationRequest(samples=samples, seed=seed, sampler=sampler, steps=steps, spacing=spacing,
-                                    guidance=guidance, rescale=rescale, present=tuple(opt.parse_csv(present)),
+                                    guidance=default if guidance is None else opt.parse_guidance(guidance),
+                                    rescale=rescale, present=tuple(opt.parse_csv(present)),
                                     absent=tuple(opt.parse_csv(absent)), dataset=dataset, batch_size=batch_size,
                                     label_method=label_method, despeckle=despeckle)
         labels = label_source(card, labels_from, seed) if what == "from-labels" else None

@@ -135,6 +135,18 @@ def parse_groups(value: str) -> list[list[str]]:
     return [g.split("+") for g in parse_csv(value)]
 
 
+def parse_guidance(value: str) -> float | dict[str, float]:
+    """'3' -> 3.0 (one scale for every condition); 'label_map=3,dataset=1.5' -> a weight per condition."""
+    try:
+        if "=" not in value:
+            return float(value)
+        pairs = [part.split("=", 1) for part in parse_csv(value)]
+        return {name.strip(): float(scale) for name, scale in pairs}
+    except ValueError:
+        raise ValueError(f"guidance: {value!r} must be a number (e.g. 3) or condition=scale pairs (e.g. "
+                         f"label_map=3,dataset=1.5)") from None
+
+
 def parse_voxel_size(value: str) -> tuple[float, float, float] | None:
     """'Z,Y,X' in nm -> a scale level's voxel size; '' -> None (the finest level)."""
     from emserve.data import stacks

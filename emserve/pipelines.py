@@ -45,6 +45,7 @@ LabelSource = Callable[[int, int], np.ndarray]  # (start, stop) -> label-map cha
 VOXEL_SIZE = (1.0, 1.0, 1.0)  # generated patches have no physical size of their own; the card says what they mimic
 # What a stored request without these fields was made with (they were added later): a resume compares like with like.
 FIELDS_ADDED_LATER = {"despeckle": 0, "spacing": "trailing"}
+GuidanceScales = float | dict[str, float]  # one scale, or a weight per condition (the conditions not named weigh 1)
 MAX_SEED = 2**63 - 1  # seeds are recorded as int64 (store attributes, npz metadata)
 
 
@@ -57,7 +58,7 @@ class GenerationRequest:
     sampler: str = DEFAULT_SAMPLER
     steps: int = DEFAULT_STEPS
     spacing: str = DEFAULT_SPACING
-    guidance: float = 1.0
+    guidance: GuidanceScales = 1.0
     rescale: float = 0.0
     present: tuple[str, ...] = ()
     absent: tuple[str, ...] = ()
@@ -75,7 +76,8 @@ class GenerationRequest:
         check_choice("sampler", self.sampler, SAMPLERS)
         check_choice("spacing", self.spacing, SPACINGS)
         check_choice("label_method", self.label_method, LABEL_METHODS)
-        check_range("guidance", self.guidance, -math.inf, math.inf)  # finite: NaN and the infinities fail
+        for field, scale in guidance_weights(self.guidance).items():
+            check_range(field, scale, -math.inf, math.inf)  # finite: NaN and the infinities fail
         check_range("rescale", self.rescale, 0, 1)
         both = set(self.present) & set(self.absent)
         if both:
@@ -94,6 +96,27 @@ class GeneratedBatch:
 def sample_seed(seed: int, index: int) -> int:
     """The seed of sample `index` of a request: independent streams, no overlap between nearby request seeds."""
     return int(np.random.SeedSequence(seed, spawn_key=(index,)).generate_state(1, np.uint32)[0])
+
+
+# The order in which a weight per condition chains the conditions (emserve.diffusion.guidance): what the sample
+# shows (its label map, which classes are in it), then how it looks (the dataset), so that the last weight steers
+# the domain's look of content the earlier ones fixed: label fidelity and realism get a knob each.
+GUIDANCE_ORDER = ("label_map", "classes", "dataset")
+
+
+def guidance_weights(guidance: GuidanceScales) -> dict[str, float]:
+    """{field name: scale} of a request's guidance, for checks and messages."""
+    if isinstance(guidance, Mapping):
+        return {f"guidance[{show(name)}]": scale for name, scale in guidance.items()}
+    return {"guidance": guidance}
+
+
+def guidance_chain(card: ModelCard, guidance: GuidanceScales) -> float | list[tuple[tuple[str], float]]:
+    """One scale as it is; a weight per condition as the chain of the card's conditions in GUIDANCE_ORDER, each
+    condition not named weighing 1 (conditioned, not extrapolated)."""
+    if not isinstance(guidance, Mapping):
+        return guidance
+    return [((name,), float(guidance.get(name, 1.0))) for name in GUIDANCE_ORDER if name in card.conditions]
 
 
 def conditions(card: ModelCard, request: GenerationRequest, batch: int,
@@ -160,6 +183,13 @@ def check_request(card: ModelCard, request: GenerationRequest) -> None:
     if card.mode == "segmentation":
         raise ValueError("model: a segmentation model does not generate; use `emserve segment`")
     check_range("despeckle", request.despeckle, 0, card.patch_size**2)
+    if isinstance(request.guidance, Mapping):
+        unknown = sorted(set(request.guidance) - set(card.conditions))
+        if unknown:
+            names = ", ".join(show(name) for name in unknown[:5]) + (f" and {len(unknown) - 5} more"
+                                                                      if len(unknown) > 5 else "")
+            raise ValueError(f"guidance: {names}: not a condition of this model; allowed: "
+                             f"{', '.join(card.conditions) or 'none (it has no conditions)'}")
     check_range("steps", request.steps, 1, card.timesteps)
     k, size = len(card.classes), card.patch_size
     example = np.zeros((1, k, size, size), np.float32) if card.label_map_condition else None
@@ -185,7 +215,8 @@ def generate(card: ModelCard, denoise: Denoise, request: GenerationRequest, labe
         seeds = [sample_seed(request.seed, i) for i in range(start, stop)]
         label_map = labels(start, stop) if labels is not None else None
         cond, null = conditions(card, request, stop - start, label_map)
-        guidance = Guidance(null, request.guidance, request.rescale) if request.guidance != 1.0 else None
+        guidance = Guidance(null, guidance_chain(card, request.guidance), request.rescale) \
+            if request.guidance != 1.0 else None
         samples = sample(denoise, schedule, card.objective, shape, seeds, cond, sampler=request.sampler,
                          steps=request.steps, spacing=request.spacing, guidance=guidance)
         yield GeneratedBatch(index, start, seeds, samples, label_map)

@@ -3,6 +3,7 @@ import sys
 import textwrap
 
 import numpy as np
+import pytest
 
 from emserve.data.writer import CropToWrite, write_store
 
@@ -90,3 +91,15 @@ def test_import_writes_a_store_with_a_held_out_crop(tmp_path):
     bad = emserve("data", "import", str(tmp_path / "em"), str(tmp_path / "t.zarr"), "--voxel-size", "50,4",
                   "--mask", f"mito={tmp_path / 'mito'}")
     assert bad.returncode == 2 and "voxel_size" in bad.stderr and not (tmp_path / "t.zarr").exists()
+
+
+def test_guidance_is_one_scale_or_a_weight_per_condition_and_anything_else_is_refused_saying_how():
+    from emserve.cli_options import parse_guidance
+
+    assert parse_guidance("3") == 3.0
+    assert parse_guidance("label_map=3, dataset=1.5") == {"label_map": 3.0, "dataset": 1.5}
+    for text in ("high", "label_map=", "label_map:3"):
+        with pytest.raises(ValueError) as error:
+            parse_guidance(text)
+        assert str(error.value) == (f"guidance: {text!r} must be a number (e.g. 3) or condition=scale pairs "
+                                    f"(e.g. label_map=3,dataset=1.5)")

@@ -159,3 +159,55 @@ def test_sampling_with_scale_one_equals_sampling_without_guidance() -> None:
     guided = sample(ToyModel(), schedule, "x0", (2, 8, 8), [1, 2, 3], COND, steps=8,
                     guidance=Guidance(null_cond=NULL, scale=1.0, rescale=0.7))  # fmt: skip
     np.testing.assert_array_equal(plain, guided)
+
+
+class InteractingModel:
+    """Like ToyModel, but the dataset condition also changes what the classes do: a chain and an independent
+    composition of per-condition weights then differ, so the test below can tell which one is computed."""
+
+    def __init__(self) -> None:
+        self.batches: list[int] = []
+
+    def __call__(self, x_t: np.ndarray, t: np.ndarray, cond: Mapping[str, np.ndarray]) -> np.ndarray:
+        self.batches.append(len(x_t))
+        classes, known = np.abs(cond["classes"]).sum(axis=1), cond["dataset"] >= 0
+        gain = 0.5 + classes + 0.1 * known + 0.7 * classes * known
+        return (0.3 * x_t + gain[:, None, None, None] * PATTERN).astype(np.float32)
+
+
+def test_weights_per_condition_follow_the_chain_formula_in_one_batched_call() -> None:
+    x, t = inputs()
+    model = InteractingModel()
+    chain = [(("classes",), 3.0), (("dataset",), 1.5)]
+    guided = classifier_free_guidance(model, NULL, chain)(x, t, COND)
+    null = null_batch()
+    none = InteractingModel()(x, t, null)
+    classes = InteractingModel()(x, t, {**null, "classes": COND["classes"]})
+    both = InteractingModel()(x, t, COND)
+    expected = none.astype(np.float64) + 3.0 * (classes - none) + 1.5 * (both - classes)
+    np.testing.assert_allclose(guided, expected, rtol=1e-6, atol=1e-6)
+    assert model.batches == [3 * B]  # the null pass and one per step, together
+    independent = none + 3.0 * (classes - none) + 1.5 * (InteractingModel()(x, t, {**null, "dataset": COND["dataset"]})
+                                                         - none)
+    assert not np.allclose(guided, independent, atol=1e-3)
+
+
+def test_a_chain_of_equal_weights_is_plain_guidance_to_the_bit() -> None:
+    x, t = inputs()
+    plain = classifier_free_guidance(ToyModel(), NULL, 2.5, 0.7, schedule=make_schedule("linear", 1000),
+                                     objective="v")(x, t, COND)
+    model = ToyModel()
+    chained = classifier_free_guidance(model, NULL, [(("dataset",), 2.5), (("classes",), 2.5)], 0.7,
+                                       schedule=make_schedule("linear", 1000), objective="v")(x, t, COND)
+    np.testing.assert_array_equal(chained, plain)
+    assert len(model.calls) == 1 and len(model.calls[0][0]) == 2 * B  # merged into one step: two passes
+
+
+@pytest.mark.parametrize(("chain", "message"), [
+    ([(("classes",), 2.0)], r"the chain names \['classes'\]; allowed: each of the conditions \['classes', 'dataset'\]"),
+    ([(("classes", "dataset"), 2.0), (("dataset",), 1.0)], "exactly once"),
+    ([(("classes",), 2.0), (("dataset",), float("nan"))], "got nan; allowed: a finite number"),
+])
+def test_a_chain_that_misses_repeats_or_breaks_a_condition_is_refused(chain, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        classifier_free_guidance(ToyModel(), NULL, chain)

@@ -61,6 +61,28 @@ def test_same_seed_gives_the_same_sample_whatever_the_batch_size(checkpoints):
     assert not np.allclose(a, other)
 
 
+def test_a_weight_per_condition_is_one_more_knob_and_equal_weights_are_the_single_scale(checkpoints):
+    denoise = load_runtime(checkpoints["pairs"], "torch", device="cpu")
+    card = denoise.card
+    assert list(card.conditions) == ["classes", "dataset"]
+
+    def drawn(guidance) -> np.ndarray:
+        request = GenerationRequest(samples=3, seed=4, steps=3, dataset="toy_a", present=("mito_mem",),
+                                    guidance=guidance)
+        return np.concatenate([b.samples for b in generate(card, denoise, request)])
+
+    single = drawn(2.5)
+    np.testing.assert_array_equal(drawn({"classes": 2.5, "dataset": 2.5}), single)  # the same request, written out
+    np.testing.assert_array_equal(drawn({"classes": 1.0}), drawn(1.0))  # a condition not named weighs 1
+    separate = drawn({"classes": 2.5, "dataset": 0.5})
+    assert not np.allclose(separate, single, atol=1e-3)
+    with pytest.raises(ValueError, match=r"guidance: 'label_map': not a condition of this model; allowed: classes, "
+                                         r"dataset"):
+        check_request(card, GenerationRequest(samples=1, guidance={"label_map": 3.0}))
+    with pytest.raises(ValueError, match=r"guidance\['classes'\]: nan is not allowed"):
+        GenerationRequest(samples=1, guidance={"classes": float("nan")})
+
+
 def test_requests_the_model_cannot_serve_are_refused_with_what_it_accepts(checkpoints):
     card = ModelCard.load(checkpoints["pairs"])
     with pytest.raises(ValueError, match="dataset: 'elsewhere' is not known to this model; allowed: toy_a, toy_b"):

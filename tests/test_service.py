@@ -311,7 +311,17 @@ BAD_JSON = [
     ({"output": "/tmp/x"}, "output: '/tmp/x' is not allowed; choose one of npz, zarr.zip, png"),
     ({"label_method": "max"}, "label_method: 'max' is not allowed; choose one of auto, threshold, argmax, paired"),
     ({"despeckle": -3}, "despeckle: -3 is not allowed; allowed: 0 to 256"),
+    ({"guidance": {"nucleo": 2}}, "guidance: 'nucleo': not a condition of this model; allowed: classes, dataset"),
+    ({"guidance": {"classes": 50}}, "guidance['classes']: 50.0 is not allowed; allowed: 0 to 20"),
 ]
+
+
+def test_a_weight_per_condition_and_its_single_scale_spelling_give_the_same_samples(client):
+    request = {"samples": 2, "steps": 3, "seed": 3, "dataset": "a", "present": ["mito_mem"]}
+    single = unpack(post(client, "generate_pairs", guidance=2.0, **request))["em"]
+    spelled = unpack(post(client, "generate_pairs", guidance={"classes": 2.0, "dataset": 2.0}, **request))["em"]
+    separate = unpack(post(client, "generate_pairs", guidance={"classes": 2.0, "dataset": 0.0}, **request))["em"]
+    assert np.array_equal(single, spelled) and not np.array_equal(single, separate)
 
 
 @pytest.mark.parametrize(("fields", "message"), BAD_JSON, ids=[next(iter(f)) for f, _ in BAD_JSON])

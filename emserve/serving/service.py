@@ -41,8 +41,10 @@ from emserve.pipelines import (
     GeneratedBatch,
     GeneratedStore,
     GenerationRequest,
+    GuidanceScales,
     check_request,
     generate,
+    guidance_weights,
     label_codes,
     split_channels,
 )
@@ -148,7 +150,7 @@ class EMServe:
     @bentoml.api
     @answers_timeout
     def generate_pairs(self, ctx: bentoml.Context, samples: int = 4, seed: int = 0, sampler: str = DEFAULT_SAMPLER,
-                       steps: int = DEFAULT_STEPS, spacing: str = DEFAULT_SPACING, guidance: float = 1.0,
+                       steps: int = DEFAULT_STEPS, spacing: str = DEFAULT_SPACING, guidance: GuidanceScales = 1.0,
                        rescale: float = 0.0, present: list[str] | None = None, absent: list[str] | None = None,
                        dataset: str | None = None, model: str | None = None, label_method: str = DEFAULT_LABEL_METHOD,
                        despeckle: int = 0, screen: bool = False, output: str = "npz") -> Result:
@@ -163,7 +165,7 @@ class EMServe:
     @answers_timeout
     def generate_pairs_task(self, ctx: bentoml.Context, samples: int = 64, seed: int = 0,
                             sampler: str = DEFAULT_SAMPLER, steps: int = DEFAULT_STEPS,
-                            spacing: str = DEFAULT_SPACING, guidance: float = 1.0, rescale: float = 0.0,
+                            spacing: str = DEFAULT_SPACING, guidance: GuidanceScales = 1.0, rescale: float = 0.0,
                             present: list[str] | None = None, absent: list[str] | None = None,
                             dataset: str | None = None, model: str | None = None,
                             label_method: str = DEFAULT_LABEL_METHOD, despeckle: int = 0, screen: bool = False,
@@ -179,7 +181,7 @@ class EMServe:
     @answers_timeout
     def generate_from_labels(self, ctx: bentoml.Context, labels: Path, classes: list[str] | None = None,
                              seed: int = 0, sampler: str = DEFAULT_SAMPLER, steps: int = DEFAULT_STEPS,
-                             spacing: str = DEFAULT_SPACING, guidance: float = DEFAULT_LABEL_GUIDANCE,
+                             spacing: str = DEFAULT_SPACING, guidance: GuidanceScales = DEFAULT_LABEL_GUIDANCE,
                              rescale: float = 0.0, dataset: str | None = None, model: str | None = None,
                              output: str = "npz") -> Result:
         """EM for uploaded label maps, one sample per map, from an "em-from-labels" model (guided by default,
@@ -268,14 +270,16 @@ class EMServe:
             return decode(read_upload(path, field, self.limits.upload), field, self.limits.upload, kinds, purpose)
 
     def checked_request(self, card: ModelCard, *, samples: int, seed: int, sampler: str, steps: int, spacing: str,
-                        guidance: float, rescale: float, dataset: str | None, present: Sequence[str] = (),
+                        guidance: GuidanceScales, rescale: float, dataset: str | None,
+                        present: Sequence[str] = (),
                         absent: Sequence[str] = (), label_method: str = DEFAULT_LABEL_METHOD,
                         despeckle: int = 0) -> GenerationRequest:
         """A GenerationRequest within the service's limits and accepted by the model (checked before anything
         runs): the limits here, everything else by the pipelines' one validator."""
         with client_errors():
             check_range("steps", steps, 1, self.limits.steps, "EMSERVE_MAX_STEPS")
-            check_range("guidance", guidance, 0, self.limits.guidance, "EMSERVE_MAX_GUIDANCE")
+            for field, scale in guidance_weights(guidance).items():
+                check_range(field, scale, 0, self.limits.guidance, "EMSERVE_MAX_GUIDANCE")
             request = GenerationRequest(samples=samples, seed=seed, sampler=sampler, steps=steps, spacing=spacing,
                                         guidance=guidance, rescale=rescale, present=tuple(present),
                                         absent=tuple(absent), dataset=dataset, batch_size=BATCH_SIZE,
