@@ -95,8 +95,8 @@ def test_sigkill_loses_at_most_one_checkpoint_interval(toy_store, tmp_path):
     run = tmp_path / "run"
     args = [sys.executable, "-m", "emserve.cli", "train", "ddpm", *map(str, toy_store), "--out", str(run),
             "--classes", "mito_mem,ld_lum", "--patch-size", "32", "--width", "8", "--multipliers", "1,2",
-            "--batch-size", "2", "--steps", "100000", "--checkpoint-every", "3", "--preview-every", "100000",
-            "--device", "cpu"]
+            "--blocks-per-level", "1", "--batch-size", "2", "--steps", "100000", "--checkpoint-every", "3",
+            "--preview-every", "100000", "--device", "cpu"]
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 120
@@ -120,8 +120,8 @@ def test_torchrun_data_parallel_with_two_processes(toy_store, tmp_path):
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
          "-m", "emserve.cli", "train", "ddpm", *map(str, toy_store), "--out", str(run),
          "--classes", "mito_mem,ld_lum", "--patch-size", "32", "--width", "8", "--multipliers", "1,2",
-         "--batch-size", "4", "--steps", "4", "--checkpoint-every", "4", "--preview-every", "100",
-         "--device", "cpu"],  # two CPU ranks on any machine (a one-GPU machine has no cuda:1)
+         "--blocks-per-level", "1", "--batch-size", "4", "--steps", "4", "--checkpoint-every", "4",
+         "--preview-every", "100", "--device", "cpu"],  # two CPU ranks on any machine (a one-GPU machine has no cuda:1)
         capture_output=True, text=True, timeout=180, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     card = json.loads((ckpt.checkpoints(run)[-1] / "card.json").read_text())
