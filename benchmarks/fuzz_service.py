@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import collections
 import json
-import re
 import signal
 import sys
 import tempfile
@@ -26,15 +25,6 @@ from pathlib import Path
 import httpx
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-def peak_rss(pid: int) -> int:
-    """Bytes of peak resident memory (VmHWM) of a process and its children, summed."""
-    import psutil
-
-    leader = psutil.Process(pid)
-    return sum(int(re.search(r"VmHWM:\s+(\d+) kB", Path(f"/proc/{p.pid}/status").read_text())[1]) << 10
-               for p in [leader, *leader.children(recursive=True)])
 
 
 def fuzz(url: str, examples: int, seed: int) -> dict:
@@ -91,7 +81,7 @@ def main() -> int:
     parser.add_argument("--json", type=Path, help="also write the report here")
     args = parser.parse_args()
     sys.path.insert(0, str(REPO / "tests"))
-    from service_server import make_models, serve
+    from service_server import make_models, peak_memory, serve
 
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # `timeout` stops the started server too
     with tempfile.TemporaryDirectory(prefix="emserve-fuzz-") as folder:
@@ -101,9 +91,9 @@ def main() -> int:
                                              "EMSERVE_MAX_UPLOAD_BYTES": "200000"}) as server:
             with httpx.Client(base_url=server.url, timeout=120) as session:  # warm: first-call costs are not growth
                 session.post("/generate_pairs", json={"samples": 1, "steps": 2}).raise_for_status()
-            before = peak_rss(server.process.pid)
+            before = peak_memory(server)
             report = {"schemathesis": fuzz(server.url, args.examples, args.seed), "hostile": hostile(server.url)}
-            grown = (peak_rss(server.process.pid) - before) / 2**20
+            grown = (peak_memory(server) - before) / 2**20
             after = httpx.post(f"{server.url}/generate_pairs", json={"samples": 2, "steps": 2}, timeout=120)
     report.update(peak_memory_growth_mib=round(grown, 1), served_after=after.status_code)
     passed = (not report["schemathesis"]["server_errors"] and not report["hostile"]["wrong"]

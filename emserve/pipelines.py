@@ -111,9 +111,9 @@ def guidance_weights(guidance: GuidanceScales) -> dict[str, float]:
     return {"guidance": guidance}
 
 
-def guidance_chain(card: ModelCard, guidance: GuidanceScales) -> float | list[tuple[tuple[str], float]]:
-    """One scale as it is; a weight per condition as the chain of the card's conditions in GUIDANCE_ORDER, each
-    condition not named weighing 1 (conditioned, not extrapolated)."""
+def chained_scale(card: ModelCard, guidance: GuidanceScales) -> float | list[tuple[tuple[str], float]]:
+    """The `Guidance.scale` of a request's guidance: one scale as it is; a weight per condition as the chain of
+    the card's conditions in GUIDANCE_ORDER, each condition not named weighing 1 (conditioned, not extrapolated)."""
     if not isinstance(guidance, Mapping):
         return guidance
     return [((name,), float(guidance.get(name, 1.0))) for name in GUIDANCE_ORDER if name in card.conditions]
@@ -215,7 +215,7 @@ def generate(card: ModelCard, denoise: Denoise, request: GenerationRequest, labe
         seeds = [sample_seed(request.seed, i) for i in range(start, stop)]
         label_map = labels(start, stop) if labels is not None else None
         cond, null = conditions(card, request, stop - start, label_map)
-        guidance = Guidance(null, guidance_chain(card, request.guidance), request.rescale) \
+        guidance = Guidance(null, chained_scale(card, request.guidance), request.rescale) \
             if request.guidance != 1.0 else None
         samples = sample(denoise, schedule, card.objective, shape, seeds, cond, sampler=request.sampler,
                          steps=request.steps, spacing=request.spacing, guidance=guidance)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -125,6 +126,15 @@ def wait_ready(server: Server, timeout: float) -> None:
             pass
         time.sleep(0.3)
     raise TimeoutError(f"bentoml serve was not ready within {timeout:.0f} s:\n{server.tail()}")
+
+
+def peak_memory(server: Server) -> int:
+    """Bytes of peak resident memory (VmHWM of /proc/<pid>/status) of the server's processes, summed."""
+    import psutil
+
+    leader = psutil.Process(server.process.pid)
+    return sum(int(re.search(r"VmHWM:\s+(\d+) kB", Path(f"/proc/{process.pid}/status").read_text())[1]) << 10
+               for process in [leader, *leader.children(recursive=True)])
 
 
 def stop(process: subprocess.Popen) -> None:

@@ -18,7 +18,6 @@ import io
 import json
 import os
 import pickle
-import re
 import shutil
 import subprocess
 import sys
@@ -35,7 +34,7 @@ import pytest
 import yaml
 import zarr
 from PIL import Image
-from service_server import REPO, make_models, serve
+from service_server import REPO, make_models, peak_memory, serve
 from test_uploads import HOSTILE
 
 from emserve.card import ModelCard
@@ -547,15 +546,6 @@ def test_hostile_files_are_refused_within_bounded_memory_and_the_server_serves_o
         assert response.status_code == status and message in error(response), (what, response.text)
     assert unpack(post(client, "segment", ("image", good[0])))["masks"].shape == (2, 16, 16)
     assert post(client, "generate_pairs", samples=1, steps=2).status_code == 200
-
-
-def peak_memory(server) -> int:
-    """Bytes of peak resident memory (VmHWM of /proc/<pid>/status) of the server's processes, summed."""
-    import psutil
-
-    leader = psutil.Process(server.process.pid)
-    return sum(int(re.search(r"VmHWM:\s+(\d+) kB", Path(f"/proc/{process.pid}/status").read_text())[1]) << 10
-               for process in [leader, *leader.children(recursive=True)])
 
 
 def tiff_bytes(volume: np.ndarray) -> bytes:

@@ -107,7 +107,7 @@ def guidance_chain(scale: float | Sequence[tuple[Sequence[str], float]],
     for names, weight in steps:
         if merged and merged[-1][1] == weight:
             merged[-1] = (merged[-1][0] + names, weight)
-        elif names or not merged:
+        else:
             merged.append((names, weight))
     return merged
 

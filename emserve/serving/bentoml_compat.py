@@ -45,13 +45,19 @@ class FilesOnlyJSON(serde.JSONSerde):
         if getattr(cls, "multipart_fields", None):
             raise BadInput(f"{', '.join(sorted(cls.multipart_fields))}: send the file as multipart/form-data; "
                            f"this service fetches no URL and reads no path a client names")
-        try:
-            body = from_json(await request.body() or b"{}")  # pydantic's parser: numbers as the parent reads them
-        except ValueError:
-            body = None  # not JSON: the parent's parse answers 400 saying why
-        if isinstance(body, dict):
-            check_fields(body, cls)
+        check_json_fields(await request.body(), cls)
         return await super().parse_request(request, cls)
+
+
+def check_json_fields(body: bytes, cls: Any) -> None:
+    """BadInput naming the fields of a JSON object body that `cls` does not take; a body that is not a JSON
+    object is left to BentoML's parse, which answers 400 saying why."""
+    try:
+        fields = from_json(body or b"{}")  # pydantic's parser: numbers as BentoML reads them
+    except ValueError:
+        return
+    if isinstance(fields, dict):
+        check_fields(fields, cls)
 
 
 class FilesOnlyMultipart(serde.MultipartSerde):

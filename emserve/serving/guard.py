@@ -14,13 +14,17 @@ from typing import Any
 
 import bentoml
 from bentoml.exceptions import BadInput
-from pydantic_core import from_json
 from python_multipart.multipart import parse_options_header
 from starlette.responses import JSONResponse
 
 from emserve.checks import show
-from emserve.serving.bentoml_compat import FORM_OVERHEAD, expire_results, result_database, submitted
-from emserve.serving.checks import check_fields
+from emserve.serving.bentoml_compat import (
+    FORM_OVERHEAD,
+    check_json_fields,
+    expire_results,
+    result_database,
+    submitted,
+)
 from emserve.serving.settings import API_KEY_ENV, TIMEOUT, Limits
 
 RETRY_AFTER = 5  # seconds a client refused for a full queue is told to wait (Retry-After)
@@ -133,14 +137,9 @@ class Guard:
 
         if parse_options_header(headers.get("content-type", ""))[0] == b"application/json":
             try:
-                fields = from_json(body or b"{}")
-            except ValueError:
-                fields = None  # not JSON: BentoML's parse says why
-            if isinstance(fields, dict):
-                try:
-                    check_fields(fields, self.task_inputs[path])
-                except BadInput as error:
-                    return (HTTPStatus.BAD_REQUEST, str(error), None), replay
+                check_json_fields(body, self.task_inputs[path])
+            except BadInput as error:
+                return (HTTPStatus.BAD_REQUEST, str(error), None), replay
         return None, replay
 
     def admission(self, path: str, submit: bool, stored: int, expires_in: float) -> tuple[int, str, int] | None:

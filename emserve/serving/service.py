@@ -270,8 +270,7 @@ class EMServe:
             return decode(read_upload(path, field, self.limits.upload), field, self.limits.upload, kinds, purpose)
 
     def checked_request(self, card: ModelCard, *, samples: int, seed: int, sampler: str, steps: int, spacing: str,
-                        guidance: GuidanceScales, rescale: float, dataset: str | None,
-                        present: Sequence[str] = (),
+                        guidance: GuidanceScales, rescale: float, dataset: str | None, present: Sequence[str] = (),
                         absent: Sequence[str] = (), label_method: str = DEFAULT_LABEL_METHOD,
                         despeckle: int = 0) -> GenerationRequest:
         """A GenerationRequest within the service's limits and accepted by the model (checked before anything
