@@ -2,7 +2,7 @@
 
     python -m benchmarks.segmentation --model models/phantom-seg --volume 8,512,512 --out docs/BENCHMARKS.md
 
-The emserve rows run emserve.segmentation.segment_store, what `emserve segment` runs: slice by slice, tiles with
+The emserve rows run emserve.segmentation.segment_store, what `emserve segment` runs: block by block, tiles with
 overlap and blended seams, masks (and no probabilities) written to a CellMap-layout store on disk, through a
 Runtime from load_runtime. The baseline is what a user would write by hand with the same TorchScript graph:
 non-overlapping tiles of the same size, batched, a sigmoid (softmax for exclusive models), results kept in
@@ -29,7 +29,7 @@ from benchmarks.common import command_line, emit, header, machine_facts, markdow
 from emserve.card import ModelCard
 from emserve.runtime.load import load_runtime
 from emserve.runtime.torchscript import TORCHSCRIPT_FILE
-from emserve.segmentation import raw_to_network, segment_store, tile_starts
+from emserve.segmentation import EMSource, raw_to_network, segment_store, tile_starts
 
 MODULE = "benchmarks.segmentation"
 COLUMNS = ("path", "backend", "tile", "overlap", "tile pixels per voxel", "s per volume", "Mvoxel/s",
@@ -103,7 +103,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             runtime = load_runtime(args.model, backend, **({"threads": threads} if backend == "onnx" else {}))
             for overlap in (tile // 4, 0):
                 with tempfile.TemporaryDirectory(prefix="emserve-bench-seg-") as tmp:
-                    run = partial(segment_store, runtime, volume, Path(tmp) / "seg.zarr", tile=tile, overlap=overlap,
+                    run = partial(segment_store, runtime, EMSource(volume), Path(tmp) / "seg.zarr", tile=tile, overlap=overlap,
                                   batch_size=args.batch, overwrite=True)
                     seconds = statistics.median(timed(run, 1, args.repeats))
                 rows.append(["emserve segment", backend, tile, overlap,

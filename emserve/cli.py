@@ -3,7 +3,10 @@ come back as one line naming what is wrong, with exit status 2."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
@@ -19,6 +22,7 @@ from emserve.diffusion import DEFAULT_LABEL_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_S
 from emserve.postprocess import DEFAULT_LABEL_METHOD
 from emserve.reports import SCORE_COLUMNS, scores_csv, write_json, write_text
 from emserve.runtime.memory import DEFAULT_MEMORY_BUDGET, parse_bytes
+from emserve.segmentation import BLOCK_SIZE
 
 app = typer.Typer(
     help="Diffusion-generated training data for organelle segmentation in volume EM.\n\n"
@@ -368,11 +372,16 @@ def generate(
 
 
 def terminal_progress(unit: str) -> Callable[[int, int], None]:
-    """A progress callback that counts `unit` done on one overwritten line, on a terminal only (logs stay clean)."""
+    """A progress callback that counts `unit` done, with the time left at this run's rate, on one overwritten line,
+    on a terminal only (logs stay clean)."""
+    start: dict[str, float] = {}
 
     def progress(done: int, total: int) -> None:
+        now = time.monotonic()
+        then, first = start.setdefault("time", now), start.setdefault("done", done)
+        left = f", {(total - done) * (now - then) / (done - first) / 60:.1f} min left" if done > first else ""
         if console.is_terminal:
-            console.print(f"{done}/{total} {unit}", end="\r")
+            console.print(f"{done}/{total} {unit}{left}", end="\r")
 
     return progress
 
@@ -397,26 +406,42 @@ def segment(
     served_card: opt.ServedCard = "",
     device: opt.Device = "auto",
     precision: opt.RuntimePrecision = "fp32",
-    overwrite: Annotated[bool, typer.Option(help="Replace OUT if it exists.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace OUT if it exists (once the new one is complete), or "
+                                                 "discard an unfinished run of other settings.")] = False,
+    scheduler: opt.Scheduler = "",
+    block_size: Annotated[int, typer.Option(help="In-plane block size in voxels, a multiple of 256 (the output "
+                                                 "chunk).")] = BLOCK_SIZE,
 ) -> None:
     """Segment an image or volume of any size, tile by tile with blended overlaps, into the CellMap layout.
 
-    Writes recon-1/labels/inference/segmentation/<class>/s0 (0/1) with the source's voxel size and offset, so
-    the predictions overlay the EM; memory is bounded by one slice, not the volume.
+    Writes recon-1/labels/inference/segmentation/<class>/s0.. (0/1) with a multiscale pyramid and the source's
+    voxel size and offset, so the predictions overlay the EM. The volume is cut into blocks of whole output
+    chunks, run here or on Dask (--scheduler); a run that stopped continues when the same command runs again.
     """
-    from emserve.runtime.load import load_runtime
-    from emserve.segmentation import segment_store, segmentation_source
+    from emserve.distributed import check_scheduler, dask_client, local_workers
+    from emserve.runtime.load import RuntimeSpec, load_runtime, pick_backend
+    from emserve.segmentation import OpenedOnWorker, segment_store, segmentation_source
 
-    options = {"card": served_card} if served_card else {}
-    runtime = load_runtime(model, backend, device=device, precision=precision,
-                           memory_budget=parse_bytes(memory_budget), **options)
+    check_scheduler(scheduler)
+    options = {"device": device, "precision": precision, "memory_budget": parse_bytes(memory_budget),
+               **({"card": served_card} if served_card else {})}
+    runtime = load_runtime(model, backend, **options)
     try:
         if runtime.card.mode != "segmentation":
             raise ValueError(f"model: {model} is a {runtime.card.mode!r} model, not a segmentation network")
-        geometry = segmentation_source(source, voxel_size)
-        segment_store(runtime, out=out, axis=axis, tile=tile, overlap=overlap, batch_size=batch_size,
-                      threshold=threshold, keep_probabilities=probabilities, overwrite=overwrite, source=source,
-                      progress=terminal_progress("slices"), **geometry)
+        source_data = segmentation_source(source, voxel_size)
+        workers = local_workers(scheduler)
+        if workers and runtime.backend == "onnx":  # ONNX Runtime takes every core per process unless told
+            options["threads"] = max(1, (os.cpu_count() or 1) // workers)
+        spec = RuntimeSpec(model, pick_backend(model) if backend == "auto" else backend, tuple(options.items()))
+        with contextlib.ExitStack() as stack:
+            client = stack.enter_context(dask_client(scheduler)) if scheduler else None
+            if client is not None:
+                console.print(f"Dask dashboard: {client.dashboard_link}")
+            segment_store(runtime, source_data, out, axis=axis, tile=tile, overlap=overlap, batch_size=batch_size,
+                          threshold=threshold, keep_probabilities=probabilities, overwrite=overwrite,
+                          source_name=source, block_size=block_size, client=client,
+                          on_workers=OpenedOnWorker(spec, source, voxel_size), progress=terminal_progress("blocks"))
         console.print(f"wrote {out}")
     finally:
         runtime.close()

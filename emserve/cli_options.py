@@ -45,6 +45,8 @@ Spacing = Annotated[str, typer.Option(help=f"Which timesteps the steps visit: {'
 ServedCard = Annotated[str, typer.Option("--card", help="triton: the exported folder whose card the server's model "
                                                         "has.")]
 Backend = Annotated[str, typer.Option(help="auto | onnx | torchscript | torch | triton.")]
+Scheduler = Annotated[str, typer.Option(help="Run blocks on Dask: local:N (N worker processes here) or a running "
+                                              "scheduler's address tcp://HOST:PORT (default: in this process).")]
 SliceAxis = Annotated[str, typer.Option(help="Segment slices normal to this axis: z | y | x.")]
 JsonOut = Annotated[Path | None, typer.Option("--json", help="Write the report as JSON here.")]
 

@@ -11,22 +11,40 @@ Raw EM goes in as uint8 (0..255, as the CellMap `fibsem-uint8` arrays) or as flo
 
 from __future__ import annotations
 
+import functools
+import json
 import math
+import shutil
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import zarr
 
+from emserve.blockwise import (
+    DONE_FOLDER,
+    Block,
+    DoneRecords,
+    block_grid,
+    build_pyramid,
+    level_shape,
+    pyramid_count,
+    run_blocks,
+)
 from emserve.card import ModelCard
+from emserve.data.ngff import pyramid_factors
 from emserve.data.patches import check_axis
 from emserve.data.stacks import discover, parse_voxel_size, read_stack
 from emserve.data.store import EMStore, is_store
-from emserve.data.writer import INFERENCE_GROUP, atomic_directory, create_class_arrays, provenance
+from emserve.data.writer import INFERENCE_GROUP, create_class_arrays, provenance, resumable_directory
 from emserve.runtime.base import Runtime
+from emserve.runtime.load import RuntimeSpec
 
 OUT_CHUNK = 256  # in-plane chunk size of prediction stores
+BLOCK_SIZE = 2048  # in-plane size of `segment_store`'s blocks: whole chunks, and few tiles computed twice
+MASKS, PROBABILITIES = f"{INFERENCE_GROUP}/segmentation", f"{INFERENCE_GROUP}/probabilities"
 Tick = Callable[[], None]  # called before each network call; it raises to stop the work
 MIN_WEIGHT = 1e-3  # the window's floor, so voxels seen only by tile borders (image corners) still get a value
 
@@ -112,21 +130,39 @@ def segment_image(runtime: Runtime, image: np.ndarray, tile: int | None = None, 
                   batch_size: int = 8, tick: Tick | None = None) -> np.ndarray:
     """Class probabilities [K, Y, X] of one 2D image (uint8, or float in [-1, 1]) of any size. `tick` is called
     before each batch of tiles goes through the network: raising there stops the work (a service's deadline)."""
-    card = runtime.card
-    tile, overlap = tiling(card, tile, overlap)
-    if batch_size < 1:
-        raise ValueError(f"batch_size: {batch_size} must be at least 1")
+    tile, overlap = tiling(runtime.card, tile, overlap)
     image = raw_to_network(image)
     if image.ndim != 2 or 0 in image.shape:
         raise ValueError(f"raw: shape {image.shape}; segment_image takes one non-empty 2D image [Y, X]")
-    height, width = image.shape
-    padded = np.pad(image, ((0, max(tile - height, 0)), (0, max(tile - width, 0))), mode="reflect"
-                    if min(height, width) > 1 else "edge")
+    return segment_region(runtime, lambda rows, cols: image[rows, cols], image.shape, (0, image.shape[0]),
+                          (0, image.shape[1]), tile, overlap, batch_size, tick)
+
+
+def covering_tiles(size: int, tile: int, stride: int, start: int, stop: int) -> list[int]:
+    """The origins of the tiles of a whole axis's tiling (`tile_starts`; an axis shorter than the tile is padded
+    to one tile) that overlap [start, stop)."""
+    return [a for a in tile_starts(max(size, tile), tile, stride) if a < stop and a + tile > start]
+
+
+def segment_region(runtime: Runtime, read: Callable[[slice, slice], np.ndarray], plane: Sequence[int],
+                   rows: tuple[int, int], cols: tuple[int, int], tile: int, overlap: int, batch_size: int = 8,
+                   tick: Tick | None = None) -> np.ndarray:
+    """Class probabilities [K, rows, cols] of a region of one plane of shape `plane`, exactly as the whole plane's
+    segmentation has them: the same tiles (those of the whole plane's tiling that overlap the region) blended in
+    the same order, read with the halo they need (`read(rows, cols)` gives network input, [-1, 1]). So a volume
+    cut into blocks is segmented as it would be whole."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size: {batch_size} must be at least 1")
+    card, stride = runtime.card, tile - overlap
+    ys, xs = (covering_tiles(size, tile, stride, *span) for size, span in zip(plane, (rows, cols), strict=True))
+    (y0, y1), (x0, x1) = ((t[0], min(t[-1] + tile, size)) for t, size in zip((ys, xs), plane, strict=True))
+    image = read(slice(y0, y1), slice(x0, x1))
+    padded = np.pad(image, ((0, max(tile - image.shape[0], 0)), (0, max(tile - image.shape[1], 0))),
+                    mode="reflect" if min(plane) > 1 else "edge")  # only an axis shorter than the tile is padded
     window = blend_window(tile)
     total = np.zeros((len(card.classes), *padded.shape), np.float32)
     weight = np.zeros(padded.shape, np.float32)
-    corners = [(a, b) for a in tile_starts(padded.shape[0], tile, tile - overlap)
-               for b in tile_starts(padded.shape[1], tile, tile - overlap)]
+    corners = [(a - y0, b - x0) for a in ys for b in xs]
     for i in range(0, len(corners), batch_size):
         if tick is not None:
             tick()
@@ -136,7 +172,7 @@ def segment_image(runtime: Runtime, image: np.ndarray, tile: int | None = None, 
         for (a, b), p in zip(chunk, probs, strict=True):
             total[:, a:a + tile, b:b + tile] += p * window
             weight[a:a + tile, b:b + tile] += window
-    return (total / weight)[:, :height, :width]
+    return (total / weight)[:, rows[0] - y0:rows[1] - y0, cols[0] - x0:cols[1] - x0]
 
 
 def segment_slices(runtime: Runtime, volume: Any, axis: str = "z", tile: int | None = None,
@@ -175,56 +211,167 @@ def segment_array(runtime: Runtime, raw: np.ndarray, *, axis: str = "z", tile: i
     return out
 
 
-def segment_store(runtime: Runtime, volume: Any, out: str | Path, *,
-                  normalize: Callable[[np.ndarray], np.ndarray] = raw_to_network,
-                  voxel_size: Sequence[float] = (1.0, 1.0, 1.0), translation: Sequence[float] = (0.0, 0.0, 0.0),
-                  axis: str = "z", tile: int | None = None, overlap: int | None = None, batch_size: int = 8,
-                  threshold: float = 0.5, keep_probabilities: bool = False, overwrite: bool = False,
-                  source: str = "", progress: Callable[[int, int], None] | None = None,
-                  tick: Tick | None = None) -> Path:
-    """Segment a 3D volume slice by slice into a new store at `out`, written atomically.
+@dataclass(frozen=True)
+class EMSource:
+    """A volume to segment and where it lies: what `emserve segment` reads (see `segmentation_source`)."""
 
-    Per-class masks go to `recon-1/labels/inference/segmentation/<class>/s0` (0 absent, 1 present, with the
-    CellMap annotation attributes), probabilities (x255, uint8) on request to `.../probabilities/<class>/s0`,
-    with the input's voxel size and translation, so the predictions overlay the EM they came from.
+    volume: Any  # [Z, Y, X], read a block at a time when sliced (numpy, zarr)
+    normalize: Callable[[np.ndarray], np.ndarray] = raw_to_network  # a block of it -> [-1, 1]
+    voxel_size: tuple[float, ...] = (1.0, 1.0, 1.0)
+    translation: tuple[float, ...] = (0.0, 0.0, 0.0)
+
+
+Inputs = Callable[[], tuple[Runtime, EMSource]]  # the network and the volume, as a block task finds them
+
+
+@dataclass(frozen=True)
+class SegmentBlock:
+    """The task that segments one block of a `segment_store` run and writes it with its done-record. Picklable
+    (for Dask workers) when `inputs` is, e.g. `OpenedOnWorker`."""
+
+    inputs: Inputs
+    store: str
+    classes: tuple[str, ...]
+    axis: str
+    tile: int
+    overlap: int
+    batch_size: int
+    threshold: float
+    keep_probabilities: bool
+    tick: Tick | None = None
+
+    def __call__(self, block: Block) -> None:
+        runtime, source = self.inputs()
+        probs = segment_block(runtime, source, block, self.axis, self.tile, self.overlap, self.batch_size,
+                              self.tick)
+        masks = masks_from_probabilities(runtime.card, probs, self.threshold)
+        root = zarr.open_group(self.store, mode="r+")
+        written = []
+        for k, name in enumerate(self.classes):
+            written.append(root[f"{MASKS}/{name}/s0"])
+            written[-1][block.slices] = masks[k].astype(np.uint8)
+            if self.keep_probabilities:
+                written.append(root[f"{PROBABILITIES}/{name}/s0"])
+                written[-1][block.slices] = np.round(probs[k] * 255).astype(np.uint8)
+        DoneRecords(Path(self.store), "s0").mark(block, written)
+
+
+def segment_block(runtime: Runtime, source: EMSource, block: Block, axis: str, tile: int, overlap: int,
+                  batch_size: int = 8, tick: Tick | None = None) -> np.ndarray:
+    """Class probabilities [K, *block.shape] of one block of a volume, slice by slice along `axis`, each slice's
+    part exactly as the whole slice's segmentation has it (`segment_region`)."""
+    along = check_axis(axis)
+    plane = [size for i, size in enumerate(source.volume.shape) if i != along]
+    rows, cols = ((a, b) for i, (a, b) in enumerate(zip(block.start, block.stop, strict=True)) if i != along)
+    out = np.empty((len(runtime.card.classes), *block.shape), np.float32)
+    for offset, index in enumerate(range(block.start[along], block.stop[along])):
+        def read(r: slice, c: slice, index: int = index) -> np.ndarray:
+            key: list[Any] = [r, c]
+            key.insert(along, index)
+            return source.normalize(np.asarray(source.volume[tuple(key)]))
+
+        key: list[Any] = [slice(None)] * 3
+        key[along] = offset
+        out[(slice(None), *key)] = segment_region(runtime, read, plane, rows, cols, tile, overlap, batch_size, tick)
+    return out
+
+
+def segment_store(runtime: Runtime, source: EMSource, out: str | Path, *, axis: str = "z",
+                  tile: int | None = None, overlap: int | None = None, batch_size: int = 8, threshold: float = 0.5,
+                  keep_probabilities: bool = False, overwrite: bool = False, source_name: str = "",
+                  block_size: int = BLOCK_SIZE, client: Any = None, on_workers: Inputs | None = None,
+                  progress: Callable[[int, int], None] | None = None, tick: Tick | None = None) -> Path:
+    """Segment a 3D volume block by block into a new store at `out`, with a multiscale pyramid.
+
+    Per-class masks go to `recon-1/labels/inference/segmentation/<class>/s0..` (0 absent, 1 present, with the
+    CellMap annotation attributes), probabilities (x255, uint8) on request to `.../probabilities/<class>/s0..`,
+    with the input's voxel size and translation at every level, so the predictions overlay the EM they came from.
+
+    Blocks are `block_size` in-plane (whole output chunks) and one slice deep; they run here, or on the cluster
+    of a Dask `client`, whose workers open the network and the volume with `on_workers` (picklable, see
+    `OpenedOnWorker`). The store is built in a hidden work folder that becomes `out` when complete; a run that
+    stopped is continued by the same call (`emserve.blockwise`): the result equals an uninterrupted run's.
     """
     card = runtime.card
     along = check_axis(axis)
     tile, overlap = tiling(card, tile, overlap)
     check_threshold(threshold)
-    chunks = [OUT_CHUNK] * 3
-    chunks[along] = 1  # one slice per chunk: each slice is written once, never read back
-    settings = {"source": source, "axis": axis, "tile": tile, "overlap": overlap, "threshold": threshold,
+    if block_size < tile or block_size % OUT_CHUNK:
+        raise ValueError(f"block_size: {block_size} must be a multiple of {OUT_CHUNK} (the output chunk) and at "
+                         f"least the tile ({tile})")
+    if client is not None and on_workers is None:
+        raise ValueError("on_workers: a Dask client needs the inputs as its workers open them (OpenedOnWorker)")
+    shape = tuple(source.volume.shape)
+    if len(shape) != 3 or 0 in shape:
+        raise ValueError(f"raw: shape {shape}; a volume is 3D [Z, Y, X] and not empty")
+    chunks, blocks_of = [OUT_CHUNK] * 3, [block_size] * 3
+    chunks[along] = blocks_of[along] = 1  # one slice per chunk and per block: slices are segmented one at a time
+    factors = pyramid_factors(source.voxel_size, pyramid_count(shape, source.voxel_size, OUT_CHUNK))
+    settings = {"source": source_name, "axis": axis, "tile": tile, "overlap": overlap, "threshold": threshold,
+                "probabilities": keep_probabilities, "shape": list(shape), "voxel_size": list(source.voxel_size),
+                "translation": list(source.translation), "block": blocks_of, "levels": len(factors),
                 "model": {"mode": card.mode, "classes": card.classes, "sha256": card.weights,
                           "files": card.files, "exclusive": card.exclusive, "backend": runtime.backend,
                           "precision": runtime.precision}}
-    with atomic_directory(out, overwrite, inputs=[source] if source else []) as tmp:
-        root = zarr.open_group(str(tmp), mode="w", zarr_format=2)
-        root.attrs.update(provenance(segmented=settings))
-        geometry = (volume.shape, voxel_size, translation, chunks)
-        masks = create_class_arrays(root, f"{INFERENCE_GROUP}/segmentation", card.classes, *geometry)
-        probs_out = (create_class_arrays(root, f"{INFERENCE_GROUP}/probabilities", card.classes, *geometry,
-                                         annotation=False) if keep_probabilities else {})
-        for index, probs in segment_slices(runtime, volume, axis, tile, overlap, batch_size, normalize, tick):
-            key: list[Any] = [slice(None)] * 3
-            key[along] = index
-            slice_masks = masks_from_probabilities(card, probs, threshold)
-            for k, name in enumerate(card.classes):
-                masks[name][tuple(key)] = slice_masks[k].astype(np.uint8)
-                if keep_probabilities:
-                    probs_out[name][tuple(key)] = np.round(probs[k] * 255).astype(np.uint8)
-            if progress is not None:
-                progress(index + 1, volume.shape[along])
+    settings = json.loads(json.dumps(settings))  # as it reads back from the attributes
+
+    def differs(work: Path) -> str:
+        before = recorded(work)
+        return "" if before is None else ", ".join(f"{key}: {before.get(key)} -> {value}"
+                                                   for key, value in settings.items() if before.get(key) != value)
+
+    groups = [MASKS, *([PROBABILITIES] if keep_probabilities else [])]
+    with resumable_directory(out, differs, overwrite, inputs=[source_name] if source_name else []) as work:
+        if recorded(work) is None:  # new, or killed while its arrays were being made: make them (again)
+            root = zarr.open_group(str(work), mode="a", zarr_format=2)
+            for group in groups:
+                if group in root:
+                    del root[group]
+                create_class_arrays(root, group, card.classes, [level_shape(shape, f) for f in factors],
+                                    source.voxel_size, source.translation, chunks, annotation=group == MASKS)
+            root.attrs.update(provenance(segmented=settings))  # last: a folder with it has all its arrays
+        inputs = on_workers if client is not None else (lambda: (runtime, source))
+        task = SegmentBlock(inputs, str(work), tuple(card.classes), axis, tile, overlap, batch_size, threshold,
+                            keep_probabilities, tick)
+        run_blocks(task, block_grid(shape, blocks_of), DoneRecords(work, "s0"), client, progress, "segment")
+        arrays = [(f"{group}/{name}", "vote" if group == MASKS else "mean") for group in groups
+                  for name in card.classes]
+        build_pyramid(work, arrays, factors, blocks_of, client)
+        shutil.rmtree(work / DONE_FOLDER)
     return Path(out)
 
 
-def segmentation_source(source: str, voxel_size: str = "") -> dict:
-    """volume, normalize, voxel_size and translation (the keywords of segment_store) of what `emserve segment`
-    reads: a store's EM at the scale level of `voxel_size` ('Z,Y,X' in nm; empty: the finest), or an image stack
-    as it is (images have one scale, so `voxel_size` is not read)."""
+@dataclass(frozen=True)
+class OpenedOnWorker:
+    """The network and the volume of a `segment_store` run as a Dask worker opens them: by model and source
+    path, once per worker process (every block after the first finds them open)."""
+
+    model: RuntimeSpec
+    source: str
+    voxel_size: str = ""
+
+    def __call__(self) -> tuple[Runtime, EMSource]:
+        return self.model.open(), _source(self.source, self.voxel_size)
+
+
+@functools.cache
+def _source(source: str, voxel_size: str) -> EMSource:
+    return segmentation_source(source, voxel_size)
+
+
+def recorded(store: Path) -> dict | None:
+    """The settings a segmentation store (or its work folder) was made with; None before they were recorded."""
+    if not (store / ".zgroup").exists():
+        return None
+    return zarr.open_group(str(store), mode="r").attrs.get("emserve", {}).get("segmented")
+
+
+def segmentation_source(source: str, voxel_size: str = "") -> EMSource:
+    """What `emserve segment` reads: a store's EM at the scale level of `voxel_size` ('Z,Y,X' in nm; empty: the
+    finest) with its contrast window and geometry, or an image stack as it is (images have one scale, so
+    `voxel_size` is not read)."""
     if not is_store(source):
-        return {"volume": read_stack(discover(source, "source"), "source")}
+        return EMSource(read_stack(discover(source, "source"), "source"))
     store = EMStore(source)
     level = store.em_level(parse_voxel_size(voxel_size) if voxel_size else None)
-    return {"volume": store.em_volume(level), "normalize": store.normalize, "voxel_size": level.voxel_size,
-            "translation": level.translation}
+    return EMSource(store.em_volume(level), store.normalize, tuple(level.voxel_size), tuple(level.translation))

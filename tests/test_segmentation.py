@@ -18,6 +18,7 @@ from emserve.data.writer import INFERENCE_GROUP, CropToWrite, write_store
 from emserve.runtime.base import CallableRuntime
 from emserve.runtime.load import load_runtime
 from emserve.segmentation import (
+    EMSource,
     masks_from_probabilities,
     probabilities,
     segment_array,
@@ -104,8 +105,9 @@ def test_a_tick_that_raises_stops_segmentation_before_the_next_network_call(tmp_
     assert ticks == [0, 1, 2, 3] and len(calls) == 3
     ticks.clear()
     with pytest.raises(TimeoutError):
-        segment_store(pointwise_runtime(), np.zeros((4, 40, 40), np.uint8), tmp_path / "pred.zarr", tick=tick)
-    assert list(tmp_path.iterdir()) == []
+        segment_store(pointwise_runtime(), EMSource(np.zeros((4, 40, 40), np.uint8)), tmp_path / "pred.zarr",
+                      tick=tick)
+    assert [p.name for p in tmp_path.iterdir()] == [".pred.zarr.partial"]  # hidden; a rerun continues it
 
 
 def test_bad_tiling_and_inputs_are_refused_naming_the_field():
@@ -291,17 +293,6 @@ def test_segmenting_a_store_into_itself_is_refused_even_with_overwrite(toy_store
     store = EMStore(toy_store[0])
     before = store.em_volume(store.em_levels[0])[...]
     with pytest.raises(ValueError, match=f"output: {toy_store[0]} is the input {toy_store[0]}, inside it or around"):
-        segment_store(pointwise_runtime(), before, toy_store[0], overwrite=True, source=str(toy_store[0]))
+        segment_store(pointwise_runtime(), EMSource(before), toy_store[0], overwrite=True,
+                      source_name=str(toy_store[0]))
     np.testing.assert_array_equal(store.em_volume(store.em_levels[0])[...], before)
-
-
-def test_segment_store_leaves_nothing_behind_when_it_fails(tmp_path):
-    runtime = pointwise_runtime()
-    out = tmp_path / "pred.zarr"
-
-    def failing(raw):
-        raise RuntimeError("disk full")
-
-    with pytest.raises(RuntimeError, match="disk full"):
-        segment_store(runtime, np.zeros((2, 16, 16), np.uint8), out, normalize=failing)
-    assert list(tmp_path.iterdir()) == []

@@ -14,7 +14,7 @@ import itertools
 import os
 import shutil
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -25,7 +25,7 @@ import numpy as np
 import zarr
 
 from emserve.classes import ABSENT, ENCODING, PRESENT, UNKNOWN, check_class_names
-from emserve.data.lock import clear_leftovers, temporary_name
+from emserve.data.lock import LOCK_NAME, clear_leftovers, store_lock, temporary_name
 from emserve.data.ngff import multiscales_attrs, pyramid_factors, pyramid_levels
 from emserve.data.sources import EM_GROUP, GROUNDTRUTH_GROUP, is_remote
 
@@ -92,6 +92,47 @@ def atomic_directory(path: str | os.PathLike, overwrite: bool = False,
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
+
+
+PARTIAL_SUFFIX = ".partial"
+
+
+@contextmanager
+def resumable_directory(path: str | os.PathLike, differs: Callable[[Path], str], overwrite: bool = False,
+                        inputs: Sequence[str | os.PathLike] = ()) -> Iterator[Path]:
+    """Yield a work folder `.<name>.partial` beside `path`, which may hold an earlier run to continue; it becomes
+    `path` only if the block finishes. Unlike `atomic_directory` a failure keeps the work folder, so a long job
+    killed mid-way continues where it stopped when rerun with the same settings.
+
+    `differs(folder)` says how an earlier run's settings differ from this one's ("" when they agree): such a run is
+    refused, or discarded with `overwrite`, which also replaces an existing `path` (only once the new one is
+    complete). One writer at a time holds the work folder's lock (`emserve.data.lock`)."""
+    if is_remote(path):
+        raise ValueError(f"output: {path} is remote; emserve writes stores to local paths only")
+    final = Path(path)
+    check_apart(final, inputs)
+    if final.exists() or final.is_symlink():
+        if not overwrite:
+            raise FileExistsError(f"output: {final} already exists; choose another path or pass --overwrite")
+        check_replaceable(final)
+    work = final.with_name(f".{final.name}{PARTIAL_SUFFIX}")
+    if work.is_dir():
+        difference = differs(work)
+        if difference and not overwrite:
+            raise ValueError(f"output: {work} holds an unfinished run with other settings ({difference}); rerun "
+                             f"with those to continue it, or pass --overwrite to discard it")
+        if difference:
+            remove_directory(work)
+    work.mkdir(parents=True, exist_ok=True)
+    with store_lock(work):
+        yield work
+        (work / LOCK_NAME).unlink()
+        fsync_tree(work)
+        trash = _aside(final) if final.exists() else None
+        work.rename(final)
+        if trash is not None:
+            shutil.rmtree(trash)
+        fsync_tree(final.parent, recursive=False)
 
 
 def fsync_tree(path: Path, recursive: bool = True) -> None:
@@ -176,7 +217,7 @@ def write_store(
         em = root.require_group(EM_GROUP).create_group(EM_NAME)
         em_levels = pyramid_levels(voxel_size, translation, levels)
         em.attrs.update(multiscales_attrs(EM_NAME, em_levels))
-        for level, data in zip(em_levels, _pyramid(raw, voxel_size, levels, _block_mean), strict=True):
+        for level, data in zip(em_levels, _pyramid(raw, voxel_size, levels, block_mean), strict=True):
             _create(em, level.path, data, zarr_format)
         for crop in crops:
             _write_crop(root.require_group(GROUNDTRUTH_GROUP), crop, voxel_size, translation, levels, zarr_format)
@@ -221,23 +262,26 @@ def add_crop(
             staging.parent.rmdir()
 
 
-def create_class_arrays(root: zarr.Group, group: str, classes: Sequence[str], shape: Sequence[int],
+def create_class_arrays(root: zarr.Group, group: str, classes: Sequence[str], shapes: Sequence[Sequence[int]],
                         voxel_size: Sequence[float], translation: Sequence[float], chunks: Sequence[int],
-                        annotation: bool = True) -> dict[str, zarr.Array]:
-    """Empty uint8 arrays `<group>/<class>/s0`, one per class, to be filled block by block (predictions).
+                        annotation: bool = True) -> list[str]:
+    """Empty uint8 arrays `<group>/<class>/s0..`, one pyramid level per shape in `shapes` (levels as
+    `pyramid_levels`), to be filled block by block (predictions); returns the class groups' paths.
 
     With `annotation` they carry the `cellmap.annotation` encoding (0 absent, 1 present); without, they hold
     other per-class values (probabilities scaled to 0..255) and only the geometry.
     """
-    level = pyramid_levels(voxel_size, translation, 1)
-    arrays = {}
+    levels = pyramid_levels(voxel_size, translation, len(shapes))
+    paths = []
     for cls in check_class_names(classes):
         g = root.require_group(group).create_group(cls)
-        g.attrs.update({**multiscales_attrs(cls, level), **(_annotation_attrs(cls) if annotation else {})})
-        arrays[cls] = g.create_array("s0", shape=tuple(shape), dtype=np.uint8, fill_value=0,
-                                     chunks=tuple(min(c, s) for c, s in zip(chunks, shape, strict=True)),
-                                     chunk_key_encoding={"name": "v2", "separator": "/"})
-    return arrays
+        g.attrs.update({**multiscales_attrs(cls, levels), **(_annotation_attrs(cls) if annotation else {})})
+        for level, shape in zip(levels, shapes, strict=True):
+            g.create_array(level.path, shape=tuple(shape), dtype=np.uint8, fill_value=0,
+                           chunks=tuple(min(c, s) for c, s in zip(chunks, shape, strict=True)),
+                           chunk_key_encoding={"name": "v2", "separator": "/"})
+        paths.append(f"{group}/{cls}")
+    return paths
 
 
 def _write_crop(parent: zarr.Group, crop: CropToWrite, voxel_size: Sequence[float], em_translation: Sequence[float],
@@ -254,7 +298,7 @@ def _write_crop(parent: zarr.Group, crop: CropToWrite, voxel_size: Sequence[floa
         data = _check_labels(crop.labels[cls], f"crop {crop.name}/{cls}")
         g = group.create_group(cls)
         g.attrs.update({**multiscales_attrs(cls, crop_levels), **_annotation_attrs(cls)})
-        for level, arr in zip(crop_levels, _pyramid(data, voxel_size, levels, _block_vote), strict=True):
+        for level, arr in zip(crop_levels, _pyramid(data, voxel_size, levels, block_vote), strict=True):
             _create(g, level.path, arr, zarr_format).attrs.update(_annotation_attrs(cls, arr))
     if crop.ids is not None:
         g = group.create_group("all")
@@ -346,12 +390,12 @@ def _blocks(data: np.ndarray, step: tuple[int, ...]) -> np.ndarray:
     return d.transpose(0, 2, 4, 1, 3, 5).reshape(z, y, x, -1)
 
 
-def _block_mean(data: np.ndarray, step: tuple[int, ...]) -> np.ndarray:
+def block_mean(data: np.ndarray, step: tuple[int, ...]) -> np.ndarray:
     """Mean of each block, rounded back to the EM's integer type."""
     return np.round(_blocks(data, step).mean(-1)).astype(data.dtype)
 
 
-def _block_vote(data: np.ndarray, step: tuple[int, ...]) -> np.ndarray:
+def block_vote(data: np.ndarray, step: tuple[int, ...]) -> np.ndarray:
     """Majority vote among annotated voxels; unknown where most of the block is unknown."""
     blocks = _blocks(data, step)
     known = (blocks != UNKNOWN).sum(-1)

@@ -16,8 +16,10 @@ and whose library is installed.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -105,3 +107,21 @@ _LOADERS: dict[str, Loader] = {"onnx": _load_onnx, "torchscript": _load_torchscr
                                "triton": _load_triton}
 _SCHEMES = {"http": "triton", "grpc": "triton"}  # URL scheme -> backend
 BACKENDS = ("auto", *_LOADERS)
+
+
+@dataclass(frozen=True)
+class RuntimeSpec:
+    """load_runtime's arguments, for a runtime opened where it runs: a Dask worker opens it once per process and
+    every later task finds it open (`open`). Options are (name, value) pairs, so a spec is hashable."""
+
+    model: str
+    backend: str = "auto"
+    options: tuple[tuple[str, Any], ...] = ()
+
+    def open(self) -> Runtime:
+        return _opened(self)
+
+
+@functools.cache
+def _opened(spec: RuntimeSpec) -> Runtime:
+    return load_runtime(spec.model, spec.backend, **dict(spec.options))

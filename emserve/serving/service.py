@@ -52,6 +52,7 @@ from emserve.postprocess import DEFAULT_LABEL_METHOD, Screening
 from emserve.runtime.base import Runtime
 from emserve.runtime.load import load_runtime
 from emserve.segmentation import (
+    EMSource,
     check_threshold,
     masks_from_probabilities,
     raw_to_network,
@@ -233,9 +234,9 @@ class EMServe:
         if output == "zarr.zip":
             folder = Path(ctx.temp_dir) / "segmentation.zarr"
             with client_errors("image"):
-                segment_store(runtime, raw if raw.ndim == 3 else raw[None], folder, axis=axis, tile=tile,
-                              overlap=overlap, threshold=threshold, keep_probabilities=probabilities, source="upload",
-                              tick=deadline(ctx))
+                segment_store(runtime, EMSource(raw if raw.ndim == 3 else raw[None]), folder, axis=axis,
+                              tile=tile, overlap=overlap, threshold=threshold, keep_probabilities=probabilities,
+                              source_name="upload", tick=deadline(ctx))
             return self.write_result(ctx, "segmentation", output, self.zip_with_record(folder, record))
         with client_errors("image"):
             probs = segment_array(runtime, raw, axis=axis, tile=tile, overlap=overlap, tick=deadline(ctx))
