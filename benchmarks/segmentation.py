@@ -103,8 +103,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             runtime = load_runtime(args.model, backend, **({"threads": threads} if backend == "onnx" else {}))
             for overlap in (tile // 4, 0):
                 with tempfile.TemporaryDirectory(prefix="emserve-bench-seg-") as tmp:
-                    run = partial(segment_store, runtime, EMSource(volume), Path(tmp) / "seg.zarr", tile=tile, overlap=overlap,
-                                  batch_size=args.batch, overwrite=True)
+                    run = partial(segment_store, runtime, EMSource(volume), Path(tmp) / "seg.zarr", tile=tile,
+                                  overlap=overlap, batch_size=args.batch, overwrite=True)
                     seconds = statistics.median(timed(run, 1, args.repeats))
                 rows.append(["emserve segment", backend, tile, overlap,
                              number(tile_pixels_per_voxel(args.shape, tile, overlap)), number(seconds),

@@ -7,11 +7,20 @@ every read is an unsigned (anonymous) request, as against `s3://janelia-cosem-da
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import cellmap_fixtures as fx
 import numpy as np
 import pytest
+import zarr
+from checkpoints import make_checkpoint
 
+from emserve.card import ModelCard
 from emserve.data.store import EMStore
+from emserve.data.writer import INFERENCE_GROUP
+from training.export import export_model
 
 pytestmark = pytest.mark.slow  # real servers, exports or training runs: `make test` runs it, `make check` not
 
@@ -113,3 +122,25 @@ def test_private_objects_are_not_read_with_credentials(server):
         EMStore(f"s3://{BUCKET}/jrc_private/jrc_private.zarr").em_levels  # noqa: B018
     message = str(err.value)
     assert "not readable anonymously" in message and "jrc_private.zarr" in message and "\n" not in message
+
+
+def test_segment_reads_s3_on_a_local_dask_cluster_as_it_reads_the_local_store(server, tmp_path):
+    """The CLI with --scheduler local:2: its worker processes read the s3:// store themselves (the endpoint
+    reaches them through the environment, as on a cluster) and write what one process writes from the local copy."""
+    model = export_model(make_checkpoint(tmp_path / "run", "segmentation"), tmp_path / "models", exporter="legacy")
+    out = {}
+    for name, source, extra in (("remote", url(server["local"]["v2"]), ["--scheduler", "local:2"]),
+                                ("local", str(server["local"]["v2"]), [])):
+        out[name] = tmp_path / f"{name}.zarr"
+        done = subprocess.run([sys.executable, "-m", "emserve.cli", "segment", str(model), source, str(out[name]),
+                               "--tile", "16", "--probabilities", *extra], capture_output=True, text=True,
+                              timeout=300, env=os.environ)
+        assert done.returncode == 0, done.stderr
+    remote, local = (zarr.open_group(str(out[n]), mode="r") for n in ("remote", "local"))
+    assert remote.attrs["emserve"]["segmented"]["source"] == url(server["local"]["v2"])
+    for group in ("segmentation", "probabilities"):
+        for name in ModelCard.load(model).classes:
+            path = f"{INFERENCE_GROUP}/{group}/{name}"
+            assert remote[path].attrs["multiscales"] == local[path].attrs["multiscales"]
+            for level in remote[path].array_keys():
+                np.testing.assert_array_equal(remote[f"{path}/{level}"][...], local[f"{path}/{level}"][...])
