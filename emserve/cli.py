@@ -59,6 +59,8 @@ def data_phantom(
     seed: Annotated[int, typer.Option(help="Random seed; the same seed writes identical stores.")] = 0,
     datasets: Annotated[int, typer.Option(min=1, help="How many datasets (imaging conditions) to make.")] = 3,
     crops: Annotated[int, typer.Option(min=1, help="Labelled 3D crops per dataset.")] = 3,
+    shape: Annotated[str, typer.Option(help="EM shape Z,Y,X of each dataset (default: the embedded data's); "
+                                            "larger volumes make benchmark inputs.")] = "",
     overwrite: Annotated[bool, typer.Option(help="Replace stores that already exist.")] = False,
 ) -> None:
     """Write the embedded default data: procedural EM-like volumes with exact organelle labels.
@@ -66,9 +68,13 @@ def data_phantom(
     Datasets differ like real ones do (contrast, noise, blur, voxel size, organelle density), so domain
     conditioning has something to learn. Open the stores in napari or neuroglancer, or look at the PNGs.
     """
-    from emserve.data.phantom import write_phantoms
+    from emserve.data.phantom import DEFAULT_CROP_SHAPE, write_phantoms
 
-    paths = write_phantoms(out, seed=seed, datasets=datasets, crops_per_dataset=crops, overwrite=overwrite)
+    sizes = {}
+    if shape:  # crops as large as the embedded data's, or the whole volume where it is smaller
+        sizes["shape"] = opt.parse_ints("shape", shape)
+        sizes["crop_shape"] = tuple(min(c, s) for c, s in zip(DEFAULT_CROP_SHAPE, sizes["shape"], strict=False))
+    paths = write_phantoms(out, seed=seed, datasets=datasets, crops_per_dataset=crops, overwrite=overwrite, **sizes)
     for path in paths:
         console.print(f"wrote {path}")
 

@@ -209,6 +209,17 @@ def test_segmentation_report():
     assert float(rows[1]["tile pixels per voxel"]) > float(rows[2]["tile pixels per voxel"])  # overlap costs
 
 
+def test_blockwise_report(tmp_path):
+    report = run("benchmarks.blockwise", "--shape", "8,300,300", "--workers", "2", "--workdir", str(tmp_path))
+    alone, dask = table(report)
+    assert (alone["path"], dask["path"], dask["processes"]) == ("one process", "local:2", "2")
+    for row in (alone, dask):
+        assert float(row["Mvoxel/s"]) == pytest.approx(8 * 300 * 300 / positive(row["s per volume"]) / 1e6, rel=0.02)
+    ratio = float(alone["s per volume"]) / float(dask["s per volume"])
+    assert float(dask["vs one process"]) == pytest.approx(ratio, rel=0.02)
+    assert "the masks of both runs are equal" in report and (tmp_path / "phantom-8x300x300").is_dir()  # kept
+
+
 @pytest.mark.parametrize("module", ["benchmarks.denoiser", "benchmarks.sampling"])
 def test_triton_without_a_server_url_or_with_reexport_is_refused_before_any_export(module, tmp_path):
     refusals = [((), "--backends: triton needs --triton-url"),

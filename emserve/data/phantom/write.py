@@ -47,6 +47,8 @@ def write_phantoms(
     if datasets < 1 or crops_per_dataset < 1:
         raise ValueError(f"datasets / crops_per_dataset: need at least 1 each, got {datasets} / {crops_per_dataset}")
     shape, crop_shape = tuple(int(s) for s in shape), tuple(int(c) for c in crop_shape)
+    if len(shape) != 3 or min(shape) < 1:
+        raise ValueError(f"shape: {list(shape)} must be three positive sizes Z,Y,X")
     if len(crop_shape) != 3 or any(c < 1 or c > s for c, s in zip(crop_shape, shape, strict=False)):
         raise ValueError(f"crop_shape: {crop_shape} must be three sizes between 1 and the EM shape {shape}")
     out = Path(out_dir)
