@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import itertools
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +24,7 @@ import zarr
 
 from emserve.data.ngff import pyramid_factors
 from emserve.data.writer import fsync_tree
+from emserve.distributed import run_tasks
 
 DONE_FOLDER = ".blocks"
 MAX_LEVELS = 8
@@ -117,13 +118,7 @@ def run_blocks(task: Task, blocks: Sequence[Block], records: DoneRecords, client
     done = len(blocks) - len(pending)
     if progress is not None:
         progress(done, len(blocks))
-    if client is not None:
-        from emserve.distributed import run_all
-
-        finished: Iterator[Block] = run_all(client, task, pending, name)
-    else:
-        finished = (task(block) or block for block in pending)
-    for _ in finished:
+    for _ in run_tasks(task, pending, client, name):
         done += 1
         if progress is not None:
             progress(done, len(blocks))

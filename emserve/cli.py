@@ -7,9 +7,9 @@ import contextlib
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -340,6 +340,7 @@ def generate(
     served_card: opt.ServedCard = "",
     device: opt.Device = "auto",
     precision: opt.RuntimePrecision = "fp32",
+    scheduler: opt.Scheduler = "",
 ) -> None:
     """Generate EM, label maps or EM + label pairs with a diffusion model, into the CellMap layout.
 
@@ -347,15 +348,16 @@ def generate(
     i of the EM. Screening never drops a sample: a rejected one keeps its EM and gets its labels marked
     unannotated (255), so segmentation training leaves them out.
     """
-    from emserve.pipelines import GenerationRequest, generate_store, label_source
+    from emserve.distributed import check_scheduler
+    from emserve.pipelines import GenerationRequest, OpenedForGeneration, generate_store, label_source
     from emserve.postprocess import Screening
-
-    check_choice("what", what, GENERATE_MODES)
     from emserve.runtime.load import load_runtime
 
-    options = {"card": served_card} if served_card else {}
-    denoise = load_runtime(model, backend, device=device, precision=precision,
-                           memory_budget=parse_bytes(memory_budget), **options)
+    check_choice("what", what, GENERATE_MODES)
+    check_scheduler(scheduler)
+    options = {"device": device, "precision": precision, "memory_budget": parse_bytes(memory_budget),
+               **({"card": served_card} if served_card else {})}
+    denoise = load_runtime(model, backend, **options)
     try:
         card = denoise.card
         if card.mode != GENERATE_MODES[what]:
@@ -368,13 +370,42 @@ def generate(
                                     label_method=label_method, despeckle=despeckle)
         labels = label_source(card, labels_from, seed) if what == "from-labels" else None
         screening = Screening(min_size=min_size) if screen and card.mode in ("pairs", "labels") else None
-        picture = generate_store(card, denoise, request, out, labels, screening, resume=resume,
-                                 progress=terminal_progress("samples"), precision=denoise.precision)
+        on_workers = OpenedForGeneration(worker_spec(model, denoise, options, scheduler),
+                                         labels_from if what == "from-labels" else "", seed)
+        with dask_cluster(scheduler) as client:
+            picture = generate_store(card, denoise, request, out, labels, screening, resume=resume,
+                                     progress=terminal_progress("samples"), precision=denoise.precision,
+                                     client=client, on_workers=on_workers)
         console.print(f"wrote {out} and {picture}")
         if screening is not None:
             console.print(screening.summary())
     finally:
         denoise.close()
+
+
+@contextlib.contextmanager
+def dask_cluster(scheduler: str) -> Iterator[Any]:
+    """The Dask client of `--scheduler` (None: this process), its dashboard's address printed."""
+    if not scheduler:
+        yield None
+        return
+    from emserve.distributed import dask_client
+
+    with dask_client(scheduler) as client:
+        console.print(f"Dask dashboard: {client.dashboard_link}")
+        yield client
+
+
+def worker_spec(model: str, runtime: Any, options: dict[str, Any], scheduler: str) -> Any:
+    """How Dask workers open the model this command opened (`RuntimeSpec`): the same backend and options, and on
+    a local cluster a share of the cores each (ONNX Runtime takes them all in every process unless told)."""
+    from emserve.distributed import local_workers
+    from emserve.runtime.load import RuntimeSpec
+
+    workers = local_workers(scheduler)
+    if workers and runtime.backend == "onnx":
+        options = {**options, "threads": max(1, (os.cpu_count() or 1) // workers)}
+    return RuntimeSpec(str(model), runtime.backend, tuple(options.items()))
 
 
 def terminal_progress(unit: str) -> Callable[[int, int], None]:
@@ -424,8 +455,8 @@ def segment(
     voxel size and offset, so the predictions overlay the EM. The volume is cut into blocks of whole output
     chunks, run here or on Dask (--scheduler); a run that stopped continues when the same command runs again.
     """
-    from emserve.distributed import check_scheduler, dask_client, local_workers
-    from emserve.runtime.load import RuntimeSpec, load_runtime, pick_backend
+    from emserve.distributed import check_scheduler
+    from emserve.runtime.load import load_runtime
     from emserve.segmentation import OpenedOnWorker, segment_store, segmentation_source
 
     check_scheduler(scheduler)
@@ -436,18 +467,12 @@ def segment(
         if runtime.card.mode != "segmentation":
             raise ValueError(f"model: {model} is a {runtime.card.mode!r} model, not a segmentation network")
         source_data = segmentation_source(source, voxel_size)
-        workers = local_workers(scheduler)
-        if workers and runtime.backend == "onnx":  # ONNX Runtime takes every core per process unless told
-            options["threads"] = max(1, (os.cpu_count() or 1) // workers)
-        spec = RuntimeSpec(model, pick_backend(model) if backend == "auto" else backend, tuple(options.items()))
-        with contextlib.ExitStack() as stack:
-            client = stack.enter_context(dask_client(scheduler)) if scheduler else None
-            if client is not None:
-                console.print(f"Dask dashboard: {client.dashboard_link}")
+        with dask_cluster(scheduler) as client:
             segment_store(runtime, source_data, out, axis=axis, tile=tile, overlap=overlap, batch_size=batch_size,
                           threshold=threshold, keep_probabilities=probabilities, overwrite=overwrite,
                           source_name=source, block_size=block_size, client=client,
-                          on_workers=OpenedOnWorker(spec, source, voxel_size), progress=terminal_progress("blocks"))
+                          on_workers=OpenedOnWorker(worker_spec(model, runtime, options, scheduler), source,
+                                                    voxel_size), progress=terminal_progress("blocks"))
         console.print(f"wrote {out}")
     finally:
         runtime.close()

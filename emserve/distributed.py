@@ -50,9 +50,14 @@ def dask_client(scheduler: str) -> Iterator[Any]:
         yield client
 
 
-def run_all(client: Any, task: Callable[[Any], None], items: Sequence[Any], name: str) -> Iterator[Any]:
-    """Run `task` on each item on the cluster, yielding items as their tasks finish; the first task that fails
-    for good cancels the rest and raises its error here."""
+def run_tasks(task: Callable[[Any], Any], items: Sequence[Any], client: Any = None,
+              name: str = "task") -> Iterator[tuple[Any, Any]]:
+    """(item, task(item)) for each item as its task finishes: here, one after the other, or given a client on its
+    cluster. The first task that fails for good cancels the rest and raises its error here."""
+    if client is None:
+        for item in items:
+            yield item, task(item)
+        return
     from distributed import as_completed
 
     run = uuid.uuid4().hex[:8]  # keys unique on a cluster that other jobs share
@@ -60,7 +65,6 @@ def run_all(client: Any, task: Callable[[Any], None], items: Sequence[Any], name
     index = {future.key: item for future, item in zip(futures, items, strict=True)}
     try:
         for future in as_completed(futures):
-            future.result()
-            yield index[future.key]
+            yield index[future.key], future.result()
     finally:
         client.cancel(futures)

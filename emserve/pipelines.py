@@ -8,11 +8,13 @@ memory stays bounded and an interrupted run resumes where it stopped.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import zarr
@@ -38,8 +40,10 @@ from emserve.diffusion import (
     make_schedule,
     sample,
 )
+from emserve.distributed import run_tasks
 from emserve.pictures import grid, pair_tile, raw_to_uint8, save_png
 from emserve.postprocess import DEFAULT_LABEL_METHOD, LABEL_METHODS, Screening, labels_from_channels
+from emserve.runtime.load import RuntimeSpec
 
 LabelSource = Callable[[int, int], np.ndarray]  # (start, stop) -> label-map channels [stop-start, K, H, W]
 VOXEL_SIZE = (1.0, 1.0, 1.0)  # generated patches have no physical size of their own; the card says what they mimic
@@ -326,27 +330,90 @@ class GeneratedStore:
         self.root.attrs.update({"emserve": {**self.root.attrs["emserve"], "complete": True}})
 
 
+@dataclass(frozen=True)
+class GenerateBatch:
+    """The task that generates batch `index` of a request into its store, returning the samples of it that the
+    preview shows (the request's first `shown`). Picklable, a Dask worker's task, when `inputs` is
+    (`OpenedForGeneration`); every batch has its own seeds, so where it runs does not change it."""
+
+    inputs: Callable[[], tuple[Denoise, LabelSource | None]]
+    card: ModelCard
+    store: str
+    request: GenerationRequest
+    screening: Screening | None
+    precision: str
+    shown: int
+
+    def __call__(self, index: int) -> tuple[list[np.ndarray | None], list[np.ndarray]]:
+        denoise, labels = self.inputs()
+        store = GeneratedStore(self.store, self.card, self.request, resume=True, precision=self.precision)
+        others = set(range(batch_count(self.request))) - {index}
+        for batch in generate(self.card, denoise, self.request, labels, skip=others):
+            raw, labelled = split_channels(self.card, batch, self.request)
+            store.write(batch, raw, label_codes(self.card, labelled, self.screening))
+            room = max(0, self.shown - batch.start)
+            return (list(raw[:room]) if raw is not None else [None] * min(room, len(labelled)),
+                    [m > 0 for m in labelled[:room]])
+        raise ValueError(f"batch: {index} is not a batch of this request ({batch_count(self.request)} batches)")
+
+
+def batch_count(request: GenerationRequest) -> int:
+    return -(-request.samples // request.batch_size)
+
+
+def batch_samples(request: GenerationRequest, index: int) -> int:
+    """How many samples batch `index` holds (the last may hold fewer)."""
+    return min(request.batch_size, request.samples - index * request.batch_size)
+
+
 def generate_store(card: ModelCard, denoise: Denoise, request: GenerationRequest, out: Path,
                    labels: LabelSource | None = None, screening: Screening | None = None, *, resume: bool = False,
                    progress: Callable[[int, int], None] | None = None, shown: int = 16,
-                   precision: str = "fp32") -> Path:
-    """Generate the request into the store `out` batch by batch (resuming finished batches when asked), and
-    return the PNG grid beside the store (of the first `shown` samples generated in this run, if any).
-    `precision` is what `denoise` computes in (a Runtime's precision), recorded with the model."""
+                   precision: str = "fp32", client: Any = None,
+                   on_workers: Callable[[], tuple[Denoise, LabelSource | None]] | None = None) -> Path:
+    """Generate the request into the store `out` batch by batch (resuming finished batches when asked), here or on
+    the cluster of a Dask `client`, whose workers open the model and label maps with `on_workers` (picklable,
+    `OpenedForGeneration`); return the PNG grid beside the store (of the first `shown` samples generated in this
+    run, if any). `precision` is what `denoise` computes in (a Runtime's precision), recorded with the model."""
     check_request(card, request)
+    if client is not None and on_workers is None:
+        raise ValueError("on_workers: a Dask client needs the inputs as its workers open them (OpenedForGeneration)")
     store = GeneratedStore(out, card, request, resume=resume, precision=precision)
-    raws: list[np.ndarray | None] = []
-    masks: list[np.ndarray] = []
+    pending = sorted(set(range(batch_count(request))) - store.done())
+    task = GenerateBatch(on_workers if client is not None else (lambda: (denoise, labels)), card, str(out), request,
+                         screening, precision, shown)
+    previews: dict[int, tuple[list, list]] = {}
+    done = request.samples - sum(batch_samples(request, i) for i in pending)
     with store_lock(Path(out)):  # a second `--resume` of the same store is refused, not interleaved
-        for batch in generate(card, denoise, request, labels, skip=store.done(), progress=progress):
-            raw, labelled = split_channels(card, batch, request)
-            store.write(batch, raw, label_codes(card, labelled, screening))
-            room = shown - len(masks)
-            raws += list(raw[:room]) if raw is not None else [None] * min(room, len(labelled))
-            masks += [m > 0 for m in labelled[:room]]
+        for index, shown_samples in run_tasks(task, pending, client, "generate"):
+            previews[index] = shown_samples
+            done += batch_samples(request, index)
+            if progress is not None:
+                progress(done, request.samples)
         store.finish()
+    raws = [r for index in sorted(previews) for r in previews[index][0]]
+    masks = [m for index in sorted(previews) for m in previews[index][1]]
     picture = Path(out).with_suffix(".png")
     return preview(card, raws, masks, picture) if masks else picture  # resumed a finished store: keep its grid
+
+
+@dataclass(frozen=True)
+class OpenedForGeneration:
+    """The model and the label maps of an `emserve generate` run as a Dask worker opens them: by path, once per
+    worker process (every batch after the first finds them open)."""
+
+    model: RuntimeSpec
+    labels_from: str = ""  # from-labels: the label maps' source (`label_source`)
+    seed: int = 0
+
+    def __call__(self) -> tuple[Denoise, LabelSource | None]:
+        runtime = self.model.open()
+        return runtime, _labels(self.model, self.labels_from, self.seed) if self.labels_from else None
+
+
+@functools.cache
+def _labels(model: RuntimeSpec, labels_from: str, seed: int) -> LabelSource:
+    return label_source(model.open().card, labels_from, seed)
 
 
 def preview(card: ModelCard, raws: Sequence[np.ndarray | None], masks: Sequence[np.ndarray], path: Path,

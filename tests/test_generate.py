@@ -23,6 +23,7 @@ from emserve.pipelines import (
     generate,
     generate_store,
     label_codes,
+    label_source,
     sample_seed,
     split_channels,
 )
@@ -322,3 +323,36 @@ def test_png_index_maps_drive_em_from_labels_in_order(checkpoints, tmp_path):
                           str(checkpoints["em-from-labels"]), str(tmp_path / "b.zarr"), "--labels-from",
                           str(maps / "map2.png")], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "this model takes [N, 16, 16] index maps" in bad.stderr
+
+
+@pytest.mark.slow
+def test_a_local_dask_cluster_resumes_a_cut_run_into_the_store_one_process_writes(checkpoints, toy_store, tmp_path):
+    """from-labels (the workers read the label maps themselves) cut after its first batch, then resumed with
+    --scheduler local:2: the store equals an uninterrupted run's in one process, crop for crop."""
+    denoise = load_runtime(checkpoints["em-from-labels"], "torch", device="cpu")
+    card = denoise.card
+    args = ["--samples", "7", "--batch-size", "2", "--steps", "2", "--seed", "5", "--labels-from", str(toy_store[0]),
+            "--backend", "torch", "--device", "cpu"]
+    request = GenerationRequest(samples=7, batch_size=2, steps=2, seed=5, guidance=DEFAULT_LABEL_GUIDANCE)
+    labels = label_source(card, str(toy_store[0]), 5)
+
+    def stop(done, total):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        generate_store(card, denoise, request, tmp_path / "cut.zarr", labels, progress=stop)
+    assert EMStore(tmp_path / "cut.zarr").crops == ("crop1",)
+    for out, extra in (("cut.zarr", ["--resume", "--scheduler", "local:2"]), ("alone.zarr", [])):
+        done = subprocess.run([sys.executable, "-m", "emserve.cli", "generate", "from-labels",
+                               str(checkpoints["em-from-labels"]), str(tmp_path / out), *args, *extra],
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+    cut, alone = EMStore(tmp_path / "cut.zarr"), EMStore(tmp_path / "alone.zarr")
+    assert cut.crops == alone.crops == ("crop1", "crop2", "crop3", "crop4")
+    assert cut.root.attrs["emserve"]["complete"] and cut.root.attrs["emserve"]["generated"] == \
+        alone.root.attrs["emserve"]["generated"]
+    np.testing.assert_array_equal(cut.em_volume(cut.em_level())[...], alone.em_volume(alone.em_level())[...])
+    for name in cut.crops:
+        np.testing.assert_array_equal(cut.read_crop(name, card.classes).labels,
+                                      alone.read_crop(name, card.classes).labels)
+        assert cut.crop_group(name).attrs["seeds"] == alone.crop_group(name).attrs["seeds"]
