@@ -34,6 +34,8 @@ class ModelCard:
     timesteps: int = 1000
     objective: str = "v"
     datasets: list[str] = field(default_factory=list)  # dataset condition ids are indices into this list
+    # Dataset name -> the voxel size (nm, z-y-x) its EM was learnt at: what generated samples of it stand for.
+    voxel_sizes: dict[str, list[float]] = field(default_factory=dict)
     class_condition: bool = False  # class-presence vector over `classes`: +1 present, -1 absent, 0 unknown
     # Segmentation only: one class per voxel (softmax over background + classes) instead of a sigmoid per class.
     exclusive: bool = False

@@ -46,7 +46,7 @@ from emserve.postprocess import DEFAULT_LABEL_METHOD, LABEL_METHODS, Screening, 
 from emserve.runtime.load import RuntimeSpec
 
 LabelSource = Callable[[int, int], np.ndarray]  # (start, stop) -> label-map channels [stop-start, K, H, W]
-VOXEL_SIZE = (1.0, 1.0, 1.0)  # generated patches have no physical size of their own; the card says what they mimic
+NOMINAL_VOXEL_SIZE = (1.0, 1.0, 1.0)  # generated samples whose model does not say what scale they stand for
 # What a stored request without these fields was made with (they were added later): a resume compares like with like.
 FIELDS_ADDED_LATER = {"despeckle": 0, "spacing": "trailing"}
 GuidanceScales = float | dict[str, float]  # one scale, or a weight per condition (the conditions not named weigh 1)
@@ -266,6 +266,17 @@ def label_codes(card: ModelCard, masks: np.ndarray, screening: Screening | None)
     return codes
 
 
+def generated_voxel_size(card: ModelCard, request: GenerationRequest) -> tuple[float, ...]:
+    """The voxel size a generated store carries: that of the dataset its samples stand for (the one requested, or
+    the only scale the model learnt), so generated and real data mix at the right scale; NOMINAL_VOXEL_SIZE where
+    the card cannot say (models trained before cards recorded it, or datasets of several scales and none asked)."""
+    sizes = card.voxel_sizes
+    if request.dataset in sizes:
+        return tuple(float(v) for v in sizes[request.dataset])
+    scales = {tuple(float(v) for v in size) for size in sizes.values()}
+    return scales.pop() if len(scales) == 1 else NOMINAL_VOXEL_SIZE
+
+
 class GeneratedStore:
     """A CellMap-layout store of generated samples: sample i is z-slice i of the EM; batch b is crop<b+1>
     with per-sample seeds and the model's sha256 in its attributes. Crops are added atomically, so the crops
@@ -274,6 +285,7 @@ class GeneratedStore:
     def __init__(self, path: str | Path, card: ModelCard, request: GenerationRequest, resume: bool = False,
                  precision: str = "fp32"):
         self.path, self.card, self.request = Path(path), card, request
+        self.voxel_size = generated_voxel_size(card, request)
         record = {"request": asdict(request), "model": {"sha256": card.weights, "mode": card.mode,
                                                         "classes": card.classes}}
         if precision != "fp32":  # recorded only when not the exported graph's own, so older stores still resume
@@ -284,6 +296,7 @@ class GeneratedStore:
                 raise FileExistsError(f"out: {self.path} exists; pass --resume to continue it or choose another path")
             self._check_same_run()
             self.root = zarr.open_group(str(self.path), mode="r+")
+            self.voxel_size = EMStore(self.path).em_level().voxel_size  # as made (stores made before it was known)
         else:
             self._create()
 
@@ -294,7 +307,7 @@ class GeneratedStore:
             root = zarr.open_group(str(tmp), mode="w", zarr_format=2)
             root.attrs.update(provenance(generated=self.record, complete=False))
             em = root.require_group(EM_GROUP).create_group(EM_NAME)
-            em.attrs.update({**multiscales_attrs(EM_NAME, pyramid_levels(VOXEL_SIZE, (0, 0, 0), 1)),
+            em.attrs.update({**multiscales_attrs(EM_NAME, pyramid_levels(self.voxel_size, (0, 0, 0), 1)),
                              # the exact inverse of raw_to_uint8 when read back (not a percentile stretch)
                              "omero": {"channels": [{"window": {"start": 0, "end": 255}}]}})
             em.create_array("s0", shape=(self.request.samples, size, size), dtype=np.uint8,
@@ -324,7 +337,7 @@ class GeneratedStore:
         labels = {name: codes[:, k] for k, name in enumerate(self.card.label_classes)}
         attrs = {"seeds": batch.seeds, "samples": [batch.start, batch.start + len(batch.seeds)]}
         add_crop(self.path, CropToWrite(f"crop{batch.index + 1}", (batch.start, 0, 0), labels, attrs=attrs),
-                 VOXEL_SIZE)
+                 self.voxel_size)
 
     def finish(self) -> None:
         self.root.attrs.update({"emserve": {**self.root.attrs["emserve"], "complete": True}})

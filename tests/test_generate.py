@@ -168,6 +168,22 @@ def test_one_writer_per_store_and_a_dead_writers_lock_is_taken_over(checkpoints,
     assert EMStore(out).crops == ("crop1", "crop2") and not (out / LOCK_NAME).exists()
 
 
+def test_generated_stores_carry_the_voxel_size_of_the_dataset_they_stand_for(checkpoints, toy_store, tmp_path):
+    card = ModelCard.load(checkpoints["pairs"])
+    assert card.voxel_sizes == {"toy_a": [8.0, 8.0, 8.0], "toy_b": [8.0, 8.0, 8.0]}  # recorded by training
+    card.voxel_sizes = {"toy_a": [8.0, 8.0, 8.0], "toy_b": [50.0, 4.0, 4.0]}
+    card.datasets = ["toy_a", "toy_b"]
+    for dataset, expected in (("toy_b", (50.0, 4.0, 4.0)), ("toy_a", (8.0, 8.0, 8.0)), (None, (1.0, 1.0, 1.0))):
+        request = GenerationRequest(samples=2, dataset=dataset)
+        store = GeneratedStore(tmp_path / f"{dataset}.zarr", card, request)
+        batch = next(generate(card, lambda x, t, cond: x, dataclasses.replace(request, steps=1)))
+        raw, masks = split_channels(card, batch, request)
+        store.write(batch, raw, label_codes(card, masks, None))
+        written = EMStore(tmp_path / f"{dataset}.zarr")
+        assert written.em_level().voxel_size == expected  # two scales and none asked for: nominal 1 nm
+        assert written.read_crop("crop1", card.classes).voxel_size == expected
+
+
 def test_a_store_from_before_a_request_field_existed_resumes_only_as_what_it_was(checkpoints, tmp_path):
     """Stores record the request; fields added since (despeckle, spacing) are read as what runs had before them."""
     card = ModelCard.load(checkpoints["pairs"])

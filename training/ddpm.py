@@ -136,7 +136,8 @@ def train_ddpm(cfg: DDPMConfig, resume: bool = False) -> Path | None:
     unet = unet_config(cfg, datasets)
     card = ModelCard(mode=cfg.mode, classes=list(cfg.classes), patch_size=cfg.patch_size, unet=unet.to_dict(),
                      schedule=cfg.schedule, timesteps=cfg.timesteps, objective=cfg.objective,
-                     datasets=datasets if cfg.dataset_condition else [], class_condition=unet.num_classes > 0)
+                     datasets=datasets if cfg.dataset_condition else [], class_condition=unet.num_classes > 0,
+                     voxel_sizes={s.name: list(s.em_level(cfg.voxel_size).voxel_size) for s in stores})
     run = Run(cfg, card, lambda: UNet(**unet.to_dict()), resume)
 
     def preview(ema: torch.nn.Module, path: Path) -> None:
