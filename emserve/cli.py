@@ -478,6 +478,24 @@ def segment(
         runtime.close()
 
 
+@app.command("view")
+def view(
+    stores: Annotated[list[str], typer.Argument(help="Stores to show: EM, ground-truth crops, and the predictions "
+                                                    "and probabilities of `emserve segment`.")],
+    port: Annotated[int, typer.Option(help="Port on 127.0.0.1 (0: a free one).")] = 0,
+) -> None:
+    """Open stores in neuroglancer, served from this process on 127.0.0.1; prints the link and serves until Ctrl-C."""
+    from emserve.viewer import serve
+
+    viewer = serve(stores, port)
+    console.print(f"neuroglancer: {viewer.get_viewer_url()}", soft_wrap=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+
+
 @evaluate_app.command("seg")
 def evaluate_seg(
     model: Annotated[str, typer.Argument(help="A segmentation model folder, checkpoint, or Triton URL.")],
