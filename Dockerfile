@@ -3,7 +3,8 @@
 #   docker build -t emserve .
 #   docker run --gpus all -p 3000:3000 emserve                       # or -e EMSERVE_API_KEY=... , -v ./models:/app/models
 #
-# Two stages: the first builds a virtualenv with pip (emserve with the gpu, serve and triton extras); the second is
+# Two stages: the first builds a virtualenv with pip (emserve with the gpu, serve, triton and distributed extras:
+# the image also runs `emserve segment|generate --scheduler` in pipelines); the second is
 # the CUDA runtime with Python, that virtualenv and the models: no compilers, no pip cache, no torch, no training/.
 # ONNX Runtime GPU 1.18+ wheels on PyPI are built for CUDA 12 and cuDNN 9.
 
@@ -21,7 +22,7 @@ COPY pyproject.toml README.md ./
 COPY emserve/ emserve/
 RUN python3.11 -m venv /opt/venv \
     && /opt/venv/bin/pip install --upgrade "pip>=24" \
-    && /opt/venv/bin/pip install ".[gpu,serve,triton]" \
+    && /opt/venv/bin/pip install ".[gpu,serve,triton,distributed]" \
     && /opt/venv/bin/pip check
 
 FROM ${CUDA_IMAGE}

@@ -62,7 +62,9 @@ def store_layers(path: str) -> list[tuple[str, Any, bool]]:
         for group, kind in PREDICTIONS.items():
             if f"{INFERENCE_GROUP}/{group}" not in root:
                 continue
-            for cls, node in root[f"{INFERENCE_GROUP}/{group}"].groups():
+            predicted = root[f"{INFERENCE_GROUP}/{group}"]
+            for cls in sorted(predicted.group_keys()):
+                node = predicted[cls]
                 first = parse_multiscales(node.attrs.asdict(), f"{path}/{INFERENCE_GROUP}/{group}/{cls}")[0]
                 source = placed(ng, node[first.path], first, kind)
                 layer = ng.SegmentationLayer(source=source) if kind == "segmentation" else ng.ImageLayer(source=source)

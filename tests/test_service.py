@@ -1013,7 +1013,8 @@ def test_dockerfile_is_lint_clean_multistage_and_runs_the_service_unprivileged()
 
 def image_virtualenv(root: Path) -> Path:
     """The container's virtualenv, made as the Dockerfile's build stage makes it: the package from a copy of
-    pyproject.toml, README.md and emserve/ only (no training/), `pip install ".[gpu,serve,triton]"`, `pip check`.
+    pyproject.toml, README.md and emserve/ only (no training/), `pip install ".[gpu,serve,triton,distributed]"`,
+    `pip check`.
     The packages are cached by the pyproject's hash (~/.cache/emserve-test-image-venv); emserve itself is
     reinstalled from this checkout every time, without dependencies."""
     key = hashlib.sha256((REPO / "pyproject.toml").read_bytes() + sys.version.encode()).hexdigest()[:12]
@@ -1028,7 +1029,8 @@ def image_virtualenv(root: Path) -> Path:
     if not (venv / "complete").exists():
         shutil.rmtree(venv, ignore_errors=True)
         subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
-        done = subprocess.run([*pip, f"{source}[gpu,serve,triton]"], capture_output=True, text=True, timeout=900)
+        done = subprocess.run([*pip, f"{source}[gpu,serve,triton,distributed]"], capture_output=True, text=True,
+                              timeout=900)
         if done.returncode != 0:
             pytest.skip(f"the container's packages cannot be installed here: {done.stderr[-500:]}")
         (venv / "complete").touch()
