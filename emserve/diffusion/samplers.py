@@ -170,6 +170,19 @@ def _check_cond(cond: Mapping[str, np.ndarray] | None, batch: int) -> dict[str, 
     return out
 
 
+def _check_known(known: tuple[np.ndarray, np.ndarray], shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    values, mask = np.asarray(known[0], dtype=np.float64), np.asarray(known[1], dtype=bool)
+    if values.shape != shape:
+        raise ValueError(f"known: values of shape {values.shape}; allowed: the samples' shape {shape}")
+    try:
+        mask = np.broadcast_to(mask, shape)
+    except ValueError:
+        raise ValueError(f"known: mask of shape {mask.shape} does not broadcast to the samples' {shape}") from None
+    if not np.isfinite(values[mask]).all() or np.abs(values[mask]).max(initial=0.0) > 1.0:
+        raise ValueError("known: values must be finite and in [-1, 1] where the mask is set")
+    return values, mask
+
+
 def _noise(rngs: Sequence[np.random.Generator], shape_chw: tuple[int, ...]) -> np.ndarray:
     """One standard normal draw per sample, each from that sample's own generator."""
     return np.stack([rng.standard_normal(shape_chw) for rng in rngs])
@@ -189,6 +202,7 @@ def sample(
     clip_x0: bool = True,
     guidance: Guidance | None = None,
     progress: Progress | None = None,
+    known: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> np.ndarray:
     """Generate ``len(seeds)`` samples of shape ``shape_chw``; returns float32 [B, C, H, W].
 
@@ -206,6 +220,12 @@ def sample(
         clip_x0: clip every x0 estimate to the data range [-1, 1] (eps recomputed to match).
         guidance: classifier-free guidance settings; None = call ``denoise`` on ``cond`` as is.
         progress: called as progress(steps_done, steps) after every step.
+        known: (values [B,C,H,W] in [-1, 1], mask broadcastable to them): entries the samples must equal, e.g. the
+            EM channel of a pairs model when its labels are sampled for a given image. Every step's data
+            prediction is replaced there by the known value (eps recomputed to match), so those entries follow
+            q(x_t | known) along the sampler's own path, are seen by the model at the noise level it was trained
+            on, and end exactly at the known value; the model fills in the rest to agree with them (replacement
+            conditioning as in RePaint, applied to the data prediction so that it holds for every sampler here).
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler: got {sampler!r}; allowed: {', '.join(repr(s) for s in SAMPLERS)}")
@@ -227,6 +247,8 @@ def sample(
             denoise, guidance.null_cond, guidance.scale, guidance.rescale, schedule=schedule, objective=objective
         )
 
+    if known is not None:
+        values, mask = _check_known(known, (batch, *shape))
     ab_now = schedule.alpha_bar(timesteps)
     ab_next = schedule.alpha_bar(np.append(timesteps[1:], -1))  # the last step goes to the data (ab = 1)
     solver = DPMSolverPP(order=3 if sampler == "dpmpp_3m" else 2)
@@ -239,6 +261,9 @@ def sample(
         if prediction.shape != x.shape:
             raise ValueError(f"denoise returned shape {prediction.shape}; expected {x.shape}")
         x0, eps = to_x0_eps(objective, prediction, x, ab_t, clip_x0=clip_x0)
+        if known is not None:
+            x0 = np.where(mask, values, x0)
+            eps = (x - math.sqrt(ab_t) * x0) / math.sqrt(1.0 - ab_t)
         last = ab_s >= 1.0
         if sampler == "ddpm":
             x = ddpm_step(x, x0, ab_t, ab_s, None if last else _noise(rngs, shape))
