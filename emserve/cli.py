@@ -19,6 +19,7 @@ from emserve import cli_options as opt
 from emserve.checks import check_choice
 from emserve.data.ngff import format_nm
 from emserve.diffusion import DEFAULT_LABEL_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_SPACING, DEFAULT_STEPS
+from emserve.pipelines import LabelSampling
 from emserve.postprocess import DEFAULT_LABEL_METHOD
 from emserve.reports import SCORE_COLUMNS, scores_csv, write_json, write_text
 from emserve.runtime.memory import DEFAULT_MEMORY_BUDGET, parse_bytes
@@ -408,6 +409,13 @@ def worker_spec(model: str, runtime: Any, options: dict[str, Any], scheduler: st
     return RuntimeSpec(str(model), runtime.backend, tuple(options.items()))
 
 
+def label_sampling(mode: str, samples: int, sampler: str, steps: int, seed: int,
+                   dataset: str | None) -> LabelSampling | None:
+    """How a pairs DDPM draws label maps when it segments; None for a segmentation network, and anything else is
+    refused (by `TilePredictor`)."""
+    return LabelSampling(samples, sampler, steps, seed, dataset) if mode == "pairs" else None
+
+
 def terminal_progress(unit: str) -> Callable[[int, int], None]:
     """A progress callback that counts `unit` done, with the time left at this run's rate, on one overwritten line,
     on a terminal only (logs stay clean)."""
@@ -448,12 +456,19 @@ def segment(
     scheduler: opt.Scheduler = "",
     block_size: Annotated[int, typer.Option(help="In-plane block size in voxels, a multiple of 256 (the output "
                                                  "chunk).")] = BLOCK_SIZE,
+    samples: opt.LabelSamples = LabelSampling.samples,
+    sampler: opt.LabelSampler = LabelSampling.sampler,
+    steps: opt.LabelSteps = LabelSampling.steps,
+    seed: opt.LabelSeed = 0,
+    dataset: opt.LabelDataset = None,
 ) -> None:
     """Segment an image or volume of any size, tile by tile with blended overlaps, into the CellMap layout.
 
     Writes recon-1/labels/inference/segmentation/<class>/s0.. (0/1) with a multiscale pyramid and the source's
     voxel size and offset, so the predictions overlay the EM. The volume is cut into blocks of whole output
     chunks, run here or on Dask (--scheduler); a run that stopped continues when the same command runs again.
+    MODEL may also be a pairs DDPM: it segments by drawing --samples label maps per tile for the tile's EM, their
+    mean the probability and their spread the uncertainty (written to .../uncertainty/<class>).
     """
     from emserve.distributed import check_scheduler
     from emserve.runtime.load import load_runtime
@@ -464,15 +479,15 @@ def segment(
                **({"card": served_card} if served_card else {})}
     runtime = load_runtime(model, backend, **options)
     try:
-        if runtime.card.mode != "segmentation":
-            raise ValueError(f"model: {model} is a {runtime.card.mode!r} model, not a segmentation network")
+        sampling = label_sampling(runtime.card.mode, samples, sampler, steps, seed, dataset)
         source_data = segmentation_source(source, voxel_size)
         with dask_cluster(scheduler) as client:
             segment_store(runtime, source_data, out, axis=axis, tile=tile, overlap=overlap, batch_size=batch_size,
                           threshold=threshold, keep_probabilities=probabilities, overwrite=overwrite,
                           source_name=source, block_size=block_size, client=client,
                           on_workers=OpenedOnWorker(worker_spec(model, runtime, options, scheduler), source,
-                                                    voxel_size), progress=terminal_progress("blocks"))
+                                                    voxel_size), progress=terminal_progress("blocks"),
+                          sampling=sampling)
         console.print(f"wrote {out}")
     finally:
         runtime.close()
@@ -509,20 +524,26 @@ def evaluate_seg(
     csv_out: Annotated[Path | None, typer.Option("--csv", help="Write the per-class table as CSV here.")] = None,
     backend: opt.Backend = "auto",
     device: opt.Device = "auto",
+    samples: opt.LabelSamples = LabelSampling.samples,
+    sampler: opt.LabelSampler = LabelSampling.sampler,
+    steps: opt.LabelSteps = LabelSampling.steps,
+    seed: opt.LabelSeed = 0,
+    dataset: opt.LabelDataset = None,
 ) -> None:
-    """Per-class Dice (F1), IoU, precision and recall on held-out crops, and their means.
+    """Per-class Dice (F1), IoU, precision and recall on held-out crops, and their means; the calibration of the
+    probabilities, whether the uncertainty finds the errors (AUROC), and seconds per megavoxel.
 
     A class a crop did not annotate is skipped there (not counted as absent); "-" marks a score that is
-    undefined (the class is annotated nowhere, or absent and never predicted).
+    undefined (the class is annotated nowhere, or absent and never predicted). MODEL may be a pairs DDPM, which
+    segments by drawing label maps (see `emserve segment`).
     """
     from emserve.evaluation.evaluate import evaluate_segmentation, held_out_crops
     from emserve.runtime.load import load_runtime
 
     with load_runtime(model, backend, device=device) as runtime:
-        if runtime.card.mode != "segmentation":
-            raise ValueError(f"model: {model} is a {runtime.card.mode!r} model, not a segmentation network")
+        sampling = label_sampling(runtime.card.mode, samples, sampler, steps, seed, dataset)
         report = evaluate_segmentation(runtime, held_out_crops(stores, runtime.card.classes, opt.parse_csv(crops)),
-                                       axis=axis, tile=tile, threshold=threshold)
+                                       axis=axis, tile=tile, threshold=threshold, sampling=sampling)
     report["model"] = model
     _print_scores(report)
     if json_out is not None:
@@ -634,6 +655,10 @@ def _print_scores(report: dict) -> None:
                       str(row["present"]))
     table.add_row("mean", *(format_score(report["mean"][m]) for m in SCORE_COLUMNS), "", "", style="bold")
     console.print(table)
+    if "calibration_error" in report:  # segmentation scores (transfer reports have none)
+        console.print(f"calibration error {format_score(report['calibration_error']['pooled'])}, uncertainty "
+                      f"({report['uncertainty']}) finds errors with AUROC {format_score(report['error_auroc'])}, "
+                      f"{report['seconds_per_mvoxel']:.3g} s per Mvoxel")
 
 
 def command_line() -> str:

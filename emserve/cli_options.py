@@ -47,6 +47,12 @@ ServedCard = Annotated[str, typer.Option("--card", help="triton: the exported fo
 Backend = Annotated[str, typer.Option(help="auto | onnx | torchscript | torch | triton.")]
 Scheduler = Annotated[str, typer.Option(help="Run blocks on Dask: local:N (N worker processes here) or a running "
                                               "scheduler's address tcp://HOST:PORT (default: in this process).")]
+# A pairs DDPM segmenting (`emserve segment`, `emserve evaluate seg`): label maps drawn for each tile's EM.
+LabelSamples = Annotated[int, typer.Option("--samples", help="Pairs models: label maps drawn per tile.")]
+LabelSampler = Annotated[str, typer.Option("--sampler", help="Pairs models: the sampler drawing them.")]
+LabelSteps = Annotated[int, typer.Option("--steps", help="Pairs models: sampler steps.")]
+LabelSeed = Annotated[int, typer.Option("--seed", help="Pairs models: random seed of the draws.")]
+LabelDataset = Annotated[str | None, typer.Option("--dataset", help="Pairs models: the dataset condition.")]
 SliceAxis = Annotated[str, typer.Option(help="Segment slices normal to this axis: z | y | x.")]
 JsonOut = Annotated[Path | None, typer.Option("--json", help="Write the report as JSON here.")]
 

@@ -51,6 +51,7 @@ NOMINAL_VOXEL_SIZE = (1.0, 1.0, 1.0)  # generated samples whose model does not s
 FIELDS_ADDED_LATER = {"despeckle": 0, "spacing": "trailing"}
 GuidanceScales = float | dict[str, float]  # one scale, or a weight per condition (the conditions not named weigh 1)
 MAX_SEED = 2**63 - 1  # seeds are recorded as int64 (store attributes, npz metadata)
+MAX_LABEL_SAMPLES = 256  # label maps drawn per tile when a pairs model segments: each costs a whole sampling run
 
 
 @dataclass(frozen=True)
@@ -100,6 +101,50 @@ class GeneratedBatch:
 def sample_seed(seed: int, index: int) -> int:
     """The seed of sample `index` of a request: independent streams, no overlap between nearby request seeds."""
     return int(np.random.SeedSequence(seed, spawn_key=(index,)).generate_state(1, np.uint32)[0])
+
+
+@dataclass(frozen=True)
+class LabelSampling:
+    """Segmentation by a pairs DDPM (the study's outlook): `samples` label maps drawn for each tile with its EM held
+    as a known channel (`sample(known=...)`); their mean is the probability, their spread (standard deviation)
+    the uncertainty. The SDE sampler by default: deterministic ones settle the labels before the EM shows
+    through, and then ignore it (tests/test_diffusion_samplers.py)."""
+
+    samples: int = 8
+    sampler: str = "dpmpp_2m_sde"
+    steps: int = DEFAULT_STEPS
+    seed: int = 0
+    dataset: str | None = None  # the dataset condition (None: its null)
+
+    def __post_init__(self) -> None:
+        check_range("samples", self.samples, 1, MAX_LABEL_SAMPLES)
+        check_range("seed", self.seed, 0, MAX_SEED)
+        check_choice("sampler", self.sampler, SAMPLERS)
+
+
+def tile_seed(seed: int, origin: tuple[int, ...], index: int) -> int:
+    """The seed of label sample `index` of the tile at `origin` (slice, y, x): a tile's samples depend on where it
+    lies, not on which batch or block computed it."""
+    return int(np.random.SeedSequence(seed, spawn_key=(*origin, index)).generate_state(1, np.uint32)[0])
+
+
+def sample_labels(card: ModelCard, denoise: Denoise, tiles: np.ndarray, origins: Sequence[tuple[int, ...]],
+                  sampling: LabelSampling) -> tuple[np.ndarray, np.ndarray]:
+    """(probability, uncertainty) [B, K, H, W] of a pairs model's classes for EM tiles [B, 1, H, W] in [-1, 1]: the
+    mean and standard deviation of `sampling.samples` label maps drawn per tile given its EM."""
+    if card.mode != "pairs":
+        raise ValueError(f"model: a {card.mode!r} model cannot draw labels for given EM; give a pairs model")
+    count, (height, width) = sampling.samples, tiles.shape[2:]
+    batch = len(tiles) * count
+    seeds = [tile_seed(sampling.seed, origin, k) for origin in origins for k in range(count)]
+    cond, _ = conditions(card, GenerationRequest(samples=batch, dataset=sampling.dataset), batch, None)
+    known = np.zeros((batch, len(card.channels), height, width))
+    known[:, 0] = np.repeat(tiles[:, 0], count, axis=0)
+    em_only = np.arange(len(card.channels))[:, None, None] == 0
+    x = sample(denoise, make_schedule(card.schedule, card.timesteps), card.objective, known.shape[1:], seeds, cond,
+               sampler=sampling.sampler, steps=sampling.steps, known=(known, em_only))
+    labels = (x[:, 1:] > 0).reshape(len(tiles), count, len(card.classes), height, width).astype(np.float32)
+    return labels.mean(axis=1), labels.std(axis=1)
 
 
 # The order in which a weight per condition chains the conditions (emserve.diffusion.guidance): what the sample

@@ -16,7 +16,7 @@ import json
 import math
 import shutil
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,12 +39,14 @@ from emserve.data.patches import check_axis
 from emserve.data.stacks import discover, parse_voxel_size, read_stack
 from emserve.data.store import EMStore, is_store
 from emserve.data.writer import INFERENCE_GROUP, create_class_arrays, provenance, resumable_directory
+from emserve.pipelines import LabelSampling, sample_labels
 from emserve.runtime.base import Runtime
 from emserve.runtime.load import RuntimeSpec
 
 OUT_CHUNK = 256  # in-plane chunk size of prediction stores
 BLOCK_SIZE = 2048  # in-plane size of `segment_store`'s blocks: whole chunks, and few tiles computed twice
 MASKS, PROBABILITIES = f"{INFERENCE_GROUP}/segmentation", f"{INFERENCE_GROUP}/probabilities"
+UNCERTAINTY = f"{INFERENCE_GROUP}/uncertainty"  # a pairs DDPM's: the spread of the label maps it drew
 Tick = Callable[[], None]  # called before each network call; it raises to stop the work
 MIN_WEIGHT = 1e-3  # the window's floor, so voxels seen only by tile borders (image corners) still get a value
 
@@ -126,16 +128,40 @@ def masks_from_probabilities(card: ModelCard, probs: np.ndarray, threshold: floa
     return (np.arange(len(probs)).reshape(-1, *[1] * best.ndim) == best) & (probs.max(axis=0) > background)
 
 
+class TilePredictor:
+    """What segments tiles: a segmentation network's class probabilities, or a pairs DDPM's label maps drawn for
+    each tile's EM (`sampling`, `emserve.pipelines.sample_labels`): their mean, then their spread, per class."""
+
+    def __init__(self, runtime: Runtime, sampling: LabelSampling | None = None):
+        card = runtime.card
+        if card.mode not in ("segmentation", "pairs"):
+            raise ValueError(f"model: a {card.mode!r} model does not segment; give a segmentation network or a "
+                             f"pairs DDPM (which segments by sampling label maps)")
+        if sampling is not None and card.mode != "pairs":
+            raise ValueError("sampling: only a pairs DDPM segments by sampling label maps; this is a segmentation "
+                             "network")
+        self.runtime, self.card = runtime, card
+        self.sampling = (sampling or LabelSampling()) if card.mode == "pairs" else None
+        self.outputs = len(card.classes) * (2 if self.sampling else 1)
+
+    def __call__(self, tiles: np.ndarray, origins: Sequence[tuple[int, int, int]]) -> np.ndarray:
+        """Values [B, outputs, t, t] of tiles [B, 1, t, t] (in [-1, 1]) lying at `origins` (slice, y, x)."""
+        if self.sampling is None:
+            return probabilities(self.card, self.runtime.segment(tiles))
+        return np.concatenate(sample_labels(self.card, self.runtime, tiles, origins, self.sampling), axis=1)
+
+
 def segment_image(runtime: Runtime, image: np.ndarray, tile: int | None = None, overlap: int | None = None,
-                  batch_size: int = 8, tick: Tick | None = None) -> np.ndarray:
-    """Class probabilities [K, Y, X] of one 2D image (uint8, or float in [-1, 1]) of any size. `tick` is called
-    before each batch of tiles goes through the network: raising there stops the work (a service's deadline)."""
+                  batch_size: int = 8, tick: Tick | None = None, sampling: LabelSampling | None = None) -> np.ndarray:
+    """Class probabilities [K, Y, X] of one 2D image (uint8, or float in [-1, 1]) of any size; for a pairs DDPM
+    then also their uncertainties [K, Y, X] (`TilePredictor`). `tick` is called before each batch of tiles goes
+    through the network: raising there stops the work (a service's deadline)."""
     tile, overlap = tiling(runtime.card, tile, overlap)
     image = raw_to_network(image)
     if image.ndim != 2 or 0 in image.shape:
         raise ValueError(f"raw: shape {image.shape}; segment_image takes one non-empty 2D image [Y, X]")
-    return segment_region(runtime, lambda rows, cols: image[rows, cols], image.shape, (0, image.shape[0]),
-                          (0, image.shape[1]), tile, overlap, batch_size, tick)
+    return segment_region(TilePredictor(runtime, sampling), lambda rows, cols: image[rows, cols], image.shape,
+                          (0, image.shape[0]), (0, image.shape[1]), tile, overlap, batch_size, tick)
 
 
 def covering_tiles(size: int, tile: int, stride: int, start: int, stop: int) -> list[int]:
@@ -144,23 +170,23 @@ def covering_tiles(size: int, tile: int, stride: int, start: int, stop: int) -> 
     return [a for a in tile_starts(max(size, tile), tile, stride) if a < stop and a + tile > start]
 
 
-def segment_region(runtime: Runtime, read: Callable[[slice, slice], np.ndarray], plane: Sequence[int],
+def segment_region(predict: TilePredictor, read: Callable[[slice, slice], np.ndarray], plane: Sequence[int],
                    rows: tuple[int, int], cols: tuple[int, int], tile: int, overlap: int, batch_size: int = 8,
-                   tick: Tick | None = None) -> np.ndarray:
-    """Class probabilities [K, rows, cols] of a region of one plane of shape `plane`, exactly as the whole plane's
-    segmentation has them: the same tiles (those of the whole plane's tiling that overlap the region) blended in
-    the same order, read with the halo they need (`read(rows, cols)` gives network input, [-1, 1]). So a volume
-    cut into blocks is segmented as it would be whole."""
+                   tick: Tick | None = None, index: int = 0) -> np.ndarray:
+    """Blended tile values [predict.outputs, rows, cols] of a region of plane `index` (of shape `plane`), exactly
+    as the whole plane's segmentation has them: the same tiles (those of the whole plane's tiling that overlap the
+    region) blended in the same order, read with the halo they need (`read(rows, cols)` gives network input,
+    [-1, 1]). So a volume cut into blocks is segmented as it would be whole."""
     if batch_size < 1:
         raise ValueError(f"batch_size: {batch_size} must be at least 1")
-    card, stride = runtime.card, tile - overlap
+    stride = tile - overlap
     ys, xs = (covering_tiles(size, tile, stride, *span) for size, span in zip(plane, (rows, cols), strict=True))
     (y0, y1), (x0, x1) = ((t[0], min(t[-1] + tile, size)) for t, size in zip((ys, xs), plane, strict=True))
     image = read(slice(y0, y1), slice(x0, x1))
     padded = np.pad(image, ((0, max(tile - image.shape[0], 0)), (0, max(tile - image.shape[1], 0))),
                     mode="reflect" if min(plane) > 1 else "edge")  # only an axis shorter than the tile is padded
     window = blend_window(tile)
-    total = np.zeros((len(card.classes), *padded.shape), np.float32)
+    total = np.zeros((predict.outputs, *padded.shape), np.float32)
     weight = np.zeros(padded.shape, np.float32)
     corners = [(a - y0, b - x0) for a in ys for b in xs]
     for i in range(0, len(corners), batch_size):
@@ -168,8 +194,8 @@ def segment_region(runtime: Runtime, read: Callable[[slice, slice], np.ndarray],
             tick()
         chunk = corners[i:i + batch_size]
         x = np.stack([padded[a:a + tile, b:b + tile] for a, b in chunk])[:, None]
-        probs = probabilities(card, runtime.segment(x))
-        for (a, b), p in zip(chunk, probs, strict=True):
+        values = predict(x, [(index, y0 + a, x0 + b) for a, b in chunk])
+        for (a, b), p in zip(chunk, values, strict=True):
             total[:, a:a + tile, b:b + tile] += p * window
             weight[a:a + tile, b:b + tile] += window
     return (total / weight)[:, rows[0] - y0:rows[1] - y0, cols[0] - x0:cols[1] - x0]
@@ -178,36 +204,45 @@ def segment_region(runtime: Runtime, read: Callable[[slice, slice], np.ndarray],
 def segment_slices(runtime: Runtime, volume: Any, axis: str = "z", tile: int | None = None,
                    overlap: int | None = None, batch_size: int = 8,
                    normalize: Callable[[np.ndarray], np.ndarray] = raw_to_network,
-                   tick: Tick | None = None) -> Iterator[tuple[int, np.ndarray]]:
-    """(slice index, probabilities [K, a, b]) for each slice of a 3D volume along `axis`, one at a time.
+                   tick: Tick | None = None, sampling: LabelSampling | None = None) -> Iterator[tuple[int, np.ndarray]]:
+    """(slice index, probabilities [K, a, b], for a pairs DDPM then uncertainties) for each slice of a 3D volume
+    along `axis`, one at a time.
 
     `volume` is anything that reads a numpy block when sliced (numpy, zarr), so only one slice is in memory;
     `normalize` maps a slice of it to [-1, 1] (a store's contrast window, say).
     """
     along = check_axis(axis)
-    if len(volume.shape) != 3:
-        raise ValueError(f"raw: shape {tuple(volume.shape)}; a volume is 3D [Z, Y, X]")
+    if len(volume.shape) != 3 or 0 in volume.shape:
+        raise ValueError(f"raw: shape {tuple(volume.shape)}; a volume is 3D [Z, Y, X] and not empty")
+    predict = TilePredictor(runtime, sampling)
+    tile, overlap = tiling(runtime.card, tile, overlap)
+    plane = [size for i, size in enumerate(volume.shape) if i != along]
     for index in range(volume.shape[along]):
         key: list[Any] = [slice(None)] * 3
         key[along] = index
-        yield index, segment_image(runtime, normalize(np.asarray(volume[tuple(key)])), tile, overlap, batch_size,
-                                   tick)
+        image = normalize(np.asarray(volume[tuple(key)]))
+        yield index, segment_region(predict, lambda rows, cols, image=image: image[rows, cols], plane,
+                                    (0, plane[0]), (0, plane[1]), tile, overlap, batch_size, tick, index)
 
 
 def segment_array(runtime: Runtime, raw: np.ndarray, *, axis: str = "z", tile: int | None = None,
-                  overlap: int | None = None, batch_size: int = 8, tick: Tick | None = None) -> np.ndarray:
-    """Class probabilities [K, *raw.shape] float32 of an image [Y, X] or a volume [Z, Y, X] held in memory."""
+                  overlap: int | None = None, batch_size: int = 8, tick: Tick | None = None,
+                  sampling: LabelSampling | None = None) -> np.ndarray:
+    """Class probabilities [K, *raw.shape] float32 of an image [Y, X] or a volume [Z, Y, X] held in memory; for a
+    pairs DDPM [2K, ...], the uncertainties after the probabilities (`TilePredictor`)."""
     raw = np.asarray(raw)
     if raw.ndim == 2:
-        return segment_image(runtime, raw, tile, overlap, batch_size, tick)
+        return segment_image(runtime, raw, tile, overlap, batch_size, tick, sampling)
     if raw.ndim != 3:
         raise ValueError(f"raw: shape {raw.shape}; give an image [Y, X] or a volume [Z, Y, X]")
     along = check_axis(axis)
-    out = np.empty((len(runtime.card.classes), *raw.shape), np.float32)
-    for index, probs in segment_slices(runtime, raw, axis, tile, overlap, batch_size, tick=tick):
+    out = None
+    for index, values in segment_slices(runtime, raw, axis, tile, overlap, batch_size, tick=tick, sampling=sampling):
+        if out is None:
+            out = np.empty((len(values), *raw.shape), np.float32)
         key: list[Any] = [slice(None)] * 4
         key[1 + along] = index
-        out[tuple(key)] = probs
+        out[tuple(key)] = values
     return out
 
 
@@ -238,32 +273,43 @@ class SegmentBlock:
     batch_size: int
     threshold: float
     keep_probabilities: bool
+    sampling: LabelSampling | None = None
     tick: Tick | None = None
 
     def __call__(self, block: Block) -> None:
         runtime, source = self.inputs()
-        probs = segment_block(runtime, source, block, self.axis, self.tile, self.overlap, self.batch_size,
-                              self.tick)
+        values = segment_block(runtime, source, block, self.axis, self.tile, self.overlap, self.batch_size,
+                               self.tick, self.sampling)
+        probs, spread = values[:len(self.classes)], values[len(self.classes):]
         masks = masks_from_probabilities(runtime.card, probs, self.threshold)
         root = zarr.open_group(self.store, mode="r+")
         written = []
         for k, name in enumerate(self.classes):
-            written.append(root[f"{MASKS}/{name}/s0"])
-            written[-1][block.slices] = masks[k].astype(np.uint8)
+            arrays = [(MASKS, masks[k].astype(np.uint8))]
             if self.keep_probabilities:
-                written.append(root[f"{PROBABILITIES}/{name}/s0"])
-                written[-1][block.slices] = np.round(probs[k] * 255).astype(np.uint8)
+                arrays.append((PROBABILITIES, to_uint8(probs[k])))
+            if len(spread):  # sampled label maps: their standard deviation, at most 0.5, x 2 x 255
+                arrays.append((UNCERTAINTY, to_uint8(2 * spread[k])))
+            for group, data in arrays:
+                written.append(root[f"{group}/{name}/s0"])
+                written[-1][block.slices] = data
         DoneRecords(Path(self.store), "s0").mark(block, written)
 
 
+def to_uint8(share: np.ndarray) -> np.ndarray:
+    """Values in [0, 1] as 0..255, as prediction stores keep probabilities."""
+    return np.round(share * 255).astype(np.uint8)
+
+
 def segment_block(runtime: Runtime, source: EMSource, block: Block, axis: str, tile: int, overlap: int,
-                  batch_size: int = 8, tick: Tick | None = None) -> np.ndarray:
-    """Class probabilities [K, *block.shape] of one block of a volume, slice by slice along `axis`, each slice's
-    part exactly as the whole slice's segmentation has it (`segment_region`)."""
+                  batch_size: int = 8, tick: Tick | None = None, sampling: LabelSampling | None = None) -> np.ndarray:
+    """Class probabilities [K, *block.shape] of one block of a volume (for a pairs DDPM, then uncertainties), slice
+    by slice along `axis`, each slice's part exactly as the whole slice's segmentation has it (`segment_region`)."""
     along = check_axis(axis)
+    predict = TilePredictor(runtime, sampling)
     plane = [size for i, size in enumerate(source.volume.shape) if i != along]
     rows, cols = ((a, b) for i, (a, b) in enumerate(zip(block.start, block.stop, strict=True)) if i != along)
-    out = np.empty((len(runtime.card.classes), *block.shape), np.float32)
+    out = np.empty((predict.outputs, *block.shape), np.float32)
     for offset, index in enumerate(range(block.start[along], block.stop[along])):
         def read(r: slice, c: slice, index: int = index) -> np.ndarray:
             key: list[Any] = [r, c]
@@ -272,7 +318,8 @@ def segment_block(runtime: Runtime, source: EMSource, block: Block, axis: str, t
 
         key: list[Any] = [slice(None)] * 3
         key[along] = offset
-        out[(slice(None), *key)] = segment_region(runtime, read, plane, rows, cols, tile, overlap, batch_size, tick)
+        out[(slice(None), *key)] = segment_region(predict, read, plane, rows, cols, tile, overlap, batch_size, tick,
+                                                  index)
     return out
 
 
@@ -280,12 +327,15 @@ def segment_store(runtime: Runtime, source: EMSource, out: str | Path, *, axis: 
                   tile: int | None = None, overlap: int | None = None, batch_size: int = 8, threshold: float = 0.5,
                   keep_probabilities: bool = False, overwrite: bool = False, source_name: str = "",
                   block_size: int = BLOCK_SIZE, client: Any = None, on_workers: Inputs | None = None,
-                  progress: Callable[[int, int], None] | None = None, tick: Tick | None = None) -> Path:
+                  progress: Callable[[int, int], None] | None = None, tick: Tick | None = None,
+                  sampling: LabelSampling | None = None) -> Path:
     """Segment a 3D volume block by block into a new store at `out`, with a multiscale pyramid.
 
     Per-class masks go to `recon-1/labels/inference/segmentation/<class>/s0..` (0 absent, 1 present, with the
     CellMap annotation attributes), probabilities (x255, uint8) on request to `.../probabilities/<class>/s0..`,
     with the input's voxel size and translation at every level, so the predictions overlay the EM they came from.
+    A pairs DDPM segments by drawing label maps (`TilePredictor`, `sampling`) and also writes their spread to
+    `.../uncertainty/<class>/s0..` (standard deviation x 2 x 255: 255 where the draws split evenly).
 
     Blocks are `block_size` in-plane (whole output chunks) and one slice deep; they run here, or on the cluster
     of a Dask `client`, whose workers open the network and the volume with `on_workers` (picklable, see
@@ -296,6 +346,7 @@ def segment_store(runtime: Runtime, source: EMSource, out: str | Path, *, axis: 
     along = check_axis(axis)
     tile, overlap = tiling(card, tile, overlap)
     check_threshold(threshold)
+    sampling = TilePredictor(runtime, sampling).sampling  # checks the model, and gives a pairs DDPM the default
     if block_size < tile or block_size % OUT_CHUNK:
         raise ValueError(f"block_size: {block_size} must be a multiple of {OUT_CHUNK} (the output chunk) and at "
                          f"least the tile ({tile})")
@@ -310,6 +361,7 @@ def segment_store(runtime: Runtime, source: EMSource, out: str | Path, *, axis: 
     settings = {"source": source_name, "axis": axis, "tile": tile, "overlap": overlap, "threshold": threshold,
                 "probabilities": keep_probabilities, "shape": list(shape), "voxel_size": list(source.voxel_size),
                 "translation": list(source.translation), "block": blocks_of, "levels": len(factors),
+                **({"sampling": asdict(sampling)} if sampling else {}),
                 "model": {"mode": card.mode, "classes": card.classes, "sha256": card.weights,
                           "files": card.files, "exclusive": card.exclusive, "backend": runtime.backend,
                           "precision": runtime.precision}}
@@ -320,7 +372,7 @@ def segment_store(runtime: Runtime, source: EMSource, out: str | Path, *, axis: 
         return "" if before is None else ", ".join(f"{key}: {before.get(key)} -> {value}"
                                                    for key, value in settings.items() if before.get(key) != value)
 
-    groups = [MASKS, *([PROBABILITIES] if keep_probabilities else [])]
+    groups = [MASKS, *([PROBABILITIES] if keep_probabilities else []), *([UNCERTAINTY] if sampling else [])]
     with resumable_directory(out, differs, overwrite, inputs=[source_name] if source_name else []) as work:
         if recorded(work) is None:  # new, or killed while its arrays were being made: make them (again)
             root = zarr.open_group(str(work), mode="a", zarr_format=2)
@@ -332,7 +384,7 @@ def segment_store(runtime: Runtime, source: EMSource, out: str | Path, *, axis: 
             root.attrs.update(provenance(segmented=settings))  # last: a folder with it has all its arrays
         inputs = on_workers if client is not None else (lambda: (runtime, source))
         task = SegmentBlock(inputs, str(work), tuple(card.classes), axis, tile, overlap, batch_size, threshold,
-                            keep_probabilities, tick)
+                            keep_probabilities, sampling, tick)
         run_blocks(task, block_grid(shape, blocks_of), DoneRecords(work, "s0"), client, progress, "segment")
         arrays = [(f"{group}/{name}", "vote" if group == MASKS else "mean") for group in groups
                   for name in card.classes]

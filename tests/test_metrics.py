@@ -13,7 +13,9 @@ from emserve.classes import ABSENT, PRESENT, UNKNOWN
 from emserve.data.writer import CropToWrite, write_store
 from emserve.evaluation.evaluate import evaluate_presence, evaluate_realism, held_out_crops
 from emserve.evaluation.metrics import (
+    Calibration,
     Counts,
+    ErrorDetection,
     frechet_distance,
     kernel_distance,
     plane_object_sizes,
@@ -202,3 +204,36 @@ def test_presence_refuses_a_store_without_label_maps(toy_store, tmp_path):
     em_only = write_store(tmp_path / "em.zarr", np.zeros((3, 16, 16), np.uint8), (8, 8, 8))
     with pytest.raises(ValueError, match=r"generated: .*em\.zarr holds no label maps; generate pairs"):
         evaluate_presence(str(em_only), [str(toy_store[0])], CLASSES)
+
+
+def test_calibration_error_is_zero_when_probabilities_come_true_and_their_gap_when_overconfident():
+    rng = np.random.default_rng(0)
+    probs = rng.random(200_000)
+    labels = np.where(rng.random(probs.size) < probs, PRESENT, ABSENT).astype(np.uint8)
+    calibrated = Calibration()
+    calibrated.add(probs, labels)
+    assert calibrated.error() < 0.01
+    overconfident = Calibration()
+    truth = np.where(np.arange(1000) < 600, PRESENT, ABSENT).astype(np.uint8)
+    overconfident.add(np.full(1000, 0.9), truth)
+    overconfident.add(np.full(500, 0.2), np.full(500, UNKNOWN, np.uint8))  # unannotated: not counted
+    assert overconfident.error() == pytest.approx(0.3)
+    assert Calibration.pooled([calibrated, overconfident]).count.sum() == 201_000
+    assert Calibration().error() is None
+
+
+def test_error_auroc_ranks_wrong_voxels_against_right_ones_with_ties_counted_half():
+    rng = np.random.default_rng(1)
+    uncertainty = rng.integers(0, 256, 400) / 256
+    masks = rng.random(400) < 0.5
+    labels = np.where(rng.random(400) < 0.5, PRESENT, ABSENT).astype(np.uint8)
+    detection = ErrorDetection()
+    detection.add(uncertainty, masks, labels)
+    wrong = masks != (labels == PRESENT)
+    u_wrong, u_right = uncertainty[wrong][:, None], uncertainty[~wrong][None, :]
+    expected = ((u_wrong > u_right) + 0.5 * (u_wrong == u_right)).mean()  # every pair, by brute force
+    assert detection.auroc() == pytest.approx(expected)
+    perfect = ErrorDetection()
+    perfect.add(np.where(wrong, 0.9, 0.1), masks, labels)
+    assert perfect.auroc() == 1.0
+    assert ErrorDetection().auroc() is None

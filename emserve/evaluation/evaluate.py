@@ -7,6 +7,7 @@ inference as `emserve segment`, so what is evaluated is what users run.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -17,7 +18,9 @@ from emserve.data.patches import PatchSampler, RawPatchSampler
 from emserve.data.store import EMStore, LabelledCrop
 from emserve.diffusion import DEFAULT_LABEL_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_SPACING, DEFAULT_STEPS
 from emserve.evaluation.metrics import (
+    Calibration,
     Counts,
+    ErrorDetection,
     plane_object_sizes,
     presence_share,
     presence_threshold,
@@ -26,7 +29,7 @@ from emserve.evaluation.metrics import (
     tile_counts,
 )
 from emserve.pictures import grid, raw_to_rgb, save_png
-from emserve.pipelines import GenerationRequest, generate, label_codes, store_label_maps
+from emserve.pipelines import GenerationRequest, LabelSampling, generate, label_codes, store_label_maps
 from emserve.runtime.base import Runtime
 from emserve.segmentation import masks_from_probabilities, probabilities, segment_array
 
@@ -54,21 +57,38 @@ def held_out_crops(paths: Sequence[str], classes: Sequence[str], crops: Sequence
 
 def evaluate_segmentation(runtime: Runtime, crops: Sequence[LabelledCrop], *, axis: str = "z",
                           tile: int | None = None, overlap: int | None = None, threshold: float = 0.5,
-                          count_tile: int | None = None) -> dict:
-    """Per-class and mean Dice / IoU / precision / recall of the network's masks on the crops. With
+                          count_tile: int | None = None, sampling: LabelSampling | None = None) -> dict:
+    """Per-class and mean Dice / IoU / precision / recall of the model's masks on the crops, the calibration of its
+    probabilities (expected calibration error, per class and pooled), whether its uncertainty finds its errors
+    (AUROC), and its time per megavoxel. The uncertainty of a pairs DDPM is the spread of its label maps
+    (`sampling`); a segmentation network has none of its own, so its margin 1 - |2p - 1| stands in. With
     `count_tile`, also "tile_counts": (tp, fp, fn) per class of every column (`count_tile` pixels square, through
     every z-plane) [tiles][classes][3], crop after crop, for intervals (emserve.evaluation.statistics)."""
     card = runtime.card
+    k = len(card.classes)
     counts = [Counts() for _ in card.classes]
-    tiles = []
+    calibration = [Calibration() for _ in card.classes]
+    detection = ErrorDetection()
+    tiles, seconds, voxels = [], 0.0, 0
     for crop in crops:
-        probs = segment_array(runtime, crop.raw, axis=axis, tile=tile, overlap=overlap)
+        start = time.perf_counter()
+        values = segment_array(runtime, crop.raw, axis=axis, tile=tile, overlap=overlap, sampling=sampling)
+        seconds, voxels = seconds + time.perf_counter() - start, voxels + crop.raw.size
+        probs = values[:k]
+        uncertainty = 2 * values[k:] if len(values) > k else 1 - np.abs(2 * probs - 1)
         masks = masks_from_probabilities(card, probs, threshold)
-        for k, c in enumerate(counts):
-            c.add(masks[k], crop.labels[k])
+        for c in range(k):
+            counts[c].add(masks[c], crop.labels[c])
+            calibration[c].add(probs[c], crop.labels[c])
+            detection.add(uncertainty[c], masks[c], crop.labels[c])
         if count_tile:
             tiles.append(tile_counts(masks, crop.labels, count_tile))
     report = segmentation_report(card.classes, counts)
+    report["calibration_error"] = {"pooled": Calibration.pooled(calibration).error(),
+                                   "classes": {n: c.error() for n, c in zip(card.classes, calibration, strict=True)}}
+    report["error_auroc"] = detection.auroc()
+    report["uncertainty"] = "spread of sampled label maps" if len(values) > k else "margin 1 - |2p - 1|"
+    report["seconds_per_mvoxel"] = seconds / voxels * 1e6 if voxels else None
     report["crops"] = [f"{c.dataset}/{c.name}" for c in crops]
     if count_tile:
         report["tile_counts"] = np.concatenate(tiles).tolist()

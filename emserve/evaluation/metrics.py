@@ -110,6 +110,61 @@ def segmentation_report(names: Sequence[str], counts: Sequence[Counts]) -> dict:
     return {"classes": [asdict(s) for s in scores], "mean": mean}
 
 
+# --- calibration and uncertainty ------------------------------------------------------------------------------
+class Calibration:
+    """Expected calibration error of per-voxel probabilities over annotated voxels, pooled over everything added:
+    voxels binned by probability into `bins` equal bins, each bin's |mean probability - share present| weighted by
+    its voxels (Guo et al. 2017). Sums only, so crops of any size add up without keeping their voxels."""
+
+    def __init__(self, bins: int = 10) -> None:
+        self.bins = bins
+        self.count, self.prob, self.present = (np.zeros(bins) for _ in range(3))
+
+    def add(self, probs: np.ndarray, labels: np.ndarray) -> None:
+        known = labels != UNKNOWN
+        p, y = probs[known].astype(np.float64), labels[known] == PRESENT
+        index = np.minimum((p * self.bins).astype(np.int64), self.bins - 1)
+        self.count += np.bincount(index, minlength=self.bins)
+        self.prob += np.bincount(index, weights=p, minlength=self.bins)
+        self.present += np.bincount(index, weights=y, minlength=self.bins)
+
+    @classmethod
+    def pooled(cls, parts: Sequence[Calibration]) -> Calibration:
+        """One calibration of everything `parts` were given (classes pooled, say)."""
+        out = cls(parts[0].bins)
+        for part in parts:
+            out.count, out.prob, out.present = out.count + part.count, out.prob + part.prob, out.present + part.present
+        return out
+
+    def error(self) -> float | None:
+        total = self.count.sum()
+        return float(np.abs(self.prob - self.present).sum() / total) if total else None
+
+
+class ErrorDetection:
+    """How well a per-voxel uncertainty in [0, 1] finds the wrong voxels: the AUROC of uncertainty for wrong against
+    right annotated voxels (0.5: no better than chance), from 256-bin histograms (ties count half)."""
+
+    LEVELS = 256
+
+    def __init__(self) -> None:
+        self.wrong, self.right = np.zeros(self.LEVELS), np.zeros(self.LEVELS)
+
+    def add(self, uncertainty: np.ndarray, masks: np.ndarray, labels: np.ndarray) -> None:
+        known = labels != UNKNOWN
+        level = np.minimum((uncertainty[known] * self.LEVELS).astype(np.int64), self.LEVELS - 1)
+        wrong = masks[known] != (labels[known] == PRESENT)
+        self.wrong += np.bincount(level[wrong], minlength=self.LEVELS)
+        self.right += np.bincount(level[~wrong], minlength=self.LEVELS)
+
+    def auroc(self) -> float | None:
+        wrong, right = self.wrong.sum(), self.right.sum()
+        if not wrong or not right:
+            return None
+        below = np.cumsum(self.right) - self.right  # right voxels strictly less uncertain than each level
+        return float((self.wrong * (below + 0.5 * self.right)).sum() / (wrong * right))
+
+
 # --- presence -------------------------------------------------------------------------------------------------
 def plane_object_sizes(labels: np.ndarray) -> np.ndarray:
     """Pixel counts of the 2D connected objects (4-connected, PRESENT voxels) of each plane of labels [Z, Y, X]."""
