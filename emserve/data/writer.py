@@ -65,14 +65,7 @@ def atomic_directory(path: str | os.PathLike, overwrite: bool = False,
 
     `overwrite` replaces only an empty folder or one emserve could have written (`OWN_MARKERS`), never an input
     of the job (`inputs`), a folder holding one or a folder inside one: a mistyped path loses nothing."""
-    if is_remote(path):
-        raise ValueError(f"output: {path} is remote; emserve writes stores to local paths only")
-    final = Path(path)
-    check_apart(final, inputs)
-    if final.exists() or final.is_symlink():
-        if not overwrite:
-            raise FileExistsError(f"output: {final} already exists; choose another path or pass --overwrite")
-        check_replaceable(final)
+    final = check_output(path, overwrite, inputs)
     final.parent.mkdir(parents=True, exist_ok=True)
     for kind in (".tmp-", ".old-"):  # what killed writers of this path left
         clear_leftovers(final.parent, f".{final.name}{kind}")
@@ -94,6 +87,20 @@ def atomic_directory(path: str | os.PathLike, overwrite: bool = False,
             shutil.rmtree(tmp)
 
 
+def check_output(path: str | os.PathLike, overwrite: bool, inputs: Sequence[str | os.PathLike]) -> Path:
+    """`path` as a local output that may be written: not remote, apart from the inputs, and new unless
+    `overwrite` (and then replaceable)."""
+    if is_remote(path):
+        raise ValueError(f"output: {path} is remote; emserve writes stores to local paths only")
+    final = Path(path)
+    check_apart(final, inputs)
+    if final.exists() or final.is_symlink():
+        if not overwrite:
+            raise FileExistsError(f"output: {final} already exists; choose another path or pass --overwrite")
+        check_replaceable(final)
+    return final
+
+
 PARTIAL_SUFFIX = ".partial"
 
 
@@ -107,14 +114,7 @@ def resumable_directory(path: str | os.PathLike, differs: Callable[[Path], str],
     `differs(folder)` says how an earlier run's settings differ from this one's ("" when they agree): such a run is
     refused, or discarded with `overwrite`, which also replaces an existing `path` (only once the new one is
     complete). One writer at a time holds the work folder's lock (`emserve.data.lock`)."""
-    if is_remote(path):
-        raise ValueError(f"output: {path} is remote; emserve writes stores to local paths only")
-    final = Path(path)
-    check_apart(final, inputs)
-    if final.exists() or final.is_symlink():
-        if not overwrite:
-            raise FileExistsError(f"output: {final} already exists; choose another path or pass --overwrite")
-        check_replaceable(final)
+    final = check_output(path, overwrite, inputs)
     work = final.with_name(f".{final.name}{PARTIAL_SUFFIX}")
     if work.is_dir():
         difference = differs(work)
