@@ -18,6 +18,7 @@ import io
 import json
 import os
 import pickle
+import re
 import shutil
 import subprocess
 import sys
@@ -966,12 +967,14 @@ def test_a_triton_url_that_does_not_answer_stops_the_server_saying_where(models)
         load_models(models / "tiny-pairs" / "1", None, None)
 
 
-def test_bentoml_build_packs_service_runtime_and_models_offline(tmp_path):
+@pytest.mark.parametrize(("bentofile", "runtime"), [("bentofile.yaml", "onnxruntime>="),
+                                                    ("bentofile.gpu.yaml", "onnxruntime-gpu>=")])
+def test_bentoml_build_packs_service_runtime_and_models_offline(tmp_path, bentofile, runtime):
     home = tmp_path / "bentoml"
     env = {**os.environ, "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "true"}
     bentoml = Path(sys.executable).with_name("bentoml")
-    done = subprocess.run([str(bentoml), "build", str(REPO), "--output", "tag"], env=env, capture_output=True,
-                          text=True, timeout=60)
+    done = subprocess.run([str(bentoml), "build", str(REPO), "-f", str(REPO / bentofile), "--output", "tag"],
+                          env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stdout + done.stderr
     (tag,) = [line.removeprefix("__tag__:") for line in done.stdout.splitlines() if line.startswith("__tag__:")]
     name, version = tag.split(":")
@@ -981,18 +984,28 @@ def test_bentoml_build_packs_service_runtime_and_models_offline(tmp_path):
             "models/phantom-pairs/1/model.onnx",
             "models/phantom-pairs/card.json"} <= files
     assert not any(f.startswith(("training/", "tests/")) or f.endswith(".pt") for f in files)
-    requirements = (bento / "env" / "python" / "requirements.txt").read_text()
-    assert "onnxruntime" in requirements and "torch" not in requirements
+    requirements = (bento / "env" / "python" / "requirements.txt").read_text().splitlines()
+    assert [r for r in requirements if r.startswith("onnxruntime")] == [next(r for r in requirements
+                                                                          if r.startswith(runtime))]
+    assert not any(r.startswith("torch") for r in requirements)
 
 
-def test_the_bento_installs_what_pyproject_asks_for_the_served_runtime():
-    """bentofile.yaml repeats pyproject's dependencies (BentoML reads no pyproject extras): the runtime's own, the
-    cpu extra (ONNX Runtime) and the serve extra, neither more nor fewer, so the two lists cannot drift apart."""
+@pytest.mark.parametrize(("bentofile", "extra"), [("bentofile.yaml", "cpu"), ("bentofile.gpu.yaml", "gpu")])
+def test_the_bento_installs_what_pyproject_asks_for_the_served_runtime(bentofile, extra):
+    """A bentofile repeats pyproject's dependencies (BentoML reads no pyproject extras): the runtime's own, the
+    cpu or gpu extra (ONNX Runtime) and the serve extra, neither more nor fewer, so the lists cannot drift apart;
+    the GPU bento's CUDA is the Dockerfile image's, and the two bentos differ in nothing else."""
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
-    wanted = [*project["dependencies"], *project["optional-dependencies"]["cpu"],
+    wanted = [*project["dependencies"], *project["optional-dependencies"][extra],
               *project["optional-dependencies"]["serve"]]
-    packed = yaml.safe_load((REPO / "bentofile.yaml").read_text())["python"]["packages"]
-    assert sorted(packed) == sorted(wanted)
+    config = yaml.safe_load((REPO / bentofile).read_text())
+    assert sorted(config["python"]["packages"]) == sorted(wanted)
+    cpu = yaml.safe_load((REPO / "bentofile.yaml").read_text())
+    assert {k: v for k, v in config.items() if k not in ("python", "docker", "name")} == \
+        {k: v for k, v in cpu.items() if k not in ("python", "docker", "name")}
+    if extra == "gpu":
+        image = re.search(r"ARG CUDA_IMAGE=nvidia/cuda:([\d.]+)-cudnn", (REPO / "Dockerfile").read_text()).group(1)
+        assert config["docker"] == {**cpu["docker"], "cuda_version": image}
 
 
 def test_dockerfile_is_lint_clean_multistage_and_runs_the_service_unprivileged():
