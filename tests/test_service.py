@@ -11,6 +11,7 @@ stage builds it, without Docker, which this machine lacks) serving the default m
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import dataclasses
 import hashlib
@@ -322,6 +323,19 @@ def test_a_weight_per_condition_and_its_single_scale_spelling_give_the_same_samp
     spelled = unpack(post(client, "generate_pairs", guidance={"classes": 2.0, "dataset": 2.0}, **request))["em"]
     separate = unpack(post(client, "generate_pairs", guidance={"classes": 2.0, "dataset": 0.0}, **request))["em"]
     assert np.array_equal(single, spelled) and not np.array_equal(single, separate)
+
+
+def test_concurrent_requests_merged_into_shared_denoiser_calls_get_their_own_samples(client, models, tmp_path):
+    """EMSERVE_BATCH_WAIT_MS: two requests arriving together share backend calls (emserve.runtime.batching) and
+    each gets the samples the unbatched server gives for its seed."""
+    requests = [{"samples": 2, "steps": 3, "seed": seed, "dataset": "a"} for seed in (11, 12)]
+    alone = [unpack(post(client, "generate_pairs", **r)) for r in requests]
+    with serve(models, tmp_path, {**LIMITS, "EMSERVE_BATCH_WAIT_MS": "200"}) as batched, \
+            httpx.Client(base_url=batched.url, timeout=60) as session, concurrent.futures.ThreadPoolExecutor(2) as pool:
+        together = list(pool.map(lambda r: unpack(post(session, "generate_pairs", **r)), requests))
+    for got, want in zip(together, alone, strict=True):
+        np.testing.assert_allclose(got["em"].astype(float), want["em"].astype(float), atol=1e-3)
+        np.testing.assert_array_equal(got["labels"], want["labels"])
 
 
 @pytest.mark.parametrize(("fields", "message"), BAD_JSON, ids=[next(iter(f)) for f, _ in BAD_JSON])

@@ -50,6 +50,7 @@ from emserve.pipelines import (
 )
 from emserve.postprocess import DEFAULT_LABEL_METHOD, Screening
 from emserve.runtime.base import Runtime
+from emserve.runtime.batching import MicroBatcher
 from emserve.runtime.load import load_runtime
 from emserve.segmentation import (
     EMSource,
@@ -67,6 +68,8 @@ from emserve.serving.encoding import npz_bytes, png_bytes, zip_folder
 from emserve.serving.guard import Guard, answers_timeout, deadline
 from emserve.serving.label_maps import label_maps
 from emserve.serving.settings import (
+    BATCH_SAMPLES,
+    BATCH_WAIT_MS,
     LIMITS,
     MEMORY_BUDGET,
     MODELS_ENV,
@@ -142,6 +145,10 @@ class EMServe:
         self.root = models_dir()
         self.runtimes = load_models(self.root, os.environ.get(TRITON_ENV) or None,
                                     env_int("EMSERVE_ORT_THREADS", 0) or None, MEMORY_BUDGET)
+        # what generation calls: the runtime, or with EMSERVE_BATCH_WAIT_MS a batcher merging concurrent requests
+        self.denoisers = {name: MicroBatcher(runtime, BATCH_SAMPLES, BATCH_WAIT_MS / 1000) if BATCH_WAIT_MS
+                          else runtime
+                          for name, runtime in self.runtimes.items() if runtime.card.mode != "segmentation"}
 
     @bentoml.api
     def models(self) -> list[dict[str, Any]]:
@@ -332,7 +339,8 @@ class EMServe:
             self.check_work(request, "samples" if maps is None else "labels")
         source = None if maps is None else (lambda start, stop: maps[start:stop])
         with client_errors():
-            batches = list(generate(card, runtime, request, source, progress=progress, tick=deadline(ctx)))
+            batches = list(generate(card, self.denoisers[name], request, source, progress=progress,
+                                    tick=deadline(ctx)))
         parts = [split_channels(card, batch, request) for batch in batches]
         codes = [label_codes(card, labels, screening) for _, labels in parts]
         seeds = [seed for batch in batches for seed in batch.seeds]

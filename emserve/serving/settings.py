@@ -77,6 +77,11 @@ LIMITS = Limits.from_env()
 TIMEOUT = env_int("EMSERVE_TIMEOUT", 600)
 TASK_TTL = env_int("EMSERVE_TASK_TTL", 24 * 3600)
 MEMORY_BUDGET = parse_bytes(os.environ.get(MEMORY_ENV, DEFAULT_MEMORY_BUDGET), MEMORY_ENV)  # bad: no server
+# Concurrent requests' denoiser calls merged into one backend call (emserve.runtime.batching), waiting at most
+# EMSERVE_BATCH_WAIT_MS for company, up to EMSERVE_BATCH_SAMPLES samples per call: for GPUs, where a call of 32
+# costs little more than one of 4. Unset: every request calls the backend on its own (CPU serving).
+BATCH_WAIT_MS = env_int("EMSERVE_BATCH_WAIT_MS", 0)
+BATCH_SAMPLES = env_int("EMSERVE_BATCH_SAMPLES", 64)
 
 
 def api_key() -> str | None:
