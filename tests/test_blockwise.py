@@ -175,3 +175,12 @@ def test_a_local_dask_cluster_ends_as_one_process_does_even_when_a_worker_is_kil
         for level in ("s0", "s1"):
             np.testing.assert_array_equal(arrays(shared, group, runtime.card.classes, level),
                                           arrays(alone, group, runtime.card.classes, level))
+
+
+def test_a_worker_opens_the_model_and_the_source_once_for_all_its_blocks(tiny_model, tmp_path):
+    store = write_store(tmp_path / "em.zarr", np.zeros((2, 32, 32), np.uint8), (8.0, 8.0, 8.0), levels=1)
+    opened = OpenedOnWorker(RuntimeSpec(str(tiny_model), "onnx", (("threads", 1),)), str(store))
+    (runtime, source), (again, same) = opened(), opened()
+    assert runtime is again and source is same  # every block after the first finds them open
+    other = OpenedOnWorker(RuntimeSpec(str(tiny_model), "onnx", (("threads", 2),)), str(store))()
+    assert other[0] is not runtime  # other load options: another runtime
