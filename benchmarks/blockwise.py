@@ -25,7 +25,7 @@ import zarr
 
 from benchmarks.common import command_line, emit, header, machine_facts, markdown_table, number, workspace
 from emserve.card import ModelCard
-from emserve.segmentation import MASKS
+from emserve.volumes import MASKS
 
 MODULE = "benchmarks.blockwise"
 COLUMNS = ("path", "processes", "s per volume", "Mvoxel/s", "vs one process")

@@ -2,7 +2,7 @@
 
     python -m benchmarks.segmentation --model models/phantom-seg --volume 8,512,512 --out docs/BENCHMARKS.md
 
-The emserve rows run emserve.segmentation.segment_store, what `emserve segment` runs: block by block, tiles with
+The emserve rows run emserve.volumes.segment_store, what `emserve segment` runs: block by block, tiles with
 overlap and blended seams, masks (and no probabilities) written to a CellMap-layout store on disk, through a
 Runtime from load_runtime. The baseline is what a user would write by hand with the same TorchScript graph:
 non-overlapping tiles of the same size, batched, a sigmoid (softmax for exclusive models), results kept in
@@ -29,7 +29,8 @@ from benchmarks.common import command_line, emit, header, machine_facts, markdow
 from emserve.card import ModelCard
 from emserve.runtime.load import load_runtime
 from emserve.runtime.torchscript import TORCHSCRIPT_FILE
-from emserve.segmentation import EMSource, raw_to_network, segment_store, tile_starts
+from emserve.segmentation import raw_to_network, tile_starts
+from emserve.volumes import EMSource, segment_store
 
 MODULE = "benchmarks.segmentation"
 COLUMNS = ("path", "backend", "tile", "overlap", "tile pixels per voxel", "s per volume", "Mvoxel/s",

@@ -23,7 +23,7 @@ from emserve.pipelines import LabelSampling
 from emserve.postprocess import DEFAULT_LABEL_METHOD
 from emserve.reports import SCORE_COLUMNS, scores_csv, write_json, write_text
 from emserve.runtime.memory import DEFAULT_MEMORY_BUDGET, parse_bytes
-from emserve.segmentation import BLOCK_SIZE
+from emserve.volumes import BLOCK_SIZE
 
 app = typer.Typer(
     help="Diffusion-generated training data for organelle segmentation in volume EM.\n\n"
@@ -472,7 +472,7 @@ def segment(
     """
     from emserve.distributed import check_scheduler
     from emserve.runtime.load import load_runtime
-    from emserve.segmentation import OpenedOnWorker, segment_store, segmentation_source
+    from emserve.volumes import OpenedOnWorker, segment_store, segmentation_source
 
     check_scheduler(scheduler)
     options = {"device": device, "precision": precision, "memory_budget": parse_bytes(memory_budget),

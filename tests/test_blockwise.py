@@ -17,15 +17,8 @@ from emserve.data.ngff import pyramid_factors, pyramid_levels
 from emserve.data.store import EMStore
 from emserve.data.writer import block_mean, block_vote, write_store
 from emserve.runtime.load import RuntimeSpec, load_runtime
-from emserve.segmentation import (
-    MASKS,
-    OUT_CHUNK,
-    PROBABILITIES,
-    EMSource,
-    OpenedOnWorker,
-    segment_array,
-    segment_store,
-)
+from emserve.segmentation import segment_array
+from emserve.volumes import MASKS, OUT_CHUNK, PROBABILITIES, EMSource, OpenedOnWorker, segment_store
 from training.export import export_model
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -11,15 +11,8 @@ from checkpoints import CLASSES, make_checkpoint
 
 from emserve.pipelines import LabelSampling, sample_labels
 from emserve.runtime.load import load_runtime
-from emserve.segmentation import (
-    MASKS,
-    PROBABILITIES,
-    UNCERTAINTY,
-    EMSource,
-    TilePredictor,
-    segment_array,
-    segment_store,
-)
+from emserve.segmentation import TilePredictor, segment_array
+from emserve.volumes import MASKS, PROBABILITIES, UNCERTAINTY, EMSource, segment_store
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 SAMPLING = LabelSampling(samples=3, steps=2, seed=7)

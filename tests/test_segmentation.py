@@ -17,15 +17,8 @@ from emserve.data.store import EMStore
 from emserve.data.writer import INFERENCE_GROUP, CropToWrite, write_store
 from emserve.runtime.base import CallableRuntime
 from emserve.runtime.load import load_runtime
-from emserve.segmentation import (
-    EMSource,
-    masks_from_probabilities,
-    probabilities,
-    segment_array,
-    segment_image,
-    segment_store,
-    tile_count,
-)
+from emserve.segmentation import masks_from_probabilities, probabilities, segment_array, segment_image, tile_count
+from emserve.volumes import EMSource, segment_store
 from training.export import export_model
 from training.seg import SegBatchSource, SegConfig, seg_loss, train_seg
 

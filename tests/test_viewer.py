@@ -11,7 +11,7 @@ from test_segmentation import pointwise_runtime
 
 from emserve.data.store import EMStore
 from emserve.data.writer import CropToWrite, write_store
-from emserve.segmentation import EMSource, segment_store
+from emserve.volumes import EMSource, segment_store
 
 ng = pytest.importorskip("neuroglancer", reason="`emserve view` needs the 'view' extra (neuroglancer)")
 

@@ -1,4 +1,4 @@
-"""The BentoML service: check a request, run it through emserve.pipelines / emserve.segmentation, return a file.
+"""The BentoML service: check a request, run it through emserve.pipelines / segmentation / volumes, return a file.
 
     bentoml serve emserve.serving.service:EMServe --host 127.0.0.1 --port 3000      # models from ./models
 
@@ -53,12 +53,10 @@ from emserve.runtime.base import Runtime
 from emserve.runtime.batching import MicroBatcher
 from emserve.runtime.load import load_runtime
 from emserve.segmentation import (
-    EMSource,
     check_threshold,
     masks_from_probabilities,
     raw_to_network,
     segment_array,
-    segment_store,
     tile_count,
     tiling,
 )
@@ -80,6 +78,7 @@ from emserve.serving.settings import (
     env_int,
 )
 from emserve.serving.uploads import decode, read_upload
+from emserve.volumes import EMSource, segment_store
 
 FORMATS = ("npz", "zarr.zip", "png")
 SUFFIX = {"npz": ".npz", "zarr.zip": ".zarr.zip", "png": ".png"}
