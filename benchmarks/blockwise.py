@@ -36,7 +36,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--model", type=Path, default=Path("models/phantom-seg"), help="an exported segmentation model")
     parser.add_argument("--shape", default="128,2048,2048", help="Z,Y,X of the phantom volume")
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="worker processes of local:N")
+    parser.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)),
+                        help="worker processes of local:N (default: one per usable core)")
     parser.add_argument("--workdir", type=Path, default=None, help="keep the phantom volume here for the next run")
     parser.add_argument("--out", type=Path, default=None, help="also append the report to this Markdown file")
     return parser.parse_args(argv)

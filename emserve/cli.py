@@ -405,7 +405,7 @@ def worker_spec(model: str, runtime: Any, options: dict[str, Any], scheduler: st
 
     workers = local_workers(scheduler)
     if workers and runtime.backend == "onnx":
-        options = {**options, "threads": max(1, (os.cpu_count() or 1) // workers)}
+        options = {**options, "threads": max(1, len(os.sched_getaffinity(0)) // workers)}
     return RuntimeSpec(str(model), runtime.backend, tuple(options.items()))
 
 

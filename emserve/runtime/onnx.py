@@ -9,6 +9,7 @@ and output against the card, so a folder whose files do not belong together is r
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -46,8 +47,10 @@ class OnnxRuntime(Runtime):
     """An exported model folder run by ONNX Runtime.
 
     device: "auto" (CUDA if available, else CPU), "cuda" or "cpu"; `self.device` says which one the session
-    really uses (onnxruntime-gpu falls back to CPU when CUDA cannot start). threads: intra-op threads
-    (None: ONNX Runtime's default, one per core). verify: check the sha256 of the graph against the card.
+    really uses (onnxruntime-gpu falls back to CPU when CUDA cannot start). threads: intra-op threads (None: one
+    per core this process may run on; ONNX Runtime's own default counts every core of the machine, so a process
+    pinned to fewer (taskset, a Dask worker's share) would run more threads than cores, 1.8x slower measured on one
+    of two cores). verify: check the sha256 of the graph against the card.
     """
 
     backend = "onnx"
@@ -60,8 +63,7 @@ class OnnxRuntime(Runtime):
         path = verified_file(folder, ONNX_FILE, card) if verify else folder / ONNX_FILE
         ort = _onnxruntime()
         options = ort.SessionOptions()
-        if threads is not None:
-            options.intra_op_num_threads = int(threads)
+        options.intra_op_num_threads = int(threads) if threads is not None else len(os.sched_getaffinity(0))
         self.session = ort.InferenceSession(str(path), options, providers=providers(device))
         self.device = "cuda" if self.session.get_providers()[0] == CUDA else "cpu"
         self.path = path
