@@ -210,14 +210,16 @@ def test_segmentation_report():
 
 
 def test_blockwise_report(tmp_path):
-    report = run("benchmarks.blockwise", "--shape", "8,300,300", "--workers", "2", "--workdir", str(tmp_path))
+    report = run("benchmarks.blockwise", "--shape", "8,300,300", "--repeat", "2", "--workers", "2", "--workdir",
+                 str(tmp_path))
     alone, dask = table(report)
     assert (alone["path"], dask["path"], dask["processes"]) == ("one process", "local:2", "2")
     for row in (alone, dask):
-        assert float(row["Mvoxel/s"]) == pytest.approx(8 * 300 * 300 / positive(row["s per volume"]) / 1e6, rel=0.02)
+        assert float(row["Mvoxel/s"]) == pytest.approx(16 * 300 * 300 / positive(row["s per volume"]) / 1e6, rel=0.02)
     ratio = float(alone["s per volume"]) / float(dask["s per volume"])
     assert float(dask["vs one process"]) == pytest.approx(ratio, rel=0.02)
-    assert "the masks of both runs are equal" in report and (tmp_path / "phantom-8x300x300").is_dir()  # kept
+    assert "(16, 300, 300) uint8" in report and "the masks of both runs are equal" in report
+    assert (tmp_path / "phantom-8x300x300-x2.zarr").is_dir()  # kept for the next run
 
 
 @pytest.mark.parametrize("module", ["benchmarks.denoiser", "benchmarks.sampling"])
