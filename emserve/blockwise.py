@@ -23,7 +23,7 @@ import numpy as np
 import zarr
 
 from emserve.data.ngff import pyramid_factors
-from emserve.data.writer import fsync_tree
+from emserve.data.writer import block_mean, block_vote, fsync_tree
 from emserve.distributed import run_tasks
 
 DONE_FOLDER = ".blocks"
@@ -134,8 +134,6 @@ class Downsample:
     step: tuple[int, ...]  # factor from the level below
 
     def __call__(self, block: Block) -> None:
-        from emserve.data.writer import block_mean, block_vote
-
         root = zarr.open_group(self.store, mode="r+")
         written = []
         for group, reduction in self.arrays:
