@@ -18,12 +18,17 @@ from rich.table import Table
 from emserve import cli_options as opt
 from emserve.checks import check_choice
 from emserve.data.ngff import format_nm
-from emserve.diffusion import DEFAULT_LABEL_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_SPACING, DEFAULT_STEPS
-from emserve.pipelines import LabelSampling
+from emserve.diffusion import (
+    DEFAULT_LABEL_DRAWS,
+    DEFAULT_LABEL_GUIDANCE,
+    DEFAULT_LABEL_SAMPLER,
+    DEFAULT_SAMPLER,
+    DEFAULT_SPACING,
+    DEFAULT_STEPS,
+)
 from emserve.postprocess import DEFAULT_LABEL_METHOD
 from emserve.reports import SCORE_COLUMNS, scores_csv, write_json, write_text
 from emserve.runtime.memory import DEFAULT_MEMORY_BUDGET, parse_bytes
-from emserve.volumes import BLOCK_SIZE
 
 app = typer.Typer(
     help="Diffusion-generated training data for organelle segmentation in volume EM.\n\n"
@@ -409,10 +414,11 @@ def worker_spec(model: str, runtime: Any, options: dict[str, Any], scheduler: st
     return RuntimeSpec(str(model), runtime.backend, tuple(options.items()))
 
 
-def label_sampling(mode: str, samples: int, sampler: str, steps: int, seed: int,
-                   dataset: str | None) -> LabelSampling | None:
-    """How a pairs DDPM draws label maps when it segments; None for a segmentation network, and anything else is
-    refused (by `TilePredictor`)."""
+def label_sampling(mode: str, samples: int, sampler: str, steps: int, seed: int, dataset: str | None) -> Any:
+    """How a pairs DDPM draws label maps when it segments (`LabelSampling`); None for a segmentation network, and
+    anything else is refused (by `TilePredictor`)."""
+    from emserve.pipelines import LabelSampling
+
     return LabelSampling(samples, sampler, steps, seed, dataset) if mode == "pairs" else None
 
 
@@ -454,11 +460,11 @@ def segment(
     overwrite: Annotated[bool, typer.Option(help="Replace OUT if it exists (once the new one is complete), or "
                                                  "discard an unfinished run of other settings.")] = False,
     scheduler: opt.Scheduler = "",
-    block_size: Annotated[int, typer.Option(help="In-plane block size in voxels, a multiple of 256 (the output "
-                                                 "chunk).")] = BLOCK_SIZE,
-    samples: opt.LabelSamples = LabelSampling.samples,
-    sampler: opt.LabelSampler = LabelSampling.sampler,
-    steps: opt.LabelSteps = LabelSampling.steps,
+    block_size: Annotated[int | None, typer.Option(help="In-plane block size in voxels, a multiple of 256 (the "
+                                                        "output chunk); default emserve.volumes.BLOCK_SIZE.")] = None,
+    samples: opt.LabelSamples = DEFAULT_LABEL_DRAWS,
+    sampler: opt.LabelSampler = DEFAULT_LABEL_SAMPLER,
+    steps: opt.LabelSteps = DEFAULT_STEPS,
     seed: opt.LabelSeed = 0,
     dataset: opt.LabelDataset = None,
 ) -> None:
@@ -524,9 +530,9 @@ def evaluate_seg(
     csv_out: Annotated[Path | None, typer.Option("--csv", help="Write the per-class table as CSV here.")] = None,
     backend: opt.Backend = "auto",
     device: opt.Device = "auto",
-    samples: opt.LabelSamples = LabelSampling.samples,
-    sampler: opt.LabelSampler = LabelSampling.sampler,
-    steps: opt.LabelSteps = LabelSampling.steps,
+    samples: opt.LabelSamples = DEFAULT_LABEL_DRAWS,
+    sampler: opt.LabelSampler = DEFAULT_LABEL_SAMPLER,
+    steps: opt.LabelSteps = DEFAULT_STEPS,
     seed: opt.LabelSeed = 0,
     dataset: opt.LabelDataset = None,
 ) -> None:

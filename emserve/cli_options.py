@@ -45,8 +45,9 @@ Spacing = Annotated[str, typer.Option(help=f"Which timesteps the steps visit: {'
 ServedCard = Annotated[str, typer.Option("--card", help="triton: the exported folder whose card the server's model "
                                                         "has.")]
 Backend = Annotated[str, typer.Option(help="auto | onnx | torchscript | torch | triton.")]
-Scheduler = Annotated[str, typer.Option(help="Run blocks on Dask: local:N (N worker processes here) or a running "
-                                              "scheduler's address tcp://HOST:PORT (default: in this process).")]
+Scheduler = Annotated[str, typer.Option(help="Run the blocks (segment) or batches (generate) on Dask: local:N (N "
+                                              "worker processes here) or a running scheduler's address "
+                                              "tcp://HOST:PORT (default: in this process).")]
 # A pairs DDPM segmenting (`emserve segment`, `emserve evaluate seg`): label maps drawn for each tile's EM.
 LabelSamples = Annotated[int, typer.Option("--samples", help="Pairs models: label maps drawn per tile.")]
 LabelSampler = Annotated[str, typer.Option("--sampler", help="Pairs models: the sampler drawing them.")]

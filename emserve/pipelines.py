@@ -30,6 +30,8 @@ from emserve.data.stacks import discover, read_stack
 from emserve.data.store import EMStore, is_store
 from emserve.data.writer import EM_NAME, CropToWrite, add_crop, atomic_directory, fsync_tree, provenance
 from emserve.diffusion import (
+    DEFAULT_LABEL_DRAWS,
+    DEFAULT_LABEL_SAMPLER,
     DEFAULT_SAMPLER,
     DEFAULT_SPACING,
     DEFAULT_STEPS,
@@ -107,11 +109,10 @@ def sample_seed(seed: int, index: int) -> int:
 class LabelSampling:
     """Segmentation by a pairs DDPM (the study's outlook): `samples` label maps drawn for each tile with its EM held
     as a known channel (`sample(known=...)`); their mean is the probability, their spread (standard deviation)
-    the uncertainty. The SDE sampler by default: deterministic ones settle the labels before the EM shows
-    through, and then ignore it (tests/test_diffusion_samplers.py)."""
+    the uncertainty. The SDE sampler by default (DEFAULT_LABEL_SAMPLER says why)."""
 
-    samples: int = 8
-    sampler: str = "dpmpp_2m_sde"
+    samples: int = DEFAULT_LABEL_DRAWS
+    sampler: str = DEFAULT_LABEL_SAMPLER
     steps: int = DEFAULT_STEPS
     seed: int = 0
     dataset: str | None = None  # the dataset condition (None: its null)

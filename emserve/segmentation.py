@@ -3,8 +3,8 @@
 The network was trained on patches, so a large image is cut into overlapping tiles of about that size. Each
 tile's probabilities are weighted by a window that falls towards the tile's border (where the network saw the
 least context) and the weighted sum is divided by the summed weights: no seams, and every voxel gets the
-opinion of the tiles that saw it best. Volumes are segmented slice by slice along an axis; `segment_slices`
-yields one slice at a time. What segments the tiles is a segmentation network or, drawing label maps, a pairs
+opinion of the tiles that saw it best. Volumes are segmented slice by slice along an axis, a box of them at a
+time (`segment_block`). What segments the tiles is a segmentation network or, drawing label maps, a pairs
 DDPM (`TilePredictor`). Volumes too large for memory go block by block into a store: `emserve.volumes`.
 
 Raw EM goes in as uint8 (0..255, as the CellMap `fibsem-uint8` arrays) or as float already in [-1, 1].
@@ -13,7 +13,7 @@ Raw EM goes in as uint8 (0..255, as the CellMap `fibsem-uint8` arrays) or as flo
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -177,28 +177,34 @@ def segment_region(predict: TilePredictor, read: Callable[[slice, slice], np.nda
     return (total / weight)[:, rows[0] - y0:rows[1] - y0, cols[0] - x0:cols[1] - x0]
 
 
-def segment_slices(runtime: Runtime, volume: Any, axis: str = "z", tile: int | None = None,
-                   overlap: int | None = None, batch_size: int = 8,
-                   normalize: Callable[[np.ndarray], np.ndarray] = raw_to_network,
-                   tick: Tick | None = None, sampling: LabelSampling | None = None) -> Iterator[tuple[int, np.ndarray]]:
-    """(slice index, probabilities [K, a, b], for a pairs DDPM then uncertainties) for each slice of a 3D volume
-    along `axis`, one at a time.
-
-    `volume` is anything that reads a numpy block when sliced (numpy, zarr), so only one slice is in memory;
-    `normalize` maps a slice of it to [-1, 1] (a store's contrast window, say).
-    """
+def segment_block(runtime: Runtime, volume: Any, box: Sequence[slice], *, axis: str = "z", tile: int | None = None,
+                  overlap: int | None = None, batch_size: int = 8,
+                  normalize: Callable[[np.ndarray], np.ndarray] = raw_to_network, tick: Tick | None = None,
+                  sampling: LabelSampling | None = None) -> np.ndarray:
+    """Class probabilities [K, *box's shape] of a box (three slices with bounds) of a volume [Z, Y, X], for a pairs
+    DDPM then uncertainties: slice by slice along `axis`, each slice's part exactly as the whole slice's
+    segmentation has it (`segment_region`), reading only the box and the halo its tiles need. `volume` is anything
+    that reads a numpy block when sliced (numpy, zarr); `normalize` maps such a block to [-1, 1] (a store's
+    contrast window, say)."""
     along = check_axis(axis)
     if len(volume.shape) != 3 or 0 in volume.shape:
         raise ValueError(f"raw: shape {tuple(volume.shape)}; a volume is 3D [Z, Y, X] and not empty")
     predict = TilePredictor(runtime, sampling)
     tile, overlap = tiling(runtime.card, tile, overlap)
     plane = [size for i, size in enumerate(volume.shape) if i != along]
-    for index in range(volume.shape[along]):
+    rows, cols = ((b.start, b.stop) for i, b in enumerate(box) if i != along)
+    out = np.empty((predict.outputs, *(b.stop - b.start for b in box)), np.float32)
+    for offset, index in enumerate(range(box[along].start, box[along].stop)):
+        def read(r: slice, c: slice, index: int = index) -> np.ndarray:
+            key: list[Any] = [r, c]
+            key.insert(along, index)
+            return normalize(np.asarray(volume[tuple(key)]))
+
         key: list[Any] = [slice(None)] * 3
-        key[along] = index
-        image = normalize(np.asarray(volume[tuple(key)]))
-        yield index, segment_region(predict, lambda rows, cols, image=image: image[rows, cols], plane,
-                                    (0, plane[0]), (0, plane[1]), tile, overlap, batch_size, tick, index)
+        key[along] = offset
+        out[(slice(None), *key)] = segment_region(predict, read, plane, rows, cols, tile, overlap, batch_size, tick,
+                                                  index)
+    return out
 
 
 def segment_array(runtime: Runtime, raw: np.ndarray, *, axis: str = "z", tile: int | None = None,
@@ -211,12 +217,5 @@ def segment_array(runtime: Runtime, raw: np.ndarray, *, axis: str = "z", tile: i
         return segment_image(runtime, raw, tile, overlap, batch_size, tick, sampling)
     if raw.ndim != 3:
         raise ValueError(f"raw: shape {raw.shape}; give an image [Y, X] or a volume [Z, Y, X]")
-    along = check_axis(axis)
-    out = None
-    for index, values in segment_slices(runtime, raw, axis, tile, overlap, batch_size, tick=tick, sampling=sampling):
-        if out is None:
-            out = np.empty((len(values), *raw.shape), np.float32)
-        key: list[Any] = [slice(None)] * 4
-        key[1 + along] = index
-        out[tuple(key)] = values
-    return out
+    return segment_block(runtime, raw, tuple(slice(0, n) for n in raw.shape), axis=axis, tile=tile, overlap=overlap,
+                         batch_size=batch_size, tick=tick, sampling=sampling)

@@ -44,7 +44,7 @@ from emserve.segmentation import (
     check_threshold,
     masks_from_probabilities,
     raw_to_network,
-    segment_region,
+    segment_block,
     tiling,
 )
 
@@ -74,7 +74,6 @@ class SegmentBlock:
 
     inputs: Inputs
     store: str
-    classes: tuple[str, ...]
     axis: str
     tile: int
     overlap: int
@@ -86,13 +85,15 @@ class SegmentBlock:
 
     def __call__(self, block: Block) -> None:
         runtime, source = self.inputs()
-        values = segment_block(runtime, source, block, self.axis, self.tile, self.overlap, self.batch_size,
-                               self.tick, self.sampling)
-        probs, spread = values[:len(self.classes)], values[len(self.classes):]
+        values = segment_block(runtime, source.volume, block.slices, axis=self.axis, tile=self.tile,
+                               overlap=self.overlap, batch_size=self.batch_size, normalize=source.normalize,
+                               tick=self.tick, sampling=self.sampling)
+        classes = runtime.card.classes
+        probs, spread = values[:len(classes)], values[len(classes):]
         masks = masks_from_probabilities(runtime.card, probs, self.threshold)
         root = zarr.open_group(self.store, mode="r+")
         written = []
-        for k, name in enumerate(self.classes):
+        for k, name in enumerate(classes):
             arrays = [(MASKS, masks[k].astype(np.uint8))]
             if self.keep_probabilities:
                 arrays.append((PROBABILITIES, to_uint8(probs[k])))
@@ -109,32 +110,10 @@ def to_uint8(share: np.ndarray) -> np.ndarray:
     return np.round(share * 255).astype(np.uint8)
 
 
-def segment_block(runtime: Runtime, source: EMSource, block: Block, axis: str, tile: int, overlap: int,
-                  batch_size: int = 8, tick: Tick | None = None, sampling: LabelSampling | None = None) -> np.ndarray:
-    """Class probabilities [K, *block.shape] of one block of a volume (for a pairs DDPM, then uncertainties), slice
-    by slice along `axis`, each slice's part exactly as the whole slice's segmentation has it (`segment_region`)."""
-    along = check_axis(axis)
-    predict = TilePredictor(runtime, sampling)
-    plane = [size for i, size in enumerate(source.volume.shape) if i != along]
-    rows, cols = ((a, b) for i, (a, b) in enumerate(zip(block.start, block.stop, strict=True)) if i != along)
-    out = np.empty((predict.outputs, *block.shape), np.float32)
-    for offset, index in enumerate(range(block.start[along], block.stop[along])):
-        def read(r: slice, c: slice, index: int = index) -> np.ndarray:
-            key: list[Any] = [r, c]
-            key.insert(along, index)
-            return source.normalize(np.asarray(source.volume[tuple(key)]))
-
-        key: list[Any] = [slice(None)] * 3
-        key[along] = offset
-        out[(slice(None), *key)] = segment_region(predict, read, plane, rows, cols, tile, overlap, batch_size, tick,
-                                                  index)
-    return out
-
-
 def segment_store(runtime: Runtime, source: EMSource, out: str | Path, *, axis: str = "z",
                   tile: int | None = None, overlap: int | None = None, batch_size: int = 8, threshold: float = 0.5,
                   keep_probabilities: bool = False, overwrite: bool = False, source_name: str = "",
-                  block_size: int = BLOCK_SIZE, client: Any = None, on_workers: Inputs | None = None,
+                  block_size: int | None = None, client: Any = None, on_workers: Inputs | None = None,
                   progress: Callable[[int, int], None] | None = None, tick: Tick | None = None,
                   sampling: LabelSampling | None = None) -> Path:
     """Segment a 3D volume block by block into a new store at `out`, with a multiscale pyramid.
@@ -145,8 +124,8 @@ def segment_store(runtime: Runtime, source: EMSource, out: str | Path, *, axis: 
     A pairs DDPM segments by drawing label maps (`TilePredictor`, `sampling`) and also writes their spread to
     `.../uncertainty/<class>/s0..` (standard deviation x 2 x 255: 255 where the draws split evenly).
 
-    Blocks are `block_size` in-plane (whole output chunks) and one slice deep; they run here, or on the cluster
-    of a Dask `client`, whose workers open the network and the volume with `on_workers` (picklable, see
+    Blocks are `block_size` in-plane (whole output chunks; None: BLOCK_SIZE) and one slice deep; they run here, or
+    on the cluster of a Dask `client`, whose workers open the network and the volume with `on_workers` (picklable, see
     `OpenedOnWorker`). The store is built in a hidden work folder that becomes `out` when complete; a run that
     stopped is continued by the same call (`emserve.blockwise`): the result equals an uninterrupted run's.
     """
@@ -155,6 +134,7 @@ def segment_store(runtime: Runtime, source: EMSource, out: str | Path, *, axis: 
     tile, overlap = tiling(card, tile, overlap)
     check_threshold(threshold)
     sampling = TilePredictor(runtime, sampling).sampling  # checks the model, and gives a pairs DDPM the default
+    block_size = BLOCK_SIZE if block_size is None else block_size
     if block_size < tile or block_size % OUT_CHUNK:
         raise ValueError(f"block_size: {block_size} must be a multiple of {OUT_CHUNK} (the output chunk) and at "
                          f"least the tile ({tile})")
@@ -191,7 +171,7 @@ def segment_store(runtime: Runtime, source: EMSource, out: str | Path, *, axis: 
                                     source.voxel_size, source.translation, chunks, annotation=group == MASKS)
             root.attrs.update(provenance(segmented=settings))  # last: a folder with it has all its arrays
         inputs = on_workers if client is not None else (lambda: (runtime, source))
-        task = SegmentBlock(inputs, str(work), tuple(card.classes), axis, tile, overlap, batch_size, threshold,
+        task = SegmentBlock(inputs, str(work), axis, tile, overlap, batch_size, threshold,
                             keep_probabilities, sampling, tick)
         run_blocks(task, block_grid(shape, blocks_of), DoneRecords(work, "s0"), client, progress, "segment")
         arrays = [(f"{group}/{name}", "vote" if group == MASKS else "mean") for group in groups

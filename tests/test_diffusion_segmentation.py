@@ -9,6 +9,7 @@ import pytest
 import zarr
 from checkpoints import CLASSES, make_checkpoint
 
+from emserve.evaluation.evaluate import evaluate_segmentation, held_out_crops
 from emserve.pipelines import LabelSampling, sample_labels
 from emserve.runtime.load import load_runtime
 from emserve.segmentation import TilePredictor, segment_array
@@ -64,13 +65,21 @@ def test_a_pairs_model_writes_masks_probabilities_and_uncertainty_as_its_draws_s
 
 
 @pytest.mark.slow
-def test_evaluate_seg_scores_a_pairs_model_with_calibration_and_error_detection(pairs, toy_store, tmp_path):
+def test_evaluate_seg_scores_a_pairs_model_with_calibration_and_error_detection(toy_store, tmp_path):
+    """The CLI passes the draws' settings through: its report is the one evaluate_segmentation gives in-process."""
     model = make_checkpoint(tmp_path / "run", "pairs")
     done = subprocess.run([sys.executable, "-m", "emserve.cli", "evaluate", "seg", str(model), str(toy_store[0]),
-                           "--tile", "16", "--samples", "2", "--steps", "2", "--backend", "torch", "--json",
-                           str(tmp_path / "scores.json")], capture_output=True, text=True, timeout=300)
+                           "--tile", "16", "--samples", "2", "--steps", "2", "--seed", "3", "--backend", "torch",
+                           "--device", "cpu", "--json", str(tmp_path / "scores.json")], capture_output=True,
+                          text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     report = json.loads((tmp_path / "scores.json").read_text())
-    assert report["uncertainty"] == "spread of sampled label maps"
-    assert 0 <= report["calibration_error"]["pooled"] <= 1 and report["seconds_per_mvoxel"] > 0
-    assert report["error_auroc"] is None or 0 <= report["error_auroc"] <= 1
+    runtime = load_runtime(model, "torch", device="cpu")
+    expected = evaluate_segmentation(runtime, held_out_crops([str(toy_store[0])], CLASSES), tile=16,
+                                     sampling=LabelSampling(samples=2, steps=2, seed=3))
+    assert report["uncertainty"] == expected["uncertainty"] == "spread of sampled label maps"
+    assert report["mean"] == pytest.approx(expected["mean"])
+    assert report["calibration_error"]["pooled"] == pytest.approx(expected["calibration_error"]["pooled"])
+    assert report["calibration_error"]["classes"] == pytest.approx(expected["calibration_error"]["classes"])
+    assert report["error_auroc"] == pytest.approx(expected["error_auroc"])
+    assert report["seconds_per_mvoxel"] > 0

@@ -264,15 +264,14 @@ def add_crop(
 
 def create_class_arrays(root: zarr.Group, group: str, classes: Sequence[str], shapes: Sequence[Sequence[int]],
                         voxel_size: Sequence[float], translation: Sequence[float], chunks: Sequence[int],
-                        annotation: bool = True) -> list[str]:
+                        annotation: bool = True) -> None:
     """Empty uint8 arrays `<group>/<class>/s0..`, one pyramid level per shape in `shapes` (levels as
-    `pyramid_levels`), to be filled block by block (predictions); returns the class groups' paths.
+    `pyramid_levels`), to be filled block by block (predictions).
 
     With `annotation` they carry the `cellmap.annotation` encoding (0 absent, 1 present); without, they hold
     other per-class values (probabilities scaled to 0..255) and only the geometry.
     """
     levels = pyramid_levels(voxel_size, translation, len(shapes))
-    paths = []
     for cls in check_class_names(classes):
         g = root.require_group(group).create_group(cls)
         g.attrs.update({**multiscales_attrs(cls, levels), **(_annotation_attrs(cls) if annotation else {})})
@@ -280,8 +279,6 @@ def create_class_arrays(root: zarr.Group, group: str, classes: Sequence[str], sh
             g.create_array(level.path, shape=tuple(shape), dtype=np.uint8, fill_value=0,
                            chunks=tuple(min(c, s) for c, s in zip(chunks, shape, strict=True)),
                            chunk_key_encoding={"name": "v2", "separator": "/"})
-        paths.append(f"{group}/{cls}")
-    return paths
 
 
 def _write_crop(parent: zarr.Group, crop: CropToWrite, voxel_size: Sequence[float], em_translation: Sequence[float],

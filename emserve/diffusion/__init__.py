@@ -8,7 +8,9 @@ loop serves every backend and is tested against exact denoisers.
 from .guidance import Denoise, Guidance, classifier_free_guidance, rescale_guided
 from .objectives import DATA_RANGE, OBJECTIVES, check_objective, convert, from_x0_eps, to_x0_eps, training_target
 from .samplers import (
+    DEFAULT_LABEL_DRAWS,
     DEFAULT_LABEL_GUIDANCE,
+    DEFAULT_LABEL_SAMPLER,
     DEFAULT_SAMPLER,
     DEFAULT_SPACING,
     DEFAULT_STEPS,
@@ -31,7 +33,9 @@ from .schedules import (
 
 __all__ = [
     "DATA_RANGE",
+    "DEFAULT_LABEL_DRAWS",
     "DEFAULT_LABEL_GUIDANCE",
+    "DEFAULT_LABEL_SAMPLER",
     "DEFAULT_SAMPLER",
     "DEFAULT_SPACING",
     "DEFAULT_STEPS",

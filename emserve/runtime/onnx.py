@@ -49,8 +49,8 @@ class OnnxRuntime(Runtime):
     device: "auto" (CUDA if available, else CPU), "cuda" or "cpu"; `self.device` says which one the session
     really uses (onnxruntime-gpu falls back to CPU when CUDA cannot start). threads: intra-op threads (None: one
     per core this process may run on; ONNX Runtime's own default counts every core of the machine, so a process
-    pinned to fewer (taskset, a Dask worker's share) would run more threads than cores, 1.8x slower measured on one
-    of two cores). verify: check the sha256 of the graph against the card.
+    pinned to fewer (taskset, a Dask worker's share) would run more threads than it has cores). verify: check the
+    sha256 of the graph against the card.
     """
 
     backend = "onnx"
