@@ -504,11 +504,22 @@ def view(
     stores: Annotated[list[str], typer.Argument(help="Stores to show: EM, ground-truth crops, and the predictions "
                                                     "and probabilities of `emserve segment`.")],
     port: Annotated[int, typer.Option(help="Port on 127.0.0.1 (0: a free one).")] = 0,
+    screenshot: Annotated[Path | None, typer.Option(help="Save a PNG of the first view here and exit, taken by a "
+                                                         "headless Chrome or Chromium (needs one on PATH).")] = None,
+    size: Annotated[str, typer.Option(help="The view's size, WIDTHxHEIGHT in pixels (the first view fits the "
+                                           "section to it).")] = "1000x750",
 ) -> None:
-    """Open stores in neuroglancer, served from this process on 127.0.0.1; prints the link and serves until Ctrl-C."""
-    from emserve.viewer import serve
+    """Open stores in neuroglancer, served from this process on 127.0.0.1; prints the link and serves until Ctrl-C
+    (or, with --screenshot, saves a picture of the view and exits)."""
+    from emserve.viewer import parse_size, serve
+    from emserve.viewer import screenshot as take_screenshot
 
-    viewer = serve(stores, port)
+    screen = parse_size(size)
+    viewer = serve(stores, port, screen)
+    if screenshot is not None:
+        take_screenshot(viewer, screenshot, screen)
+        console.print(f"wrote {screenshot}")
+        return
     console.print(f"neuroglancer: {viewer.get_viewer_url()}", soft_wrap=True)
     try:
         while True:

@@ -1,5 +1,6 @@
 """`emserve view`: the neuroglancer state it builds (layers, kinds, placement in nm) and its server on 127.0.0.1."""
 
+import shutil
 import subprocess
 import sys
 import time
@@ -15,7 +16,7 @@ from emserve.volumes import EMSource, segment_store
 
 ng = pytest.importorskip("neuroglancer", reason="`emserve view` needs the 'view' extra (neuroglancer)")
 
-from emserve.viewer import viewer_state  # noqa: E402 - only once neuroglancer is known to be there
+from emserve.viewer import BROWSERS, parse_size, viewer_state  # noqa: E402 - only once neuroglancer is there
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +53,37 @@ def test_every_layer_is_placed_in_nm_where_its_store_says(stores):
     assert EMStore(em).crop_classes("crop1") == ("er", "mito")
     assert [set(np.unique(ids[:, rows]).tolist()) for rows in (slice(0, 4), slice(4, 12), slice(12, 16))] == [
         {2}, {1}, {0}]
+
+
+def test_the_first_view_is_the_middle_section_of_the_em_whole_on_the_screen(stores):
+    state = viewer_state([str(stores[0])], screen=(200, 100))
+    assert list(state.display_dimensions) == ["x", "y", "z"] and state.layout.type == "xy"  # a section, not a reslice
+    # EM: 4 sections of 50 nm from z = 100 nm, 64 x 48 pixels of 4 nm from (8, 12) nm
+    assert list(state.position) == [100 + 4 * 50 / 2, 8 + 64 * 4 / 2, 12 + 48 * 4 / 2]
+    assert state.cross_section_scale == max(48 * 4 / 200, 64 * 4 / 100)  # the taller side fills the height
+
+
+@pytest.mark.parametrize("text", ["1000", "0x100", "100x5000", "wide x tall", "-100x100"])
+def test_a_screen_size_outside_what_is_allowed_is_refused_naming_it(text):
+    with pytest.raises(ValueError, match=f"size: {text!r} is not allowed; give WIDTHxHEIGHT"):
+        parse_size(text)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not any(map(shutil.which, BROWSERS)), reason="--screenshot needs Chrome or Chromium")
+def test_emserve_view_screenshot_pictures_the_section_with_its_predictions(stores, tmp_path):
+    """The picture is the view: EM grey, predicted masks in colour, at the size asked for."""
+    out = tmp_path / "view.png"
+    done = subprocess.run([sys.executable, "-m", "emserve.cli", "view", str(stores[1]), str(stores[0]),
+                           "--screenshot", str(out), "--size", "320x240"], capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr
+    from PIL import Image
+
+    picture = np.asarray(Image.open(out).convert("RGB")).astype(int)
+    assert picture.shape == (240, 320, 3)
+    coloured = np.ptp(picture, axis=2) > 30  # segment colours; EM and background are grey
+    assert 0.05 < coloured.mean() < 0.95
+    assert len(list(tmp_path.iterdir())) == 1  # nothing half-written beside it
 
 
 def test_a_folder_that_is_no_store_is_refused_by_name(tmp_path):
