@@ -257,6 +257,9 @@ def experiment(
                                            "every arm the budgets allow. See `training/experiment/config.py`.")] = "",
     seeds: Annotated[str, typer.Option(help="Seeds, comma-separated; each trains every network anew. Intervals "
                                             "need 3 or more.")] = "0,1,2",
+    results_from: Annotated[Path | None, typer.Option(
+        help="An earlier report.json of the same experiment (e.g. a committed one): the seeds it scored with every "
+             "arm asked for are taken from it, not trained again.")] = None,
 ) -> None:
     """Does generated data help? Train segmentation on real, generated, mixed, pretrained, filtered, weighted
     and few-label data, and from the DDPM's denoiser (denoising pretraining), over several seeds; score all with
@@ -264,7 +267,8 @@ def experiment(
 
     Also trains the pairs DDPMs it generates with (and, with --from-labels-steps, an EM-from-labels DDPM for the
     few+rendered and few+augmented arms), and reports realism (FD / KID) and class-presence guidance.
-    Rerun the same command to resume an interrupted experiment; add seeds to extend it.
+    Rerun the same command to resume an interrupted experiment; add seeds to extend it (on another machine, with
+    --results-from the report that holds the earlier seeds).
     """
     from emserve.data.store import annotated_classes
     from training.experiment import ExperimentConfig, run_experiment
@@ -278,7 +282,7 @@ def experiment(
         spacing=spacing, despeckle=despeckle, label_method=label_method, mix=mix, generated_weight=generated_weight,
         filter_quantile=filter_quantile, few_slices=few_slices, class_groups=opt.parse_groups(class_groups),
         voxel_size=opt.parse_voxel_size(voxel_size), arms=opt.parse_csv(arms),
-        seeds=list(opt.parse_ints("seeds", seeds)), command=command_line(),
+        seeds=list(opt.parse_ints("seeds", seeds)), results_from=str(results_from or ""), command=command_line(),
     )
     console.print(f"report: {run_experiment(cfg)}")
 

@@ -157,6 +157,26 @@ def test_a_rerun_with_other_options_is_refused_naming_them(experiment):
     assert run_cli([*cmd, "--label-method", "paired"]).returncode == 2
 
 
+def test_seeds_scored_in_an_earlier_report_are_taken_from_it_and_only_new_seeds_train(experiment, tmp_path):
+    """A seed's networks are gone with the machine that trained them; its scores in a committed report are not."""
+    out, cmd, report = experiment
+    elsewhere = tmp_path / "exp"
+    later = [*cmd[:cmd.index("--out") + 1], str(elsewhere), *cmd[cmd.index("--out") + 2:]]
+    later = [*later[:later.index("--seeds") + 1], "1,2", *later[later.index("--seeds") + 2:], "--arms", "few"]
+    done = run_cli([*later, "--results-from", str(out / "report.json")])
+    assert done.returncode == 0, done.stderr
+    runs = json.loads((elsewhere / "report.json").read_text())["runs"]
+    assert sorted(p.name for p in elsewhere.glob("seed-*")) == ["seed-2"]  # seed 1 trained nothing here
+    assert runs["1"]["arms"] == {"few": report["runs"]["1"]["arms"]["few"]}
+    assert list(runs["2"]["arms"]) == ["few"]
+
+    elsewhere.rename(tmp_path / "done")  # a fresh folder, so only the earlier report's options can differ
+    other = run_cli([*later, "--samples", "9", "--results-from", str(out / "report.json")])
+    assert other.returncode == 2
+    assert f"results_from: {out / 'report.json'} is another experiment: samples=8 (now 9)" in " ".join(
+        other.stderr.split())
+
+
 def test_rendered_arms_draw_only_labelled_slices_of_training_crops(experiment, toy_store):
     out, _, report = experiment
     cfg = ExperimentConfig(stores=[str(p) for p in toy_store], out=str(out), holdout=["toy_b/crop1"],

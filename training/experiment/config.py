@@ -87,6 +87,7 @@ class ExperimentConfig:
     few_slices: int = 2
     class_groups: list[list[str]] = field(default_factory=list)
     voxel_size: tuple[float, float, float] | None = None  # scale level of the real data (default: finest)
+    results_from: str = ""  # an earlier report.json of this experiment: its seeds' scores are taken, not retrained
     command: str = ""
 
     def __post_init__(self) -> None:

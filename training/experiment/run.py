@@ -52,26 +52,56 @@ def count_tile(cfg: ExperimentConfig) -> int:
     return cfg.patch_size
 
 
-FREE_ON_RERUN = ("seeds", "arms", "command")  # a rerun may add seeds and arms; every other option shapes the runs
+FREE_ON_RERUN = ("seeds", "arms", "command", "results_from")  # a rerun may add seeds and arms; every other option
+# shapes the runs
+
+
+def options(cfg: ExperimentConfig) -> dict:
+    """The options that shape the runs, as they read back from JSON."""
+    return {k: v for k, v in json.loads(json.dumps(asdict(cfg), default=list)).items() if k not in FREE_ON_RERUN}
+
+
+def changed_options(cfg: ExperimentConfig, recorded: dict, ignore: tuple[str, ...] = ()) -> list[str]:
+    """The options of `cfg` that differ from those `recorded` (an option added to emserve after the record was
+    written was used at its default), as 'name=old (now new)'."""
+    defaults = {f.name: f.default for f in fields(ExperimentConfig) if f.default is not MISSING}
+    before = json.loads(json.dumps(defaults, default=list)) | recorded
+    return [f"{k}={before.get(k)!r} (now {v!r})" for k, v in options(cfg).items()
+            if k not in ignore and before.get(k) != v]
 
 
 def check_same_experiment(cfg: ExperimentConfig, out: Path) -> None:
     """Record the options in `out/experiment.json` on the first run; refuse a rerun that changes one, since the
     networks and stores already there were made with the old value and would be reused as they are."""
-    mine = {k: v for k, v in json.loads(json.dumps(asdict(cfg), default=list)).items() if k not in FREE_ON_RERUN}
     record = out / "experiment.json"
     if not record.exists():
         tmp = record.with_suffix(".tmp")
-        tmp.write_text(json.dumps(mine, indent=2))
+        tmp.write_text(json.dumps(options(cfg), indent=2))
         tmp.rename(record)
         return
-    # an option added to emserve after the record was written was used at its default
-    defaults = {f.name: f.default for f in fields(ExperimentConfig) if f.default is not MISSING}
-    before = json.loads(json.dumps(defaults, default=list)) | json.loads(record.read_text())
-    changed = [f"{k}={before.get(k)!r} (now {v!r})" for k, v in mine.items() if before.get(k) != v]
+    changed = changed_options(cfg, json.loads(record.read_text()))
     if changed:
         raise ValueError(f"out: {out} was run with {', '.join(changed)}; a rerun may only add seeds or arms: choose "
                          f"another --out for other options")
+
+
+def earlier_runs(cfg: ExperimentConfig, held: list) -> dict[str, dict]:
+    """{seed: its scores} of the seeds that `cfg.results_from` (an earlier report.json of the same experiment)
+    scored with every arm asked for now: a seed's networks go with the machine that trained them, its scores stay
+    in the report, so an experiment longer than one machine's day continues seed by seed. Refused when the
+    report's experiment differs in anything but seeds, arms and folder."""
+    if not cfg.results_from:
+        return {}
+    report = json.loads(Path(cfg.results_from).read_text())
+    changed = changed_options(cfg, report["config"], ignore=("out",))
+    held_out = [f"{c.dataset}/{c.name}" for c in held]
+    if report["held_out"] != held_out:
+        changed.append(f"held-out crops {report['held_out']} (now {held_out})")
+    if changed:
+        raise ValueError(f"results_from: {cfg.results_from} is another experiment: {', '.join(changed)}")
+    arms = cfg.chosen_arms
+    return {seed: {**run, "arms": {arm: run["arms"][arm] for arm in arms}}
+            for seed, run in report["runs"].items() if set(arms) <= set(run["arms"])}
 
 
 def run_experiment(cfg: ExperimentConfig) -> Path:
@@ -85,7 +115,8 @@ def run_experiment(cfg: ExperimentConfig) -> Path:
     if cfg.from_labels_steps and not maps:  # found out before hours of training, not after
         raise ValueError(f"from_labels_steps: the training crops {crops} have no annotated tile of classes "
                          f"{cfg.classes} on their {cfg.few_slices} labelled slices, so nothing to draw")
-    runs = {str(seed): SeedRun(cfg, seed, crops, maps).run(held) for seed in cfg.seeds}
+    earlier = earlier_runs(cfg, held)
+    runs = {str(seed): earlier.get(str(seed)) or SeedRun(cfg, seed, crops, maps).run(held) for seed in cfg.seeds}
     report = {"config": asdict(cfg) | {"arms": cfg.chosen_arms}, "held_out": [f"{c.dataset}/{c.name}" for c in held],
               "training_crops": crops, "count_tile": count_tile(cfg), **summarize(runs, cfg.chosen_arms), "runs": runs}
     (out / "report.json").write_text(json.dumps(report, indent=2, default=list))
