@@ -45,8 +45,15 @@ def dask_client(scheduler: str) -> Iterator[Any]:
         with Client(scheduler) as client:
             yield client
         return
-    with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, host="127.0.0.1",
-                      dashboard_address="127.0.0.1:0") as cluster, Client(cluster) as client:
+    import dask
+
+    # Dask sets MALLOC_TRIM_THRESHOLD_ in the workers it spawns, which also turns off glibc's adaptive mmap
+    # threshold: every large array of every block is then mapped and zeroed anew, in system time that made the
+    # Dask path the slower one (docs/BENCHMARKS.md, blockwise). Our blocks bound a worker's memory, so local
+    # workers allocate as this process does; a running cluster keeps its own settings.
+    with dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}), \
+            LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, host="127.0.0.1",
+                         dashboard_address="127.0.0.1:0") as cluster, Client(cluster) as client:
         yield client
 
 
