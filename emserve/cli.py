@@ -510,8 +510,8 @@ def view(
     port: Annotated[int, typer.Option(help="Port on 127.0.0.1 (0: a free one).")] = 0,
     screenshot: Annotated[Path | None, typer.Option(help="Save a PNG of the first view here and exit, taken by a "
                                                          "headless Chrome or Chromium (needs one on PATH).")] = None,
-    size: Annotated[str, typer.Option(help="The view's size, WIDTHxHEIGHT in pixels (the first view fits the "
-                                           "section to it).")] = "1000x750",
+    size: Annotated[str | None, typer.Option(help="The view's size, WIDTHxHEIGHT in pixels (the first view fits "
+                                                  "the section to it); default emserve.viewer.SCREEN.")] = None,
 ) -> None:
     """Open stores in neuroglancer, served from this process on 127.0.0.1; prints the link and serves until Ctrl-C
     (or, with --screenshot, saves a picture of the view and exits)."""

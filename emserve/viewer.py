@@ -112,8 +112,10 @@ def serve(paths: Sequence[str | Path], port: int = 0, screen: tuple[int, int] = 
     return viewer
 
 
-def parse_size(text: str) -> tuple[int, int]:
-    """'WIDTHxHEIGHT' in pixels, each 64 to 4096."""
+def parse_size(text: str | None) -> tuple[int, int]:
+    """'WIDTHxHEIGHT' in pixels, each 64 to 4096; None: SCREEN."""
+    if text is None:
+        return SCREEN
     width, _, height = text.lower().partition("x")
     if not (width.isdigit() and height.isdigit() and all(64 <= int(n) <= 4096 for n in (width, height))):
         raise ValueError(f"size: {text!r} is not allowed; give WIDTHxHEIGHT in pixels, each 64 to 4096 (e.g. 1000x750)")
