@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from emserve.checks import check_depth
 from emserve.classes import check_class_names
 
 MODES = ("em", "labels", "pairs", "em-from-labels", "segmentation")
@@ -39,6 +40,9 @@ class ModelCard:
     class_condition: bool = False  # class-presence vector over `classes`: +1 present, -1 absent, 0 unknown
     # Segmentation only: one class per voxel (softmax over background + classes) instead of a sigmoid per class.
     exclusive: bool = False
+    # Sections per sample along the slicing axis: a segmentation network with depth context (2.5D) reads `depth`
+    # adjacent sections as its input channels and labels the middle one. 1: a 2D model (every generative mode).
+    depth: int = 1
     training: dict[str, Any] = field(default_factory=dict)  # data, command, step, seed, time
     weights: dict[str, str] = field(default_factory=dict)  # file name -> sha256
     # Exported models only (empty in checkpoints): files of the export folder (relative path -> sha256), and
@@ -52,6 +56,10 @@ class ModelCard:
         self.classes = list(check_class_names(self.classes)) if self.mode != "em" or self.classes else []
         if self.exclusive and self.mode != "segmentation":
             raise ValueError(f"exclusive: only segmentation networks can be exclusive, not a {self.mode!r} model")
+        check_depth(self.depth)
+        if self.depth > 1 and self.mode != "segmentation":
+            raise ValueError(f"depth: {self.depth}; allowed for a {self.mode!r} model: 1 (only segmentation networks "
+                             "read adjacent sections)")
 
     @property
     def channels(self) -> list[str]:

@@ -25,3 +25,10 @@ def check_range(field: str, value: float, low: float, high: float, setting: str 
 def check_choice(field: str, value: str, allowed: Sequence[str]) -> None:
     if value not in allowed:
         raise ValueError(f"{field}: {show(value)} is not allowed; choose one of {', '.join(allowed)}")
+
+
+def check_depth(depth: int) -> int:
+    """Sections per sample (a model's depth context): an odd number >= 1, so one section is the centre."""
+    if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1 or depth % 2 == 0:
+        raise ValueError(f"depth: {show(depth)} is not allowed; allowed: an odd number of sections >= 1 (1 = 2D)")
+    return depth

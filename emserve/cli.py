@@ -198,12 +198,16 @@ def train_seg(
     exclusive: Annotated[bool, typer.Option(help="One class per voxel (softmax over background + classes) "
                                                  "instead of a sigmoid per class.")] = False,
     dice_weight: Annotated[float, typer.Option(help="Weight of the Dice loss beside cross-entropy.")] = 1.0,
+    depth: Annotated[int, typer.Option(help="Sections the network reads, an odd number: 3 = each section with its "
+                                            "two neighbours as input channels (2.5D, real stores only); 1 = "
+                                            "2D.")] = 1,
     net: opt.NetOptions = opt.NetOptions(),
     run: opt.RunOptions = opt.RunOptions(),
 ) -> None:
     """Train a 2D segmentation network (the denoiser's UNet, no timestep) on real, generated or mixed pairs.
 
-    Unannotated classes are left out of the loss. Same checkpoints, model card, resume and progress as
+    With --depth 3 it reads each section's neighbours along --axis too (mirrored at a crop's ends) and labels the
+    middle one. Unannotated classes are left out of the loss. Same checkpoints, model card, resume and progress as
     `train ddpm`; previews show true labels beside predictions on fixed patches.
     """
     from emserve.data.store import annotated_classes
@@ -215,7 +219,7 @@ def train_seg(
         stores=stores, out=str(out), generated=generated, generated_fraction=generated_fraction,
         generated_weight=generated_weight, init=str(init or ""),
         classes=opt.parse_csv(classes) or annotated_classes(stores + generated), exclusive=exclusive,
-        dice_weight=dice_weight, **net.config(), **run.config(), command=command_line(),
+        dice_weight=dice_weight, depth=depth, **net.config(), **run.config(), command=command_line(),
     )
     _report_checkpoint(train(cfg, resume=run.resume))
 
@@ -251,6 +255,8 @@ def experiment(
         help="Filtered arms: keep a generated pair if the baseline network agrees with it at least as well as "
              "with this quantile of real training patches.")] = 0.25,
     few_slices: Annotated[int, typer.Option(help="Low-label arms: labelled slices kept per crop.")] = 2,
+    depth: Annotated[int, typer.Option(help="Depth arms (real+depth, few+depth): adjacent sections the "
+                                            "network reads, an odd number.")] = 3,
     class_groups: opt.ClassGroups = "",
     voxel_size: opt.VoxelSize = "",
     arms: Annotated[str, typer.Option(help="Arms to run, comma-separated (their baselines are added); default: "
@@ -262,8 +268,8 @@ def experiment(
              "arm asked for are taken from it, not trained again.")] = None,
 ) -> None:
     """Does generated data help? Train segmentation on real, generated, mixed, pretrained, filtered, weighted
-    and few-label data, and from the DDPM's denoiser (denoising pretraining), over several seeds; score all with
-    95 % intervals and paired differences.
+    and few-label data, from the DDPM's denoiser (denoising pretraining) and with depth context (2.5D), over several
+    seeds; score all with 95 % intervals and paired differences.
 
     Also trains the pairs DDPMs it generates with (and, with --from-labels-steps, an EM-from-labels DDPM for the
     few+rendered and few+augmented arms), and reports realism (FD / KID) and class-presence guidance.
@@ -280,9 +286,10 @@ def experiment(
         batch_size=batch_size, lr=lr, seg_steps=seg_steps, ddpm_steps=ddpm_steps,
         from_labels_steps=from_labels_steps, samples=samples, sampler=sampler, sample_steps=sample_steps,
         spacing=spacing, despeckle=despeckle, label_method=label_method, mix=mix, generated_weight=generated_weight,
-        filter_quantile=filter_quantile, few_slices=few_slices, class_groups=opt.parse_groups(class_groups),
-        voxel_size=opt.parse_voxel_size(voxel_size), arms=opt.parse_csv(arms),
-        seeds=list(opt.parse_ints("seeds", seeds)), results_from=str(results_from or ""), command=command_line(),
+        filter_quantile=filter_quantile, few_slices=few_slices, depth=depth,
+        class_groups=opt.parse_groups(class_groups), voxel_size=opt.parse_voxel_size(voxel_size),
+        arms=opt.parse_csv(arms), seeds=list(opt.parse_ints("seeds", seeds)), results_from=str(results_from or ""),
+        command=command_line(),
     )
     console.print(f"report: {run_experiment(cfg)}")
 

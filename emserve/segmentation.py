@@ -4,8 +4,10 @@ The network was trained on patches, so a large image is cut into overlapping til
 tile's probabilities are weighted by a window that falls towards the tile's border (where the network saw the
 least context) and the weighted sum is divided by the summed weights: no seams, and every voxel gets the
 opinion of the tiles that saw it best. Volumes are segmented slice by slice along an axis, a box of them at a
-time (`segment_block`). What segments the tiles is a segmentation network or, drawing label maps, a pairs
-DDPM (`TilePredictor`). Volumes too large for memory go block by block into a store: `emserve.volumes`.
+time (`segment_block`); a network with depth context reads each slice's neighbours too, mirrored at the volume's
+ends as in training (`emserve.data.patches.neighbour_sections`). What segments the tiles is a segmentation
+network or, drawing label maps, a pairs DDPM (`TilePredictor`). Volumes too large for memory go block by block
+into a store: `emserve.volumes`.
 
 Raw EM goes in as uint8 (0..255, as the CellMap `fibsem-uint8` arrays) or as float already in [-1, 1].
 """
@@ -19,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from emserve.card import ModelCard
-from emserve.data.patches import check_axis
+from emserve.data.patches import check_axis, check_sections, neighbour_sections
 from emserve.pipelines import LabelSampling, sample_labels
 from emserve.runtime.base import Runtime
 
@@ -121,7 +123,7 @@ class TilePredictor:
         self.outputs = len(card.classes) * (2 if self.sampling else 1)
 
     def __call__(self, tiles: np.ndarray, origins: Sequence[tuple[int, int, int]]) -> np.ndarray:
-        """Values [B, outputs, t, t] of tiles [B, 1, t, t] (in [-1, 1]) lying at `origins` (slice, y, x)."""
+        """Values [B, outputs, t, t] of tiles [B, depth, t, t] (in [-1, 1]) lying at `origins` (slice, y, x)."""
         if self.sampling is None:
             return probabilities(self.card, self.runtime.segment(tiles))
         return np.concatenate(sample_labels(self.card, self.runtime, tiles, origins, self.sampling), axis=1)
@@ -133,10 +135,11 @@ def segment_image(runtime: Runtime, image: np.ndarray, tile: int | None = None, 
     then also their uncertainties [K, Y, X] (`TilePredictor`). `tick` is called before each batch of tiles goes
     through the network: raising there stops the work (a service's deadline)."""
     tile, overlap = tiling(runtime.card, tile, overlap)
+    check_sections(runtime.card.depth, 1)
     image = raw_to_network(image)
     if image.ndim != 2 or 0 in image.shape:
         raise ValueError(f"raw: shape {image.shape}; segment_image takes one non-empty 2D image [Y, X]")
-    return segment_region(TilePredictor(runtime, sampling), lambda rows, cols: image[rows, cols], image.shape,
+    return segment_region(TilePredictor(runtime, sampling), lambda rows, cols: image[None, rows, cols], image.shape,
                           (0, image.shape[0]), (0, image.shape[1]), tile, overlap, batch_size, tick)
 
 
@@ -152,24 +155,24 @@ def segment_region(predict: TilePredictor, read: Callable[[slice, slice], np.nda
     """Blended tile values [predict.outputs, rows, cols] of a region of plane `index` (of shape `plane`), exactly
     as the whole plane's segmentation has them: the same tiles (those of the whole plane's tiling that overlap the
     region) blended in the same order, read with the halo they need (`read(rows, cols)` gives network input,
-    [-1, 1]). So a volume cut into blocks is segmented as it would be whole."""
+    [depth, rows, cols] in [-1, 1]). So a volume cut into blocks is segmented as it would be whole."""
     if batch_size < 1:
         raise ValueError(f"batch_size: {batch_size} must be at least 1")
     stride = tile - overlap
     ys, xs = (covering_tiles(size, tile, stride, *span) for size, span in zip(plane, (rows, cols), strict=True))
     (y0, y1), (x0, x1) = ((t[0], min(t[-1] + tile, size)) for t, size in zip((ys, xs), plane, strict=True))
     image = read(slice(y0, y1), slice(x0, x1))
-    padded = np.pad(image, ((0, max(tile - image.shape[0], 0)), (0, max(tile - image.shape[1], 0))),
+    padded = np.pad(image, ((0, 0), (0, max(tile - image.shape[1], 0)), (0, max(tile - image.shape[2], 0))),
                     mode="reflect" if min(plane) > 1 else "edge")  # only an axis shorter than the tile is padded
     window = blend_window(tile)
-    total = np.zeros((predict.outputs, *padded.shape), np.float32)
-    weight = np.zeros(padded.shape, np.float32)
+    total = np.zeros((predict.outputs, *padded.shape[1:]), np.float32)
+    weight = np.zeros(padded.shape[1:], np.float32)
     corners = [(a - y0, b - x0) for a in ys for b in xs]
     for i in range(0, len(corners), batch_size):
         if tick is not None:
             tick()
         chunk = corners[i:i + batch_size]
-        x = np.stack([padded[a:a + tile, b:b + tile] for a, b in chunk])[:, None]
+        x = np.stack([padded[:, a:a + tile, b:b + tile] for a, b in chunk])
         values = predict(x, [(index, y0 + a, x0 + b) for a, b in chunk])
         for (a, b), p in zip(chunk, values, strict=True):
             total[:, a:a + tile, b:b + tile] += p * window
@@ -189,6 +192,7 @@ def segment_block(runtime: Runtime, volume: Any, box: Sequence[slice], *, axis: 
     along = check_axis(axis)
     if len(volume.shape) != 3 or 0 in volume.shape:
         raise ValueError(f"raw: shape {tuple(volume.shape)}; a volume is 3D [Z, Y, X] and not empty")
+    check_sections(runtime.card.depth, volume.shape[along])
     predict = TilePredictor(runtime, sampling)
     tile, overlap = tiling(runtime.card, tile, overlap)
     plane = [size for i, size in enumerate(volume.shape) if i != along]
@@ -196,9 +200,12 @@ def segment_block(runtime: Runtime, volume: Any, box: Sequence[slice], *, axis: 
     out = np.empty((predict.outputs, *(b.stop - b.start for b in box)), np.float32)
     for offset, index in enumerate(range(box[along].start, box[along].stop)):
         def read(r: slice, c: slice, index: int = index) -> np.ndarray:
-            key: list[Any] = [r, c]
-            key.insert(along, index)
-            return normalize(np.asarray(volume[tuple(key)]))
+            sections = []
+            for section in neighbour_sections(index, runtime.card.depth, volume.shape[along]):
+                key: list[Any] = [r, c]
+                key.insert(along, section)
+                sections.append(normalize(np.asarray(volume[tuple(key)])))
+            return np.stack(sections)
 
         key: list[Any] = [slice(None)] * 3
         key[along] = offset

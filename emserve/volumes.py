@@ -31,7 +31,7 @@ from emserve.blockwise import (
     run_blocks,
 )
 from emserve.data.ngff import pyramid_factors
-from emserve.data.patches import check_axis
+from emserve.data.patches import check_axis, check_sections
 from emserve.data.stacks import discover, parse_voxel_size, read_stack
 from emserve.data.store import EMStore, is_store
 from emserve.data.writer import INFERENCE_GROUP, create_class_arrays, provenance, resumable_directory
@@ -143,6 +143,7 @@ def segment_store(runtime: Runtime, source: EMSource, out: str | Path, *, axis: 
     shape = tuple(source.volume.shape)
     if len(shape) != 3 or 0 in shape:
         raise ValueError(f"raw: shape {shape}; a volume is 3D [Z, Y, X] and not empty")
+    check_sections(card.depth, shape[along])
     chunks, blocks_of = [OUT_CHUNK] * 3, [block_size] * 3
     chunks[along] = blocks_of[along] = 1  # one slice per chunk and per block: slices are segmented one at a time
     factors = pyramid_factors(source.voxel_size, pyramid_count(shape, source.voxel_size, OUT_CHUNK))

@@ -29,7 +29,8 @@ BENTOML = Path(sys.executable).with_name("bentoml")
 
 def make_models(root: Path) -> Path:
     """root/models with tiny random-weight models of the three served modes (patch 16, classes mito_mem, ld_lum):
-    phantom-pairs (class presence + datasets a, b), phantom-from-labels (label maps + datasets), phantom-seg."""
+    tiny-pairs (class presence + datasets a, b), tiny-from-labels (label maps + datasets), tiny-seg and
+    tiny-seg-depth3 (reads 3 sections)."""
     from checkpoints import make_checkpoint  # beside this file (tests/ is on sys.path for pytest and the benchmark)
 
     from training.export import export_model
@@ -37,7 +38,7 @@ def make_models(root: Path) -> Path:
     models = root / "models"
     specs = {"tiny-pairs": ("pairs", {"num_classes": 2, "num_datasets": 2}),
              "tiny-from-labels": ("em-from-labels", {"label_channels": 2, "num_datasets": 2}),
-             "tiny-seg": ("segmentation", {})}
+             "tiny-seg": ("segmentation", {}), "tiny-seg-depth3": ("segmentation", {"depth": 3})}
     for seed, (name, (mode, unet)) in enumerate(specs.items()):
         checkpoint = make_checkpoint(root / "runs" / name, mode, seed=seed, **unet)
         export_model(checkpoint, models, name=name, exporter="legacy")

@@ -115,6 +115,16 @@ def test_denoiser_arms_start_from_their_regimes_ddpm_and_longer_arms_spend_the_s
         assert len(losses[1]) == 12 and losses[1][:6] == losses[0]  # the baseline's run, continued
 
 
+def test_depth_arms_train_their_baselines_data_reading_three_sections(experiment):
+    out, _, report = experiment
+    for arm, slices in (("real-depth", 0), ("few-depth", 2)):
+        card = json.loads(next((out / "seed-0" / f"seg-{arm}").glob("step-*/card.json")).read_text())
+        assert card["depth"] == 3 and card["unet"]["in_channels"] == 3
+        assert card["training"]["config"]["labelled_slices"] == slices and card["training"]["generated"] == []
+        assert "init" not in card["training"] and card["training"]["config"]["steps"] == 6
+    assert {(c["arm"], c["baseline"]) for c in report["comparisons"]} >= {("real+depth", "real"), ("few+depth", "few")}
+
+
 def test_filtered_stores_drop_only_pairs_the_baseline_disagrees_with(experiment):
     out, _, report = experiment
     for regime in ("full", "few"):

@@ -2,7 +2,14 @@ import numpy as np
 import pytest
 
 from emserve.classes import ABSENT, PRESENT, UNKNOWN
-from emserve.data.patches import PatchSampler, RawPatchSampler, class_presence, label_channels, load_crops
+from emserve.data.patches import (
+    PatchSampler,
+    RawPatchSampler,
+    class_presence,
+    label_channels,
+    load_crops,
+    neighbour_sections,
+)
 from emserve.data.store import EMStore
 from emserve.data.writer import CropToWrite, write_store
 
@@ -82,6 +89,40 @@ def test_tiles_cover_every_voxel_of_every_plane(store):
     corners = sampler.tiles()
     batch = sampler.cut(corners[:3])
     assert np.array_equal(batch.raw[0, 0], crops[0].raw[0, :20, :20])
+
+
+@pytest.mark.parametrize("depth", [1, 3, 5, 9])
+@pytest.mark.parametrize("planes", [2, 3, 4, 8])
+def test_neighbour_sections_mirror_at_the_ends_as_numpy_reflect_padding(depth, planes):
+    padded = np.pad(np.arange(planes), depth // 2, mode="reflect")
+    for index in range(planes):
+        assert neighbour_sections(index, depth, planes) == padded[index:index + depth].tolist()
+
+
+def test_depth_patches_stack_the_neighbouring_sections_around_the_labelled_one(store):
+    crops = load_crops([store], ["mito", "ld"], crops={"toy": ["crop1"]})
+    sampler = PatchSampler(crops, 16, augment=False, depth=3)
+    corners = [(0, 0, 5, 7), (0, 4, 0, 0), (0, 7, 30, 2)]  # the first and last planes mirror their neighbour
+    batch = sampler.cut(corners)
+    assert batch.raw.shape == (3, 3, 16, 16) and batch.labels.shape == (3, 2, 16, 16)
+    raw, labels = crops[0].raw, crops[0].labels
+    for (_, plane, a, b), stack, lab in zip(corners, batch.raw, batch.labels, strict=True):
+        below, above = (1 if plane == 0 else plane - 1), (6 if plane == 7 else plane + 1)
+        for channel, section in enumerate((below, plane, above)):
+            np.testing.assert_array_equal(stack[channel], raw[section, a:a + 16, b:b + 16])
+        np.testing.assert_array_equal(lab, labels[:, plane, a:a + 16, b:b + 16])  # the centre's labels only
+    augmented = PatchSampler(crops, 16, depth=3).sample(np.random.default_rng(0), 8)
+    assert augmented.raw.shape == (8, 3, 16, 16)
+
+
+def test_bad_depths_are_refused_by_name(store):
+    crops = load_crops([store], ["mito"], crops={"toy": ["crop1"]})
+    for depth in (0, 2, -3, 2.0, True):
+        with pytest.raises(ValueError, match=rf"depth: {depth!r} is not allowed; allowed: an odd number"):
+            PatchSampler(crops, 16, depth=depth)
+    with pytest.raises(ValueError, match="depth: 3 adjacent sections need a volume of 2 sections at least"):
+        neighbour_sections(0, 3, 1)
+    assert neighbour_sections(0, 1, 1) == [0]
 
 
 def test_patch_larger_than_the_crop_is_refused_with_the_limit(store):

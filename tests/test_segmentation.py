@@ -70,6 +70,44 @@ def test_a_volume_is_segmented_slice_by_slice_along_the_chosen_axis():
     np.testing.assert_allclose(along_y, segment_array(runtime, volume, axis="z"), atol=1e-6)  # pointwise: same
 
 
+def depth_runtime():
+    """A 3-section 'network' whose outputs at a pixel are the section below minus the one above, and the centre."""
+    unet = {"in_channels": 3, "out_channels": 2, "multipliers": [1, 2], "timestep": False}
+    card = ModelCard(mode="segmentation", classes=CLASSES, patch_size=16, unet=unet, depth=3)
+    return CallableRuntime(card, lambda x, t, cond: np.concatenate([x[:, :1] - x[:, 2:], x[:, 1:2]], axis=1),
+                           backend="test")
+
+
+@pytest.mark.parametrize("axis", ["z", "y"])
+def test_a_depth_network_reads_each_slices_neighbours_mirrored_at_the_volumes_ends(axis, tmp_path):
+    volume = np.random.default_rng(2).integers(0, 256, (5, 20, 24), dtype=np.uint8)
+    runtime = depth_runtime()
+    probs = segment_array(runtime, volume, axis=axis, tile=16, overlap=5)
+    along = "zyx".index(axis)
+    x = np.moveaxis(volume.astype(np.float32) / 127.5 - 1, along, 0)
+    below, above = x[[1, *range(len(x) - 1)]], x[[*range(1, len(x)), len(x) - 2]]
+    expected = np.moveaxis(1 / (1 + np.exp(-np.stack([below - above, x]))), 1, 1 + along)
+    np.testing.assert_allclose(probs, expected, rtol=1e-5, atol=1e-6)
+    # a store is written one slice per block: the neighbours come from outside each block, as whole
+    out = segment_store(runtime, EMSource(volume), tmp_path / "pred.zarr", axis=axis, tile=16, overlap=5)
+    masks = np.stack([zarr.open_array(str(out / f"{INFERENCE_GROUP}/segmentation/{c}/s0"))[...] for c in CLASSES])
+    np.testing.assert_array_equal(masks, masks_from_probabilities(runtime.card, probs))
+
+
+def test_a_depth_network_refuses_a_single_section_by_name(tmp_path):
+    runtime = depth_runtime()
+    with pytest.raises(ValueError, match="depth: 3 adjacent sections need a volume of 2 sections at least along "
+                                         r"the slicing axis; this one has 1 \(a 2D image: use a depth-1 network\)"):
+        segment_array(runtime, np.zeros((16, 16), np.uint8))
+    with pytest.raises(ValueError, match="depth: 3 adjacent sections need"):
+        segment_store(runtime, EMSource(np.zeros((1, 16, 16), np.uint8)), tmp_path / "pred.zarr")
+    assert not list(tmp_path.iterdir())  # refused before anything was written
+    with pytest.raises(ValueError, match="depth: 4 is not allowed; allowed: an odd number of sections >= 1"):
+        ModelCard(mode="segmentation", classes=CLASSES, patch_size=16, unet={}, depth=4)
+    with pytest.raises(ValueError, match=r"depth: 3; allowed for a 'pairs' model: 1 \(only segmentation"):
+        ModelCard(mode="pairs", classes=CLASSES, patch_size=16, unet={}, depth=3)
+
+
 @pytest.mark.parametrize(("shape", "tile", "overlap", "axis"), [
     ((16, 16), 16, 4, "z"), ((37, 50), 16, 5, "z"), ((7, 90), 16, 15, "z"), ((3, 1, 1), 16, 0, "z"),
     ((5, 20, 24), 8, 3, "y"), ((5, 20, 24), 16, 1, "x"), ((40, 33), 2, 1, "z")])
@@ -289,3 +327,70 @@ def test_segmenting_a_store_into_itself_is_refused_even_with_overwrite(toy_store
         segment_store(pointwise_runtime(), EMSource(before), toy_store[0], overwrite=True,
                       source_name=str(toy_store[0]))
     np.testing.assert_array_equal(store.em_volume(store.em_levels[0])[...], before)
+
+
+@pytest.fixture(scope="module")
+def hidden_sections(tmp_path_factory):
+    """Objects through every section, visible in the odd sections' EM only: the even sections' EM is noise, so
+    only a network that reads a section's neighbours can find the objects there."""
+    rng = np.random.default_rng(5)
+    shape = (8, 64, 64)
+    yy, xx = np.mgrid[: shape[1], : shape[2]]
+    mito = np.zeros(shape, np.uint8)
+    for _ in range(5):
+        cy, cx, r = rng.integers(8, 56), rng.integers(8, 56), rng.integers(5, 9)
+        mito[:, (yy - cy) ** 2 + (xx - cx) ** 2 < r**2] = 1
+    raw = np.full(shape, 120.0)
+    raw[1::2][mito[1::2] == 1] = 220
+    raw = (raw + rng.normal(0, 8, shape)).clip(0, 255).astype(np.uint8)
+    return write_store(tmp_path_factory.mktemp("hidden") / "hidden.zarr", raw, (8, 8, 8),
+                       [CropToWrite("crop1", (0, 0, 0), {"mito_mem": mito})])
+
+
+@pytest.mark.slow
+def test_a_depth_3_network_finds_objects_its_section_does_not_show_and_exports_with_its_depth(hidden_sections,
+                                                                                               tmp_path):
+    dice = {}
+    for depth in (1, 3):
+        cfg = SegConfig(stores=[str(hidden_sections)], out=str(tmp_path / f"depth-{depth}"), classes=["mito_mem"],
+                        patch_size=32, batch_size=8, steps=80, lr=3e-3, ema=0.9, checkpoint_every=80,
+                        preview_every=80, depth=depth, **TINY_UNET)
+        checkpoint = train_seg(cfg)
+        runtime = load_runtime(checkpoint, "torch", device="cpu")
+        crop = EMStore(hidden_sections).read_crop("crop1", ["mito_mem"])
+        probs = segment_array(runtime, crop.raw, tile=32)
+        masks, truth = probs[0, 0::2] > 0.5, crop.labels[0, 0::2] == PRESENT  # the sections that show nothing
+        dice[depth] = 2 * (masks & truth).sum() / (masks.sum() + truth.sum())
+    assert dice[3] > 0.7 and dice[1] < 0.4, dice
+    card = ModelCard.load(checkpoint)
+    assert card.depth == 3 and card.unet["in_channels"] == 3
+    model = export_model(checkpoint, tmp_path / "models", exporter="legacy")
+    assert ModelCard.load(model).depth == 3
+    np.testing.assert_allclose(segment_array(load_runtime(model, "onnx"), crop.raw, tile=32), probs, atol=1e-4)
+
+
+def test_depth_needs_real_volumes_and_a_resumed_or_fine_tuned_run_its_own_depth(trained, toy_store, tmp_path):
+    common = dict(stores=[str(toy_store[0])], classes=CLASSES, patch_size=32, batch_size=4, steps=1,
+                  checkpoint_every=1, preview_every=1, **TINY_UNET)
+    with pytest.raises(ValueError, match="depth: 3 needs adjacent sections of one volume, and generated stores hold "
+                                         "independent 2D samples; allowed with --generated: depth 1"):
+        SegConfig(out=str(tmp_path / "gen"), generated=[str(toy_store[1])], depth=3, **common)
+    with pytest.raises(ValueError, match=r"init: .* has depth=1; this run needs 3"):
+        train_seg(SegConfig(out=str(tmp_path / "deeper"), init=str(trained[0]), depth=3, **common))
+    train_seg(SegConfig(out=str(tmp_path / "run"), **common))
+    with pytest.raises(ValueError, match=r"resume: .* was trained with depth=1, this run asks for 3"):
+        train_seg(SegConfig(out=str(tmp_path / "run"), depth=3, **{**common, "steps": 2}), resume=True)
+
+
+@pytest.mark.slow
+def test_train_seg_cli_takes_a_depth_and_refuses_an_even_one_by_name(hidden_sections, tmp_path):
+    cmd = [sys.executable, "-m", "emserve.cli", "train", "seg", str(hidden_sections), "--out", str(tmp_path / "run"),
+           "--classes", "mito_mem", "--patch-size", "32", "--batch-size", "2", "--steps", "2", "--width", "8",
+           "--multipliers", "1,2", "--blocks-per-level", "1"]
+    even = subprocess.run([*cmd, "--depth", "2"], capture_output=True, text=True, timeout=120)
+    assert even.returncode == 2
+    assert "depth: 2 is not allowed; allowed: an odd number of sections >= 1 (1 = 2D)" in " ".join(even.stderr.split())
+    assert not (tmp_path / "run").exists()
+    done = subprocess.run([*cmd, "--depth", "3"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert ModelCard.load(next((tmp_path / "run").glob("step-*"))).depth == 3

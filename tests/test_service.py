@@ -122,7 +122,10 @@ def test_probes_metrics_and_the_list_of_models(client, models):
         assert client.get(probe).status_code == 200
     served = {m["name"]: m for m in client.post("/models", json={}).json()}
     assert {n: m["mode"] for n, m in served.items()} == {"tiny-from-labels": "em-from-labels", "tiny-pairs": "pairs",
-                                                         "tiny-seg": "segmentation"}
+                                                         "tiny-seg": "segmentation",
+                                                         "tiny-seg-depth3": "segmentation"}
+    assert {n: m["depth"] for n, m in served.items()} == {"tiny-from-labels": 1, "tiny-pairs": 1, "tiny-seg": 1,
+                                                          "tiny-seg-depth3": 3}
     for name, described in served.items():
         card = ModelCard.load(models / name)
         assert described["classes"] == CLASSES and described["files"] == card.files
@@ -289,6 +292,18 @@ def test_segment_images_and_volumes_from_npy_tiff_png_and_zarr(client, models, t
     assert np.array_equal(root["recon-1/labels/inference/segmentation/mito_mem/s0"][...], result["masks"][0])
     assert root["recon-1/labels/inference/probabilities/ld_lum/s0"].shape == (3, 24, 20)
     assert post(client, "segment", ("image", npy(volume)), output="png").headers["content-type"] == "image/png"
+
+
+def test_a_depth_network_segments_volumes_as_emserve_segment_does_and_refuses_a_single_image(client, models):
+    volume = np.random.default_rng(1).integers(0, 256, (4, 24, 20), dtype=np.uint8)
+    result = unpack(post(client, "segment", ("image", npy(volume)), model="tiny-seg-depth3", probabilities=True))
+    with OnnxRuntime(models / "tiny-seg-depth3", threads=1) as runtime:
+        expected = segment_array(runtime, volume)
+    np.testing.assert_allclose(result["probabilities"].astype(np.float32), expected, atol=1e-3)
+    for output in ("npz", "zarr.zip"):
+        refused = post(client, "segment", ("image", npy(volume[0])), model="tiny-seg-depth3", output=output)
+        assert refused.status_code == 400
+        assert "depth: 3 adjacent sections need a volume of 2 sections at least" in refused.text
 
 
 # ---- bad input -----------------------------------------------------------------------------------------------

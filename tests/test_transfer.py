@@ -50,6 +50,19 @@ def test_the_stem_keeps_the_em_channel_and_a_different_shape_is_refused_by_name(
         segmenter_weights(denoiser, tiny_unet(1, 3, timestep=False, **{**SHAPE, "width": 24}), timesteps=1000)
 
 
+def test_a_depth_3_segmenter_starts_as_the_2d_one_reading_its_middle_section():
+    denoiser = random_denoiser()
+    flat, deep = tiny_unet(1, 3, timestep=False, **SHAPE).eval(), tiny_unet(3, 3, timestep=False, **SHAPE).eval()
+    head = {f"head.2.{k}": v for k, v in denoiser.head[2].state_dict().items()}  # the heads start at zero: a
+    flat.load_state_dict(segmenter_weights(denoiser, flat, timesteps=1000) | head)  # nonzero one, to compare
+    weights = segmenter_weights(denoiser, deep, timesteps=1000)
+    assert not weights["stem.weight"][:, [0, 2]].any()  # the neighbours' weights start at zero, to be learned
+    deep.load_state_dict(weights | head)
+    below, x, above = torch.randn(3, 2, 1, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(deep(torch.cat([below, x, above], 1)), flat(x))
+
+
 def test_train_seg_init_from_a_ddpm_checkpoint_starts_from_its_folded_denoiser(toy_store, tmp_path):
     ddpm = make_checkpoint(tmp_path / "ddpm", "pairs")  # of TINY_UNET's shape, as the segmenter below
     common = dict(stores=[str(toy_store[0])], classes=CLASSES, patch_size=32, batch_size=4, steps=1,

@@ -167,7 +167,7 @@ class Run:
             denoiser.load_state_dict(ema_weights)
             ema_weights = segmenter_weights(denoiser, self.model, old.timesteps)
         else:
-            for key in ("mode", "classes", "unet", "exclusive"):
+            for key in ("mode", "classes", "depth", "unet", "exclusive"):
                 if getattr(old, key) != getattr(self.card, key):
                     raise ValueError(f"init: {path} has {key}={getattr(old, key)!r}; this run needs "
                                      f"{getattr(self.card, key)!r}")
@@ -178,7 +178,7 @@ class Run:
         """Load a checkpoint into model, EMA and optimizer; refuse one made for a different model."""
         old, weights, ema_weights, opt_state, state = ckpt.load_checkpoint(path)
         mine, theirs = asdict(self.card), asdict(old)
-        for key in mine:
+        for key in sorted(mine, key=lambda k: k == "unet"):  # the UNet last: it follows from depth, classes...
             if key not in RUN_FIELDS and mine[key] != theirs[key]:
                 raise ValueError(f"resume: {path} was trained with {key}={theirs[key]!r}, this run asks for "
                                  f"{mine[key]!r}")

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from emserve.card import ModelCard
+from emserve.checks import check_depth
 from emserve.classes import PRESENT, UNKNOWN
 from emserve.data.patches import PatchBatch, PatchSampler, load_crops
 from emserve.data.store import EMStore, LabelledCrop
@@ -43,7 +44,8 @@ class SegConfig(TrainConfig):
     """Options of `emserve train seg`. `stores` are real data, `generated` generated stores (either may be
     empty, not both); with both, `generated_fraction` of every batch comes from the generated ones, each weighted
     `generated_weight` in the loss (a real patch weighs 1). `init`: a segmentation checkpoint to start from, or a DDPM
-    checkpoint whose denoiser becomes the starting network (`training.transfer`)."""
+    checkpoint whose denoiser becomes the starting network (`training.transfer`). `depth` > 1: the network reads that
+    many adjacent sections (2.5D) and labels the middle one."""
 
     generated: list[str] = field(default_factory=list)
     generated_fraction: float = 0.5
@@ -51,9 +53,14 @@ class SegConfig(TrainConfig):
     exclusive: bool = False
     dice_weight: float = 1.0
     init: str = ""
+    depth: int = 1
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        check_depth(self.depth)
+        if self.depth > 1 and self.generated:
+            raise ValueError(f"depth: {self.depth} needs adjacent sections of one volume, and generated stores "
+                             "hold independent 2D samples; allowed with --generated: depth 1")
         if not self.classes:
             raise ValueError("classes: segmentation needs a class list (e.g. --classes mito_mem,mito_lum)")
         if not self.stores and not self.generated:
@@ -82,7 +89,7 @@ class SegBatchSource:
             if samples:
                 crops = labelled_samples(crops)
             return PatchSampler(crops, cfg.patch_size, axis=cfg.axis, class_groups=cfg.class_groups,
-                                balance=cfg.balance)
+                                balance=cfg.balance, depth=cfg.depth)
 
         self.real = sampler(cfg.stores, cfg.labelled_crops([EMStore(p) for p in cfg.stores]))
         # generated stores: every crop, all labels as generated, at their one (nominal) voxel size
@@ -155,7 +162,7 @@ def soft_dice(probs: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> 
 
 
 def unet_config(cfg: SegConfig) -> UNetConfig:
-    unet = UNetConfig(in_channels=1, out_channels=len(cfg.classes) + cfg.exclusive, width=cfg.width,
+    unet = UNetConfig(in_channels=cfg.depth, out_channels=len(cfg.classes) + cfg.exclusive, width=cfg.width,
                       multipliers=tuple(cfg.multipliers), blocks_per_level=cfg.blocks_per_level, timestep=False)
     if cfg.patch_size % unet.size_factor:
         raise ValueError(f"patch_size: {cfg.patch_size} must be a multiple of {unet.size_factor} for multipliers "
@@ -168,7 +175,7 @@ def train_seg(cfg: SegConfig, resume: bool = False) -> Path | None:
     source = SegBatchSource(cfg)
     unet = unet_config(cfg)
     card = ModelCard(mode="segmentation", classes=list(cfg.classes), patch_size=cfg.patch_size,
-                     unet=unet.to_dict(), exclusive=cfg.exclusive)
+                     unet=unet.to_dict(), exclusive=cfg.exclusive, depth=cfg.depth)
     card.training["generated"] = list(cfg.generated)
     if cfg.init:  # recorded in every checkpoint, resumed ones too
         card.training["init"] = {"checkpoint": cfg.init, "weights": ModelCard.load(Path(cfg.init)).weights}
@@ -202,7 +209,8 @@ def save_seg_preview(model: torch.nn.Module, card: ModelCard, batch: PatchBatch,
     logits = model(torch.from_numpy(batch.raw).to(device)).float().cpu().numpy()
     model.train(was_training)
     tiles = []
-    for raw, labels, probs in zip(batch.raw[:, 0], batch.labels, probabilities(card, logits), strict=True):
+    centre = batch.raw[:, card.depth // 2]
+    for raw, labels, probs in zip(centre, batch.labels, probabilities(card, logits), strict=True):
         tiles += [pair_tile(raw, labels == PRESENT, card.classes),
                   pair_tile(raw, masks_from_probabilities(card, probs), card.classes)]
     return save_png(grid(tiles, columns=2), path)

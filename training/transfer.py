@@ -9,7 +9,9 @@ conditioning vector. So the denoiser is folded into it exactly, at one fixed tim
 - each ResNet block's scale-shift of that conditioning vector becomes a constant, folded into the affine
   parameters of the GroupNorm it follows (weight * (1 + scale), bias * (1 + scale) + shift);
 - the stem keeps the EM input channel; every other input (the label channels of a pairs denoiser, a spatial label
-  condition) reads zero, i.e. its weights are dropped;
+  condition) reads zero, i.e. its weights are dropped; a segmenter with depth context reads the denoiser's EM
+  weights on its middle section and starts with zero weights on the neighbouring ones (it starts as the 2D
+  denoiser and learns what the neighbours add);
 - the head's last conv is the segmenter's own, zero as at any segmenter's start: its outputs mean something else
   (logits, not a noise estimate) even where the shapes agree, so training starts from the denoiser's features
   and the usual zero logits.
@@ -49,7 +51,9 @@ def segmenter_weights(denoiser: UNet, segmenter: UNet, timesteps: int) -> dict[s
             scale, shift = block.emb_proj(torch.nn.functional.silu(emb))[0].chunk(2)
             source[f"{name}.norm2.weight"] = block.norm2.weight * (1 + scale)
             source[f"{name}.norm2.bias"] = block.norm2.bias * (1 + scale) + shift
-    source["stem.weight"] = source["stem.weight"][:, : segmenter.config.in_channels]
+    stem = source["stem.weight"]  # [width, denoiser inputs, k, k], the EM channel first
+    source["stem.weight"] = torch.zeros_like(stem[:, :1]).repeat(1, segmenter.config.in_channels, 1, 1)
+    source["stem.weight"][:, segmenter.config.in_channels // 2] = stem[:, 0]
     head_conv = f"head.{len(segmenter.head) - 1}."
     for name, value in weights.items():
         if name.startswith(head_conv):

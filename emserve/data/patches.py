@@ -1,6 +1,8 @@
 """2D training patches cut from 3D crops, as the study trains 2D networks on slices of 3D data.
 
-A patch is one plane along a chosen axis. Raw EM comes scaled to [-1, 1]; labels keep the store's encoding
+A patch is one plane along a chosen axis, or for a network with depth context (2.5D) a thin stack of `depth`
+adjacent planes centred on it, as channels; only the centre plane's labels come with it. Raw EM comes scaled to
+[-1, 1]; labels keep the store's encoding
 (0 absent, 1 present, 255 unannotated) until `label_channels` turns them into the network's convention
 (+1 present, -1 absent, 0 unknown), so "unannotated" survives all the way to the loss. Flips and 90 degree
 rotations are applied identically to raw and labels. Class-balanced sampling centres a share of the patches on
@@ -14,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from emserve.checks import check_choice
+from emserve.checks import check_choice, check_depth
 from emserve.classes import PRESENT, UNKNOWN
 from emserve.data.store import EMStore, LabelledCrop
 
@@ -24,7 +26,8 @@ IN_MEMORY_LIMIT = 1 << 30  # EM levels smaller than this are read once; larger o
 
 @dataclass
 class PatchBatch:
-    """A batch of 2D patches: raw [B,1,H,W] float32 in [-1,1], labels [B,K,H,W] uint8 (0/1/255), dataset [B]."""
+    """A batch of 2D patches: raw [B,depth,H,W] float32 in [-1,1] (the centre plane's adjacent planes as channels),
+    labels [B,K,H,W] uint8 (0/1/255) of the centre plane, dataset [B]."""
 
     raw: np.ndarray
     labels: np.ndarray
@@ -55,6 +58,27 @@ def check_axis(axis: str) -> int:
     return AXES[axis]
 
 
+def check_sections(depth: int, planes: int) -> None:
+    """Refuse a volume of one section for a network with depth context: mirroring could only repeat it."""
+    if depth > 1 and planes < 2:
+        raise ValueError(f"depth: {depth} adjacent sections need a volume of 2 sections at least along the slicing "
+                         f"axis; this one has {planes} (a 2D image: use a depth-1 network)")
+
+
+def neighbour_sections(index: int, depth: int, planes: int) -> list[int]:
+    """The `depth` section indices centred on `index` in a volume of `planes` sections, mirrored at its ends (as
+    numpy's "reflect" pads: -1 -> 1), so a section near the edge still gets `depth` real sections of context."""
+    check_sections(depth, planes)
+    if planes == 1:
+        return [0]
+    period = 2 * (planes - 1)
+    out = []
+    for i in range(index - depth // 2, index + depth // 2 + 1):
+        i %= period
+        out.append(period - i if i >= planes else i)
+    return out
+
+
 def _plane_window(shape: Sequence[int], axis: int, patch: int, where: str) -> tuple[int, int, int]:
     """Ranges of valid patch corners (plane index, first in-plane corner, second) for a volume of `shape`."""
     in_plane = [s for i, s in enumerate(shape) if i != axis]
@@ -72,6 +96,12 @@ def _take(volume: np.ndarray, axis: int, index: int, a: int, b: int, patch: int)
     return np.asarray(volume[(*lead, *key)])
 
 
+def _take_stack(volume: np.ndarray, axis: int, index: int, a: int, b: int, patch: int, depth: int) -> np.ndarray:
+    """[depth, patch, patch]: the patches of the `depth` sections around plane `index` (`neighbour_sections`)."""
+    return np.stack([_take(volume, axis, i, a, b, patch)
+                     for i in neighbour_sections(index, depth, volume.shape[axis])])
+
+
 def _augment(arrays: Sequence[np.ndarray], rng: np.random.Generator) -> list[np.ndarray]:
     """The same random flip and 90 degree rotation for every array (last two axes)."""
     k, flip = int(rng.integers(4)), bool(rng.integers(2))
@@ -87,7 +117,8 @@ class PatchSampler:
 
     `class_groups` lists groups of class names, e.g. [["mito_mem", "mito_lum"], ["ld_mem", "ld_lum"]]; with
     probability `balance` a patch is centred on a random voxel of a random group (groups chosen uniformly, so
-    a rare group is seen as often as a common one). `dataset_ids` maps dataset names to condition ids.
+    a rare group is seen as often as a common one). `dataset_ids` maps dataset names to condition ids. `depth`
+    sections around each plane come as its raw channels (`neighbour_sections`: mirrored at the crop's ends).
     """
 
     def __init__(
@@ -100,6 +131,7 @@ class PatchSampler:
         class_groups: Sequence[Sequence[str]] = (),
         balance: float = 0.5,
         dataset_ids: Mapping[str, int] | None = None,
+        depth: int = 1,
     ):
         if not crops:
             raise ValueError("crops: no labelled crops to sample from")
@@ -110,7 +142,7 @@ class PatchSampler:
         if not 0 <= balance <= 1:
             raise ValueError(f"balance: {balance} is not a probability in [0, 1]")
         self.crops, self.classes, self.patch, self.augment = list(crops), classes, patch_size, augment
-        self.axis = check_axis(axis)
+        self.axis, self.depth = check_axis(axis), check_depth(depth)
         self.dataset_ids = dict(dataset_ids or {n: i for i, n in enumerate(sorted({c.dataset for c in crops}))})
         self.windows = [_plane_window(c.raw.shape, self.axis, patch_size, f"crop {c.dataset}/{c.name}")
                         for c in crops]
@@ -169,7 +201,7 @@ class PatchSampler:
         raws, labels, datasets = [], [], []
         for ci, index, a, b in corners:
             crop = self.crops[ci]
-            raw = _take(crop.raw, self.axis, index, a, b, self.patch)[None]
+            raw = _take_stack(crop.raw, self.axis, index, a, b, self.patch, self.depth)
             lab = _take(crop.labels, self.axis, index, a, b, self.patch)
             if rng is not None:
                 raw, lab = _augment([raw, lab], rng)

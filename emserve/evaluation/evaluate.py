@@ -107,6 +107,9 @@ def evaluate_label_transfer(denoiser: Runtime, segmenter: Runtime, label_store: 
     missing = [c for c in card.classes if c not in segmenter.card.classes]
     if missing:
         raise ValueError(f"segmenter: has no output for classes {missing} of the em-from-labels model")
+    if segmenter.card.depth > 1:
+        raise ValueError(f"segmenter: reads {segmenter.card.depth} adjacent sections (depth {segmenter.card.depth}); "
+                         "rendered samples are single sections: use a depth-1 segmenter")
     maps = store_label_maps(card, label_store, seed)(0, samples)
     request = GenerationRequest(samples=len(maps), seed=seed, sampler=sampler, steps=steps, spacing=spacing,
                                 guidance=guidance, dataset=dataset)

@@ -67,8 +67,8 @@ def check_inputs(card: ModelCard, x: np.ndarray, t: np.ndarray | None, cond: Map
     batch = x.shape[0]
     in_channels = card.unet["in_channels"]
     if x.ndim != 4 or x.shape[1] != in_channels:
-        raise ValueError(f"x: shape {x.shape}; this model takes [B, {in_channels}, H, W] "
-                         f"(channels {', '.join(card.channels) if card.mode != 'segmentation' else 'raw'})")
+        channels = ", ".join(card.channels) if card.mode != "segmentation" else f"raw EM of {card.depth} section(s)"
+        raise ValueError(f"x: shape {x.shape}; this model takes [B, {in_channels}, H, W] (channels {channels})")
     factor = 2 ** (len(card.unet["multipliers"]) - 1)
     if x.shape[2] % factor or x.shape[3] % factor:
         raise ValueError(f"x: spatial size {x.shape[2]}x{x.shape[3]} must be a multiple of {factor}")

@@ -125,7 +125,7 @@ def describe(name: str, runtime: Runtime) -> dict[str, Any]:
     card = runtime.card
     return {"name": name, "mode": card.mode, "backend": runtime.backend, "classes": card.classes,
             "datasets": card.datasets, "patch_size": card.patch_size, "class_condition": card.class_condition,
-            "weights": card.weights, "files": card.files}
+            "depth": card.depth, "weights": card.weights, "files": card.files}
 
 
 # ---- the service ---------------------------------------------------------------------------------------------
@@ -151,7 +151,8 @@ class EMServe:
 
     @bentoml.api
     def models(self) -> list[dict[str, Any]]:
-        """The served models: name, mode, classes, datasets, patch size, sha256 of weights and files."""
+        """The served models: name, mode, classes, datasets, patch size, depth (sections a segmentation network
+        reads: 3 wants volumes), sha256 of weights and files."""
         return [describe(name, runtime) for name, runtime in self.runtimes.items()]
 
     @bentoml.api

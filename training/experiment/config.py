@@ -14,8 +14,10 @@ Two regimes, each with a baseline trained on real annotations only and arms that
                    so that a gain of +denoiser over +longer is not just more training (its second comparison);
                    its baseline's run continued (same seed, data order and constant learning rate: the same run),
                    so only the DDPM budget's steps are trained
+  real+depth       real pairs, the network reading `depth` adjacent sections (2.5D) instead of one: what 3D
+                   context gives, no generative model
   few              real pairs, labels kept on only `few_slices` slices per crop (baseline of the low-label regime)
-  few+...          the same six arms with the few-label DDPM and the `few` network as the filter
+  few+...          the same seven arms with the few-label DDPM and the `few` network as the filter
   few+rendered     the labelled slices' label maps drawn as new EM by an EM-from-labels DDPM (real labels,
                    generated EM), mixed in; that DDPM's label-free quarter of each batch reads raw EM from whole
                    volumes, held-out crops' EM included (never their labels): the one generator that sees
@@ -30,10 +32,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from emserve.checks import check_depth
 from emserve.diffusion import DEFAULT_SAMPLER, DEFAULT_SPACING, DEFAULT_STEPS
 from emserve.postprocess import DEFAULT_LABEL_METHOD
 
-METHODS = ("generated", "pretrained", "filtered", "weighted", "denoiser", "longer")
+METHODS = ("generated", "pretrained", "filtered", "weighted", "denoiser", "longer", "depth")
 RENDERING = ("rendered", "augmented")  # few-label arms drawn by the EM-from-labels DDPM
 ARMS = ("real", "generated", *(f"real+{m}" for m in METHODS), "few", *(f"few+{m}" for m in METHODS + RENDERING))
 PRETRAIN_SHARE = 0.5  # pretrained arms: share of the segmentation budget spent on generated pairs
@@ -85,6 +88,7 @@ class ExperimentConfig:
     generated_weight: float = 0.25  # weighted arms: loss weight of a generated patch (a real one weighs 1)
     filter_quantile: float = 0.25  # filtered arms: keep pairs agreed with at least as well as this quantile of real
     few_slices: int = 2
+    depth: int = 3  # depth arms: sections the network reads
     class_groups: list[list[str]] = field(default_factory=list)
     voxel_size: tuple[float, float, float] | None = None  # scale level of the real data (default: finest)
     results_from: str = ""  # an earlier report.json of this experiment: its seeds' scores are taken, not retrained
@@ -98,6 +102,7 @@ class ExperimentConfig:
         for name in ("samples", "ddpm_steps", "few_slices", "sample_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be a positive integer, got {getattr(self, name)}")
+        check_depth(self.depth)
         if self.seg_steps < 2:
             raise ValueError(f"seg_steps: {self.seg_steps}; at least 2, so pretrained arms have steps for both halves")
         if self.from_labels_steps < 0:

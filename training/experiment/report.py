@@ -63,7 +63,8 @@ def markdown_report(report: dict) -> str:
              f"arm trains as its baseline); denoiser arms: the whole budget on real pairs, starting from the "
              f"regime's pairs DDPM folded into a segmenter at {FOLD_TIME:.0%} of its schedule (denoising "
              f"pretraining, no generated data); longer arms: their baseline's data for the segmentation and DDPM "
-             f"budgets together (the compute of the denoiser arms); few = "
+             f"budgets together (the compute of the denoiser arms); depth arms: their baseline's data, the network "
+             f"reading {cfg['depth']} adjacent sections (2.5D, no generative model); few = "
              f"{cfg['few_slices']} labelled slices per crop; real data at voxel size "
              f"{cfg['voxel_size'] or 'finest'} nm."
              + (f" Rendered arms: an EM-from-labels DDPM of {cfg['from_labels_steps']} steps, trained on the few-label "
@@ -80,9 +81,9 @@ def markdown_report(report: dict) -> str:
                      + " | ".join(format_score(v) for v in row["per_seed"]) + " |")
     if report["comparisons"]:
         lines += ["", "## Does the generative model help?", "",
-                  "Each arm that adds generated data or the DDPM's weights against its baseline (real annotations "
-                  "only, same seeds): the paired difference in mean Dice, resampled with the same seeds and blocks "
-                  "for both.", "",
+                  "Each arm that adds generated data, the DDPM's weights, training steps or depth context against its "
+                  "baseline (real annotations only, same seeds): the paired difference in mean Dice, resampled with "
+                  "the same seeds and blocks for both.", "",
                   "| arm | baseline | difference | 95 % interval | per seed | reading |", "|---|---|---|---|---|---|"]
         for c in report["comparisons"]:
             per_seed = " / ".join(f"{d:+.3f}" for d in c["per_seed"])

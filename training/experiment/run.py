@@ -191,6 +191,8 @@ class SeedRun:
             return {**real, "init": str(self.ddpm(regime))}, steps
         if method == "longer":
             return real, steps + cfg.ddpm_steps
+        if method == "depth":
+            return {**real, "depth": cfg.depth}, steps
         if method in ("rendered", "augmented"):
             stores = render(cfg, self.ddpm("from-labels"), self.maps, self.dir, self.seed, method == "augmented")
             return {**real, "generated": [str(p) for p in stores], **mixed}, steps
