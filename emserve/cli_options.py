@@ -87,6 +87,9 @@ class RunOptions:
                                                       "(the low-label regime; 0: all).")] = 0
     precision: Annotated[str, typer.Option(help="auto | fp32 | bf16 (auto: bf16 where the hardware has it).")] = "auto"
     device: Device = "auto"
+    data_workers: Annotated[int | None, typer.Option(
+        help="Processes that draw batches ahead of training (same batches whatever the number); default: none on "
+             "a CPU, every core but one (at most 8) with a GPU.", show_default=False)] = None
     seed: Annotated[int, typer.Option(help="Seeds weights, batches and dropout; a run is reproducible from "
                                            "it.")] = 0
     checkpoint_every: Annotated[int, typer.Option(help="Steps between checkpoints.")] = 500

@@ -222,6 +222,18 @@ def test_blockwise_report(tmp_path):
     assert (tmp_path / "phantom-8x300x300-x2.zarr").is_dir()  # kept for the next run
 
 
+def test_input_pipeline_report(toy_store):
+    report = run("benchmarks.input_pipeline", "--store", str(toy_store[0]), "--patch-size", "32", "--batch-size",
+                 "4", "--steps", "12", "--workers", "0,2")
+    here, workers = table(report)
+    assert (here["workers"], here["batches timed"]) == ("0", "11")  # the first batch is not timed
+    assert (workers["workers"], workers["batches timed"]) == ("2", "8")  # nor the 2 x 2 the workers drew at start
+    for row, timed in ((here, 11), (workers, 8)):
+        assert float(row["patches/s"]) == pytest.approx(timed * 4 / positive(row["s"]), rel=0.02)
+    assert float(workers["patches/s per drawing process"]) == pytest.approx(float(workers["patches/s"]) / 2, rel=0.02)
+    assert "3 channels (EM + 2 classes of" in report
+
+
 @pytest.mark.parametrize("module", ["benchmarks.denoiser", "benchmarks.sampling"])
 def test_triton_without_a_server_url_or_with_reexport_is_refused_before_any_export(module, tmp_path):
     refusals = [((), "--backends: triton needs --triton-url"),

@@ -1,5 +1,6 @@
 """Segmentation: tiled inference with blending, the masked loss, training on real / generated data, the CLI."""
 
+import json
 import subprocess
 import sys
 import warnings
@@ -394,3 +395,12 @@ def test_train_seg_cli_takes_a_depth_and_refuses_an_even_one_by_name(hidden_sect
     done = subprocess.run([*cmd, "--depth", "3"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert ModelCard.load(next((tmp_path / "run").glob("step-*"))).depth == 3
+
+
+@pytest.mark.slow
+def test_segmentation_batches_drawn_by_worker_processes_are_those_drawn_in_process(toy_store, tmp_path):
+    common = dict(stores=[str(toy_store[0])], generated=[str(toy_store[1])], classes=CLASSES, patch_size=16,
+                  batch_size=4, steps=4, checkpoint_every=4, preview_every=4, **TINY_UNET)
+    runs = [train_seg(SegConfig(out=str(tmp_path / str(n)), data_workers=n, **common)) for n in (0, 2)]
+    here, workers = (json.loads((run / "state.json").read_text())["losses"] for run in runs)
+    assert workers == here

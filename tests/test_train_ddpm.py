@@ -61,6 +61,15 @@ def test_resume_continues_the_same_loss_curve(toy_store, tmp_path):
     assert losses(tmp_path / "split") == losses(tmp_path / "straight")
 
 
+def test_batches_drawn_by_worker_processes_are_the_batches_drawn_in_process(toy_store, tmp_path):
+    mode = "em-from-labels"  # both samplers: labelled crops and raw-only EM
+    train_ddpm(config(toy_store, tmp_path / "here", steps=4, checkpoint_every=4, mode=mode, data_workers=0))
+    train_ddpm(config(toy_store, tmp_path / "workers", steps=4, checkpoint_every=4, mode=mode, data_workers=2))
+    assert losses(tmp_path / "workers") == losses(tmp_path / "here")
+    with pytest.raises(ValueError, match=r"data_workers: -1 is not allowed; allowed: 0 \(draw batches in the "):
+        config(toy_store, tmp_path / "bad", data_workers=-1)
+
+
 def test_the_device_is_checked_with_the_config_naming_what_is_allowed(toy_store, tmp_path):
     with pytest.raises(ValueError, match=r"device: 'gpu' is not allowed; choose one of auto, cuda, cpu"):
         config(toy_store, tmp_path / "run", device="gpu")
@@ -128,6 +137,6 @@ def test_torchrun_data_parallel_with_two_processes(toy_store, tmp_path):
     assert card["training"]["world_size"] == 2 and card["training"]["config"]["device"] == "cpu"
     assert len(losses(run)) == 4
     ranks = json.loads((ckpt.checkpoints(run)[-1] / ckpt.STATE_FILE).read_text())["ranks"]
-    assert len(ranks) == 2 and ranks[0]["numpy"] != ranks[1]["numpy"]  # each rank draws its own batches
+    assert len(ranks) == 2 and ranks[0]["drop"] != ranks[1]["drop"]  # each rank its own condition dropout
     with pytest.raises(ValueError, match="written by 2 data-parallel process"):
         train_ddpm(config(toy_store, run, steps=6, width=8, batch_size=4), resume=True)

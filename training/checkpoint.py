@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
@@ -33,8 +32,8 @@ class TrainingState:
     """Everything besides weights that an exact resume needs."""
 
     step: int
-    # one entry per data-parallel rank: {"numpy": data sampler bit_generator.state, "torch": torch.get_rng_state()
-    # (dropout inside the model), "drop": state of the generator that drops conditions}
+    # one entry per data-parallel rank: {"torch": torch.get_rng_state() (dropout inside the model), "drop": state
+    # of the generator that drops conditions}; batches need none (training.batches: seeded by step)
     ranks: list[dict[str, Any]]
     losses: list[float]
 
@@ -118,12 +117,6 @@ def torch_rng_state() -> list[int]:
 
 def restore_torch_rng(state: list[int]) -> None:
     torch.set_rng_state(torch.tensor(state, dtype=torch.uint8))
-
-
-def restore_numpy_rng(state: dict[str, Any]) -> np.random.Generator:
-    rng = np.random.default_rng()
-    rng.bit_generator.state = state
-    return rng
 
 
 def _contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -111,6 +112,18 @@ class BatchSource:
         }
 
 
+    def noised(self, rng: np.random.Generator, batch: int, alphas_cumprod: np.ndarray) -> dict[str, np.ndarray]:
+        """A batch (`sample`) noised at random time steps: the network's input x_t and t, and its training target
+        for the configured objective."""
+        out = self.sample(rng, batch)
+        t = rng.integers(0, len(alphas_cumprod), size=len(out["x0"]))
+        eps = rng.standard_normal(out["x0"].shape, dtype=np.float32)
+        ab = alphas_cumprod[t].astype(np.float32)  # float32 throughout: the network's precision, half the work
+        x_t = np.sqrt(ab)[:, None, None, None] * out["x0"] + np.sqrt(1 - ab)[:, None, None, None] * eps
+        target = training_target(self.cfg.objective, out.pop("x0"), eps, ab)
+        return {**out, "x_t": x_t, "t": t.astype(np.float32), "target": target}
+
+
 def unet_config(cfg: DDPMConfig, datasets: Sequence[str]) -> UNetConfig:
     k = len(cfg.classes)
     channels = {"em": 1, "labels": k, "pairs": k + 1, "em-from-labels": 1}[cfg.mode]
@@ -143,17 +156,12 @@ def train_ddpm(cfg: DDPMConfig, resume: bool = False) -> Path | None:
     def preview(ema: torch.nn.Module, path: Path) -> None:
         save_preview(ema, card, path, run.device)
 
-    alphas = schedule.alphas_cumprod
     data_time = 0.0
+    batches = run.batches(partial(source.noised, batch=cfg.batch_size // run.world,
+                                  alphas_cumprod=schedule.alphas_cumprod))
     while not run.done:
         t0 = time.perf_counter()
-        batch = source.sample(run.rng, cfg.batch_size // run.world)
-        t = run.rng.integers(0, cfg.timesteps, size=len(batch["x0"]))
-        eps = run.rng.standard_normal(batch["x0"].shape, dtype=np.float32)
-        ab = alphas[t]
-        sab = np.sqrt(ab)[:, None, None, None].astype(np.float32)
-        x_t = sab * batch["x0"] + np.sqrt(1 - ab)[:, None, None, None].astype(np.float32) * eps
-        target = training_target(cfg.objective, batch["x0"], eps, ab).astype(np.float32)
+        batch = next(batches)
         tensors = {k: run.tensor(v) for k, v in batch.items()}
         classes, dataset, label_map = dropout_conditions(
             tensors.get("classes") if unet.num_classes else None,
@@ -163,8 +171,8 @@ def train_ddpm(cfg: DDPMConfig, resume: bool = False) -> Path | None:
         data_time += time.perf_counter() - t0
 
         with autocast(run.precision, run.device):
-            pred = run.net(run.tensor(x_t), run.tensor(t.astype(np.float32)), classes, dataset, label_map)
+            pred = run.net(tensors["x_t"], tensors["t"], classes, dataset, label_map)
         weight = tensors["weight"]
-        loss = (weight * (pred.float() - run.tensor(target)) ** 2).sum() / weight[:, :1].numel()
+        loss = (weight * (pred.float() - tensors["target"]) ** 2).sum() / weight[:, :1].numel()
         run.optimize(loss, data_time, preview)
     return run.close()

@@ -7,7 +7,7 @@ checkpoints (safetensors + card, every rank's random state), resume exactly, and
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -21,6 +21,7 @@ from emserve.data.store import EMStore, LabelledCrop
 from emserve.runtime.base import torch_device
 from emserve.unet import UNet
 from training import checkpoint as ckpt
+from training.batches import Draw, default_workers, step_batches
 from training.device import init_distributed, resolve_precision
 from training.progress import Progress
 from training.transfer import segmenter_weights
@@ -55,6 +56,7 @@ class TrainConfig:
     precision: str = "auto"
     device: str = "auto"  # auto | cpu | cuda
     seed: int = 0
+    data_workers: int | None = None  # processes drawing batches ahead; None: training.batches.default_workers
     checkpoint_every: int = 500
     preview_every: int = 500
     log_every: int = 10
@@ -68,6 +70,9 @@ class TrainConfig:
         torch_device(self.device)  # a device this machine lacks fails here, before any store is read
         if self.labelled_slices < 0:
             raise ValueError(f"labelled_slices: must be >= 0 (0 = all), got {self.labelled_slices}")
+        if self.data_workers is not None and self.data_workers < 0:
+            raise ValueError(f"data_workers: {self.data_workers} is not allowed; allowed: 0 (draw batches in the "
+                             "training process) or more")
 
     def check_fractions(self, *names: str) -> None:
         for name in names:
@@ -85,8 +90,9 @@ class TrainConfig:
 class Run:
     """One rank's training state: model, EMA copy, optimizer, random streams, step and losses.
 
-    `rng` draws the batches, `drop_gen` the condition dropout; both (and torch's own, for dropout layers) are
-    saved per rank in every checkpoint, so a resumed run continues exactly where the killed one was.
+    `batches` draws each step's batch from a stream seeded by (seed, rank, step) (`training.batches`); `drop_gen`
+    draws the condition dropout, and it and torch's own stream (dropout layers) are saved per rank in every
+    checkpoint, so a resumed run continues exactly where the killed one was.
     """
 
     def __init__(self, cfg: TrainConfig, card: ModelCard, build: Callable[[], UNet], resume: bool = False):
@@ -102,7 +108,6 @@ class Run:
         self.ema = build().to(self.device).requires_grad_(False)
         self.ema.load_state_dict(self.model.state_dict())
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        self.rng = np.random.default_rng([cfg.seed, self.rank])
         self.drop_gen = torch.Generator().manual_seed(cfg.seed * 1000 + self.rank)
         self.step, self.losses = 0, []
         found = ckpt.checkpoints(self.dir)
@@ -122,7 +127,16 @@ class Run:
     def done(self) -> bool:
         return self.step >= self.cfg.steps
 
-    def tensor(self, array: np.ndarray) -> torch.Tensor:
+    def batches(self, draw: Draw) -> Iterator:
+        """The batches of the steps still to train, in order (`training.batches.step_batches`)."""
+        workers = default_workers(self.device) if self.cfg.data_workers is None else self.cfg.data_workers
+        return step_batches(draw, self.cfg.seed, self.rank, self.step, self.cfg.steps, workers,
+                            pin_memory=self.device.type == "cuda")
+
+    def tensor(self, array: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """An array of a batch on the training device (from a worker it is a tensor already, maybe pinned)."""
+        if isinstance(array, torch.Tensor):
+            return array.to(self.device, non_blocking=True)
         return torch.from_numpy(np.ascontiguousarray(array)).to(self.device)
 
     def optimize(self, loss: torch.Tensor, data_time: float, preview: Callable[[torch.nn.Module, Path], None]) -> None:
@@ -191,12 +205,11 @@ class Run:
         own = state.ranks[self.rank]
         ckpt.restore_torch_rng(own["torch"])
         self.drop_gen.set_state(torch.tensor(own["drop"], dtype=torch.uint8))
-        self.rng = ckpt.restore_numpy_rng(own["numpy"])
         self.step, self.losses = state.step, list(state.losses)
 
     def _rng_states(self) -> list[dict]:
         """Every rank's random state (gathered to all ranks), so a resumed run continues each rank's data order."""
-        mine = {"numpy": self.rng.bit_generator.state, "torch": ckpt.torch_rng_state(),
+        mine = {"torch": ckpt.torch_rng_state(),
                 "drop": self.drop_gen.get_state().tolist()}
         if self.world == 1:
             return [mine]

@@ -18,6 +18,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -108,6 +109,11 @@ class SegBatchSource:
         return PatchBatch(np.concatenate([p.raw for p in parts]), np.concatenate([p.labels for p in parts]),
                           np.concatenate([p.dataset for p in parts])), weight
 
+    def arrays(self, rng: np.random.Generator, batch: int) -> dict[str, np.ndarray]:
+        """`sample` as the arrays training reads (raw, labels, weight): what a worker process sends."""
+        patches, weight = self.sample(rng, batch)
+        return {"raw": patches.raw, "labels": patches.labels, "weight": weight}
+
     def fixed(self, count: int) -> PatchBatch:
         """The same few patches every time (for previews): the first tiles of the real (else generated) data."""
         source = self.real if self.real is not None else self.generated
@@ -188,14 +194,15 @@ def train_seg(cfg: SegConfig, resume: bool = False) -> Path | None:
         save_seg_preview(ema, card, shown, path, run.device)
 
     data_time = 0.0
+    batches = run.batches(partial(source.arrays, batch=cfg.batch_size // run.world))
     while not run.done:
         t0 = time.perf_counter()
-        batch, weight = source.sample(run.rng, cfg.batch_size // run.world)
-        raw, labels = run.tensor(batch.raw), run.tensor(batch.labels)
+        batch = next(batches)
+        raw, labels, weight = (run.tensor(batch[key]) for key in ("raw", "labels", "weight"))
         data_time += time.perf_counter() - t0
         with autocast(run.precision, run.device):
             logits = run.net(raw)
-        loss = seg_loss(logits.float(), labels, cfg.exclusive, cfg.dice_weight, run.tensor(weight))
+        loss = seg_loss(logits.float(), labels, cfg.exclusive, cfg.dice_weight, weight)
         run.optimize(loss, data_time, preview)
     return run.close()
 
