@@ -234,6 +234,26 @@ def test_input_pipeline_report(toy_store):
     assert "3 channels (EM + 2 classes of" in report
 
 
+def test_the_gpu_check_runs_every_step_and_writes_one_report(toy_store, tmp_path):
+    """On a CPU with tiny sizes (GPU_CHECK_DEVICE=cpu): what the script does on a GPU machine, but for CUDA."""
+    report = tmp_path / "check" / "gpu-check.md"
+    env = {**os.environ, "GPU_CHECK_DEVICE": "cpu", "EMSERVE_PYTHON": sys.executable,
+           "GPU_CHECK_STORE": str(toy_store[0]), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([str(REPO / "benchmarks" / "gpu_check.sh"), str(report)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    text = report.read_text()
+    steps = table(text.split("GPU-marked tests:")[0])
+    assert [(r["step"], r["result"]) for r in steps] == [
+        (name, "passed") for name in ("GPU-marked tests", "denoiser benchmark", "sampling benchmark",
+                                      "input-pipeline benchmark", "service-load benchmark")]
+    assert "skipped" in text.split("GPU-marked tests:")[1].split("##")[0]  # no CUDA here: said, not hidden
+    for title in ("## Denoiser speed: tiny", "## Sampling speed: tiny", "## Training input pipeline",
+                  "## Service load"):
+        assert title in text
+    assert (tmp_path / "check" / "gpu-check.log").is_file()
+
+
 @pytest.mark.parametrize("module", ["benchmarks.denoiser", "benchmarks.sampling"])
 def test_triton_without_a_server_url_or_with_reexport_is_refused_before_any_export(module, tmp_path):
     refusals = [((), "--backends: triton needs --triton-url"),
