@@ -2,9 +2,9 @@
 
 A patch is one plane along a chosen axis, or for a network with depth context (2.5D) a thin stack of `depth`
 adjacent planes centred on it, as channels; only the centre plane's labels come with it. Raw EM comes scaled to
-[-1, 1]; labels keep the store's encoding
-(0 absent, 1 present, 255 unannotated) until `label_channels` turns them into the network's convention
-(+1 present, -1 absent, 0 unknown), so "unannotated" survives all the way to the loss. Flips and 90 degree
+[-1, 1]; labels keep the store's encoding (0 absent, 1 present, 255 unannotated) until `label_channels` turns them
+into the network's convention (+1 present, -1 absent, 0 unknown), so "unannotated" survives all the way to the
+loss. Flips and 90 degree
 rotations are applied identically to raw and labels. Class-balanced sampling centres a share of the patches on
 voxels of a requested class group, so rare organelles are seen.
 """
