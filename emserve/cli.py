@@ -655,7 +655,9 @@ def evaluate_transfer(
     sampler: opt.Sampler = DEFAULT_SAMPLER,
     steps: Annotated[int, typer.Option(help="Denoising steps.")] = DEFAULT_STEPS,
     spacing: opt.Spacing = DEFAULT_SPACING,
-    guidance: Annotated[float, typer.Option(help="Classifier-free guidance scale.")] = DEFAULT_LABEL_GUIDANCE,
+    guidance: Annotated[str, typer.Option(
+        help="Classifier-free guidance scale, or a weight per condition, e.g. label_map=3,dataset=1 (as `emserve "
+             "generate`).")] = f"{DEFAULT_LABEL_GUIDANCE:g}",
     json_out: opt.JsonOut = None,
 ) -> None:
     """Label transfer: render one store's label maps as EM (of another dataset, say), segment the EM, and
@@ -665,7 +667,8 @@ def evaluate_transfer(
 
     with load_runtime(model) as denoiser, load_runtime(segmenter) as seg:
         report = evaluate_label_transfer(denoiser, seg, labels_from, dataset=dataset, samples=samples, seed=seed,
-                                         sampler=sampler, steps=steps, spacing=spacing, guidance=guidance)
+                                         sampler=sampler, steps=steps, spacing=spacing,
+                                         guidance=opt.parse_guidance(guidance))
     report["crops"] = [f"{labels_from} rendered as {dataset or 'any dataset'}"]
     _print_scores(report)
     if json_out is not None:

@@ -141,10 +141,11 @@ def test_transfer_cli_renders_with_the_options_given(toy_store, tmp_path):
     renderer = make_checkpoint(tmp_path / "renderer", "em-from-labels", label_channels=len(CLASSES),
                                num_datasets=2)
     segmenter = make_checkpoint(tmp_path / "seg", "segmentation", seed=1)
-    options = dict(dataset="b", samples=6, seed=3, sampler="ddim", steps=3, guidance=2.0)
+    options = dict(dataset="b", samples=6, seed=3, sampler="ddim", steps=3,
+                   guidance={"label_map": 2.0, "dataset": 0.5})  # a weight per condition, as `generate` takes
     done = subprocess.run([sys.executable, "-m", "emserve.cli", "evaluate", "transfer", str(renderer), str(segmenter),
                            str(toy_store[0]), "--dataset", "b", "--samples", "6", "--seed", "3", "--sampler", "ddim",
-                           "--steps", "3", "--guidance", "2", "--json", str(tmp_path / "r.json")],
+                           "--steps", "3", "--guidance", "label_map=2,dataset=0.5", "--json", str(tmp_path / "r.json")],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     report = json.loads((tmp_path / "r.json").read_text())

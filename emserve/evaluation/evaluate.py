@@ -29,7 +29,14 @@ from emserve.evaluation.metrics import (
     tile_counts,
 )
 from emserve.pictures import grid, raw_to_rgb, save_png
-from emserve.pipelines import GenerationRequest, LabelSampling, generate, label_codes, store_label_maps
+from emserve.pipelines import (
+    GenerationRequest,
+    GuidanceScales,
+    LabelSampling,
+    generate,
+    label_codes,
+    store_label_maps,
+)
 from emserve.runtime.base import Runtime
 from emserve.segmentation import masks_from_probabilities, probabilities, segment_array
 
@@ -98,7 +105,7 @@ def evaluate_segmentation(runtime: Runtime, crops: Sequence[LabelledCrop], *, ax
 def evaluate_label_transfer(denoiser: Runtime, segmenter: Runtime, label_store: str, *, dataset: str | None,
                             samples: int = 64, seed: int = 0, sampler: str = DEFAULT_SAMPLER,
                             steps: int = DEFAULT_STEPS, spacing: str = DEFAULT_SPACING,
-                            guidance: float = DEFAULT_LABEL_GUIDANCE) -> dict:
+                            guidance: GuidanceScales = DEFAULT_LABEL_GUIDANCE) -> dict:
     """Render label maps from one store's crops as EM (optionally of another dataset), segment that EM, and score
     the segmentation against the label maps it was made from: do generated images carry their labels?"""
     card = denoiser.card
