@@ -264,8 +264,8 @@ def experiment(
     seeds: Annotated[str, typer.Option(help="Seeds, comma-separated; each trains every network anew. Intervals "
                                             "need 3 or more.")] = "0,1,2",
     results_from: Annotated[Path | None, typer.Option(
-        help="An earlier report.json of the same experiment (e.g. a committed one): the seeds it scored with every "
-             "arm asked for are taken from it, not trained again.")] = None,
+        help="An earlier report.json of the same experiment (e.g. a committed one): the arms it scored for each "
+             "seed are taken from it, not trained again; only the arms it lacks train.")] = None,
 ) -> None:
     """Does generated data help? Train segmentation on real, generated, mixed, pretrained, filtered, weighted
     and few-label data, from the DDPM's denoiser (denoising pretraining) and with depth context (2.5D), over several
@@ -273,8 +273,8 @@ def experiment(
 
     Also trains the pairs DDPMs it generates with (and, with --from-labels-steps, an EM-from-labels DDPM for the
     few+rendered and few+augmented arms), and reports realism (FD / KID) and class-presence guidance.
-    Rerun the same command to resume an interrupted experiment; add seeds to extend it (on another machine, with
-    --results-from the report that holds the earlier seeds).
+    Rerun the same command to resume an interrupted experiment; add seeds or arms to extend it (on another
+    machine, with --results-from the report that holds the earlier ones).
     """
     from emserve.data.store import annotated_classes
     from training.experiment import ExperimentConfig, run_experiment

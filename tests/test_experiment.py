@@ -167,7 +167,7 @@ def test_a_rerun_with_other_options_is_refused_naming_them(experiment):
     assert run_cli([*cmd, "--label-method", "paired"]).returncode == 2
 
 
-def test_seeds_scored_in_an_earlier_report_are_taken_from_it_and_only_new_seeds_train(experiment, tmp_path):
+def test_seeds_scored_in_an_earlier_report_are_taken_from_it_and_only_new_seeds_and_arms_train(experiment, tmp_path):
     """A seed's networks are gone with the machine that trained them; its scores in a committed report are not."""
     out, cmd, report = experiment
     elsewhere = tmp_path / "exp"
@@ -179,6 +179,16 @@ def test_seeds_scored_in_an_earlier_report_are_taken_from_it_and_only_new_seeds_
     assert sorted(p.name for p in elsewhere.glob("seed-*")) == ["seed-2"]  # seed 1 trained nothing here
     assert runs["1"]["arms"] == {"few": report["runs"]["1"]["arms"]["few"]}
     assert list(runs["2"]["arms"]) == ["few"]
+
+    third = tmp_path / "third"  # an arm added to a seed scored elsewhere trains that arm only
+    added = [*later[:later.index("--out") + 1], str(third), *later[later.index("--out") + 2:-1], "few,few+weighted"]
+    added[added.index("--seeds") + 1] = "2"
+    done = run_cli([*added, "--results-from", str(elsewhere / "report.json")])
+    assert done.returncode == 0, done.stderr
+    grown = json.loads((third / "report.json").read_text())
+    assert sorted(p.name for p in (third / "seed-2").glob("seg-*")) == ["seg-few-weighted"]
+    assert grown["runs"]["2"]["arms"]["few"] == runs["2"]["arms"]["few"]
+    assert [c["arm"] for c in grown["comparisons"]] == ["few+weighted"]
 
     elsewhere.rename(tmp_path / "done")  # a fresh folder, so only the earlier report's options can differ
     other = run_cli([*later, "--samples", "9", "--results-from", str(out / "report.json")])

@@ -87,9 +87,9 @@ def check_same_experiment(cfg: ExperimentConfig, out: Path) -> None:
 
 def earlier_runs(cfg: ExperimentConfig, held: list) -> dict[str, dict]:
     """{seed: its scores} of the seeds that `cfg.results_from` (an earlier report.json of the same experiment)
-    scored with every arm asked for now: a seed's networks go with the machine that trained them, its scores stay
-    in the report, so an experiment longer than one machine's day continues seed by seed. Refused when the
-    report's experiment differs in anything but seeds, arms and folder."""
+    scored, kept to the arms asked for now: a seed's networks go with the machine that trained them, its scores stay
+    in the report, so an experiment longer than one machine's day continues seed by seed and arm by arm. Refused
+    when the report's experiment differs in anything but seeds, arms and folder."""
     if not cfg.results_from:
         return {}
     report = json.loads(Path(cfg.results_from).read_text())
@@ -99,9 +99,8 @@ def earlier_runs(cfg: ExperimentConfig, held: list) -> dict[str, dict]:
         changed.append(f"held-out crops {report['held_out']} (now {held_out})")
     if changed:
         raise ValueError(f"results_from: {cfg.results_from} is another experiment: {', '.join(changed)}")
-    arms = cfg.chosen_arms
-    return {seed: {**run, "arms": {arm: run["arms"][arm] for arm in arms}}
-            for seed, run in report["runs"].items() if set(arms) <= set(run["arms"])}
+    return {seed: {**run, "arms": {arm: run["arms"][arm] for arm in cfg.chosen_arms if arm in run["arms"]}}
+            for seed, run in report["runs"].items()}
 
 
 def run_experiment(cfg: ExperimentConfig) -> Path:
@@ -116,7 +115,11 @@ def run_experiment(cfg: ExperimentConfig) -> Path:
         raise ValueError(f"from_labels_steps: the training crops {crops} have no annotated tile of classes "
                          f"{cfg.classes} on their {cfg.few_slices} labelled slices, so nothing to draw")
     earlier = earlier_runs(cfg, held)
-    runs = {str(seed): earlier.get(str(seed)) or SeedRun(cfg, seed, crops, maps).run(held) for seed in cfg.seeds}
+    runs = {}
+    for seed in map(str, cfg.seeds):
+        kept = earlier.get(seed, {"arms": {}})
+        missing = [arm for arm in cfg.chosen_arms if arm not in kept["arms"]]
+        runs[seed] = merge_runs(kept, SeedRun(cfg, int(seed), crops, maps, missing).run(held)) if missing else kept
     report = {"config": asdict(cfg) | {"arms": cfg.chosen_arms}, "held_out": [f"{c.dataset}/{c.name}" for c in held],
               "training_crops": crops, "count_tile": count_tile(cfg), **summarize(runs, cfg.chosen_arms), "runs": runs}
     (out / "report.json").write_text(json.dumps(report, indent=2, default=list))
@@ -125,13 +128,24 @@ def run_experiment(cfg: ExperimentConfig) -> Path:
     return path
 
 
-class SeedRun:
-    """One seed's networks and data, trained, generated and scored in the order the arms need them."""
+def merge_runs(earlier: dict, new: dict) -> dict:
+    """One seed's record from an earlier report's arms and the arms trained now (what both have, the new one's)."""
+    merged = {key: {**earlier.get(key, {}), **value} for key, value in new.items() if key != "class_balance"}
+    return merged | {"class_balance": new["class_balance"] or earlier.get("class_balance", {})}
 
-    def __init__(self, cfg: ExperimentConfig, seed: int, crops: dict[str, list[str]], maps: dict):
+
+class SeedRun:
+    """One seed's networks and data, trained, generated and scored in the order the arms need them.
+
+    `arms`: those to train and score (the experiment's, less those an earlier report scored). An arm that
+    continues or filters by its baseline's network (`+longer`, `+filtered`) trains that network here too when an
+    earlier report holds only its scores."""
+
+    def __init__(self, cfg: ExperimentConfig, seed: int, crops: dict[str, list[str]], maps: dict,
+                 arms: list[str]):
         self.cfg, self.seed, self.crops, self.maps = cfg, seed, crops, maps
         self.dir = Path(cfg.out) / f"seed-{seed}"
-        self.arms = cfg.chosen_arms
+        self.arms = arms
         self.shared = {"classes": cfg.classes, "patch_size": cfg.patch_size, "width": cfg.width,
                        "multipliers": tuple(cfg.multipliers), "blocks_per_level": cfg.blocks_per_level,
                        "batch_size": cfg.batch_size, "lr": cfg.lr, "class_groups": cfg.class_groups, "seed": seed,
