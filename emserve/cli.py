@@ -201,6 +201,9 @@ def train_seg(
     depth: Annotated[int, typer.Option(help="Sections the network reads, an odd number: 3 = each section with its "
                                             "two neighbours as input channels (2.5D, real stores only); 1 = "
                                             "2D.")] = 1,
+    elastic: Annotated[float, typer.Option(help="Share of the real patches also deformed elastically (EM and "
+                                              "labels alike, after the flips and rotations every patch gets), in "
+                                              "[0, 1].")] = 0.0,
     net: opt.NetOptions = opt.NetOptions(),
     run: opt.RunOptions = opt.RunOptions(),
 ) -> None:
@@ -219,7 +222,8 @@ def train_seg(
         stores=stores, out=str(out), generated=generated, generated_fraction=generated_fraction,
         generated_weight=generated_weight, init=str(init or ""),
         classes=opt.parse_csv(classes) or annotated_classes(stores + generated), exclusive=exclusive,
-        dice_weight=dice_weight, depth=depth, **net.config(), **run.config(), command=command_line(),
+        dice_weight=dice_weight, depth=depth, elastic=elastic, **net.config(), **run.config(),
+        command=command_line(),
     )
     _report_checkpoint(train(cfg, resume=run.resume))
 

@@ -10,7 +10,7 @@ import pytest
 from checkpoints import CLASSES
 
 from emserve.classes import UNKNOWN
-from emserve.data.patches import load_crops
+from emserve.data.patches import elastic_coordinates, load_crops, warp
 from emserve.data.store import EMStore
 from training.experiment import ARMS, ExperimentConfig, baseline_of
 from training.experiment.generated import deform, few_label_maps, label_source, split_in_proportion
@@ -69,10 +69,11 @@ def test_arms_carry_intervals_and_each_generated_arm_its_paired_difference(exper
         assert row["mean_dice"] == pytest.approx(np.mean(row["per_seed"]))
         assert row["ci95"][0] <= row["mean_dice"] <= row["ci95"][1], arm
     compared = [(c["arm"], c["baseline"]) for c in report["comparisons"]]
-    denoiser_controls = [(f"{r}+denoiser", f"{r}+longer") for r in ("real", "few")]
-    assert [c for c in compared if c not in denoiser_controls] == [(a, baseline_of(a)) for a in ARMS
-                                                                   if a not in ("real", "few")]
-    assert all(c in compared for c in denoiser_controls)  # more compute: also against the same compute
+    # also against what gives the same without the generative model: more compute, deformed real pairs
+    controls = [*((f"{r}+denoiser", f"{r}+longer") for r in ("real", "few")), ("few+augmented", "few+elastic")]
+    assert [c for c in compared if c not in controls] == [(a, baseline_of(a)) for a in ARMS
+                                                          if a not in ("real", "few")]
+    assert all(c in compared for c in controls)
     for c in report["comparisons"]:
         assert set(c) == {"arm", "baseline", "mean_dice_diff", "ci95", "seeds", "per_seed", "verdict"}
         assert c["seeds"] == 2
@@ -123,6 +124,15 @@ def test_depth_arms_train_their_baselines_data_reading_three_sections(experiment
         assert card["training"]["config"]["labelled_slices"] == slices and card["training"]["generated"] == []
         assert "init" not in card["training"] and card["training"]["config"]["steps"] == 6
     assert {(c["arm"], c["baseline"]) for c in report["comparisons"]} >= {("real+depth", "real"), ("few+depth", "few")}
+
+
+def test_elastic_arms_deform_their_baselines_real_pairs_as_often_as_augmented_arms_mix_in_drawn_ones(experiment):
+    out, _, _ = experiment
+    for arm, slices in (("real-elastic", 0), ("few-elastic", 2)):
+        config = json.loads(next((out / "seed-0" / f"seg-{arm}").glob("step-*/card.json")).read_text())["training"]
+        assert config["config"]["elastic"] == 0.5  # the experiment's mix: the share augmented arms draw
+        assert config["config"]["labelled_slices"] == slices and config["generated"] == []
+        assert "init" not in config and config["config"]["steps"] == 6
 
 
 def test_filtered_stores_drop_only_pairs_the_baseline_disagrees_with(experiment):
@@ -250,9 +260,8 @@ def test_deformed_label_maps_keep_their_codes_and_move_boundaries_by_a_few_pixel
     assert not any(np.array_equal(out, np.rot90(v, k, axes=(-2, -1))) for k in range(4)
                    for v in (labels, labels[..., ::-1]))  # more than a flip or rotation
     assert abs(int(out[0].sum()) - int(disc.sum())) < 0.25 * disc.sum()  # bent, not torn or blown up
-    still = deform(labels, np.random.default_rng(0), amplitude=0.0)  # no displacement: a flip or rotation of it
-    assert any(np.array_equal(still, np.rot90(v, k, axes=(-2, -1))) for k in range(4)
-               for v in (labels, labels[..., ::-1]))
+    still = elastic_coordinates(64, np.random.default_rng(0), amplitude=0.0)  # no displacement: the map itself
+    np.testing.assert_array_equal(warp(labels, still, order=0), labels)
 
 
 def test_a_deformed_sample_does_not_depend_on_the_batch_it_is_drawn_in():

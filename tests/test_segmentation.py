@@ -280,6 +280,15 @@ def test_rejected_generated_samples_take_no_batch_slots_and_generated_patches_ca
     np.testing.assert_allclose(drawn, expected, atol=1e-3)
     np.testing.assert_array_equal(weight, [1.0] * 32 + [0.25] * 32)
 
+    # elastic deformation bends real patches only: a generated square stays a square
+    bent = SegBatchSource(SegConfig(stores=[str(toy_store[0])], generated=[str(store)], elastic=1.0,
+                                    out=str(tmp_path / "run"), classes=CLASSES, patch_size=16))
+    squares = bent.sample(np.random.default_rng(0), 64)[0].labels[32:, 0] == 1
+    rows, cols = squares.any(axis=2), squares.any(axis=1)
+    assert (squares.sum(axis=(1, 2)) == 25).all() and (rows.sum(1) == 5).all() and (cols.sum(1) == 5).all()
+    with pytest.raises(ValueError, match=r"elastic: must be in \[0, 1\], got 1.5"):
+        SegConfig(stores=[str(toy_store[0])], out=str(tmp_path / "bad"), classes=CLASSES, elastic=1.5)
+
 
 @pytest.mark.slow
 def test_segment_cli_writes_predictions_that_overlay_the_source(toy_store, tmp_path):

@@ -46,7 +46,8 @@ class SegConfig(TrainConfig):
     empty, not both); with both, `generated_fraction` of every batch comes from the generated ones, each weighted
     `generated_weight` in the loss (a real patch weighs 1). `init`: a segmentation checkpoint to start from, or a DDPM
     checkpoint whose denoiser becomes the starting network (`training.transfer`). `depth` > 1: the network reads that
-    many adjacent sections (2.5D) and labels the middle one."""
+    many adjacent sections (2.5D) and labels the middle one. `elastic`: the share of real patches also deformed
+    elastically (generated ones come as drawn)."""
 
     generated: list[str] = field(default_factory=list)
     generated_fraction: float = 0.5
@@ -55,6 +56,7 @@ class SegConfig(TrainConfig):
     dice_weight: float = 1.0
     init: str = ""
     depth: int = 1
+    elastic: float = 0.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -71,7 +73,7 @@ class SegConfig(TrainConfig):
         if not 0 < self.generated_weight <= 1:
             raise ValueError(f"generated_weight: must be in (0, 1] (a real patch weighs 1), got "
                              f"{self.generated_weight}")
-        self.check_fractions("generated_fraction")
+        self.check_fractions("generated_fraction", "elastic")
 
 
 class SegBatchSource:
@@ -90,7 +92,7 @@ class SegBatchSource:
             if samples:
                 crops = labelled_samples(crops)
             return PatchSampler(crops, cfg.patch_size, axis=cfg.axis, class_groups=cfg.class_groups,
-                                balance=cfg.balance, depth=cfg.depth)
+                                balance=cfg.balance, depth=cfg.depth, elastic=0.0 if samples else cfg.elastic)
 
         self.real = sampler(cfg.stores, cfg.labelled_crops([EMStore(p) for p in cfg.stores]))
         # generated stores: every crop, all labels as generated, at their one (nominal) voxel size

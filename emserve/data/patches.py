@@ -15,6 +15,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from scipy import ndimage
 
 from emserve.checks import check_choice, check_depth
 from emserve.classes import PRESENT, UNKNOWN
@@ -102,6 +103,22 @@ def _take_stack(volume: np.ndarray, axis: int, index: int, a: int, b: int, patch
                      for i in neighbour_sections(index, depth, volume.shape[axis])])
 
 
+def elastic_coordinates(size: int, rng: np.random.Generator, smoothness: float = 8.0, amplitude: float = 4.0,
+                        ) -> np.ndarray:
+    """Sampling coordinates [2, size, size] of a smooth random deformation: white noise smoothed over `smoothness`
+    pixels and scaled to `amplitude` pixels (root mean square), so membranes bend and objects change shape
+    without tearing."""
+    field = np.stack([ndimage.gaussian_filter(rng.standard_normal((size, size)), smoothness) for _ in range(2)])
+    field *= amplitude / max(float(np.sqrt((field**2).sum(0).mean())), 1e-12)
+    return np.mgrid[:size, :size].astype(np.float64) + field
+
+
+def warp(array: np.ndarray, coordinates: np.ndarray, order: int) -> np.ndarray:
+    """Every channel of `array` [C, H, W] resampled at `coordinates` (borders reflect): order 1 for EM, 0
+    (nearest) for labels, which keeps their codes instead of blending them."""
+    return np.stack([ndimage.map_coordinates(channel, coordinates, order=order, mode="mirror") for channel in array])
+
+
 def _augment(arrays: Sequence[np.ndarray], rng: np.random.Generator) -> list[np.ndarray]:
     """The same random flip and 90 degree rotation for every array (last two axes)."""
     k, flip = int(rng.integers(4)), bool(rng.integers(2))
@@ -119,6 +136,8 @@ class PatchSampler:
     probability `balance` a patch is centred on a random voxel of a random group (groups chosen uniformly, so
     a rare group is seen as often as a common one). `dataset_ids` maps dataset names to condition ids. `depth`
     sections around each plane come as its raw channels (`neighbour_sections`: mirrored at the crop's ends).
+    `elastic`: the share of augmented patches also deformed elastically (`elastic_coordinates`; EM and labels
+    alike), new shapes from the same annotations.
     """
 
     def __init__(
@@ -132,6 +151,7 @@ class PatchSampler:
         balance: float = 0.5,
         dataset_ids: Mapping[str, int] | None = None,
         depth: int = 1,
+        elastic: float = 0.0,
     ):
         if not crops:
             raise ValueError("crops: no labelled crops to sample from")
@@ -139,14 +159,15 @@ class PatchSampler:
         for c in crops:
             if c.classes != classes:
                 raise ValueError(f"crops: {c.dataset}/{c.name} has classes {c.classes}, expected {classes}")
-        if not 0 <= balance <= 1:
-            raise ValueError(f"balance: {balance} is not a probability in [0, 1]")
+        for name, share in (("balance", balance), ("elastic", elastic)):
+            if not 0 <= share <= 1:
+                raise ValueError(f"{name}: {share} is not a probability in [0, 1]")
         self.crops, self.classes, self.patch, self.augment = list(crops), classes, patch_size, augment
         self.axis, self.depth = check_axis(axis), check_depth(depth)
         self.dataset_ids = dict(dataset_ids or {n: i for i, n in enumerate(sorted({c.dataset for c in crops}))})
         self.windows = [_plane_window(c.raw.shape, self.axis, patch_size, f"crop {c.dataset}/{c.name}")
                         for c in crops]
-        self.balance = balance
+        self.balance, self.elastic = balance, elastic
         self.groups = [self._group_voxels(group) for group in class_groups]
         self.groups = [g for g in self.groups if g]  # groups that never occur cannot be balanced for
 
@@ -204,6 +225,9 @@ class PatchSampler:
             raw = _take_stack(crop.raw, self.axis, index, a, b, self.patch, self.depth)
             lab = _take(crop.labels, self.axis, index, a, b, self.patch)
             if rng is not None:
+                if self.elastic and rng.random() < self.elastic:  # no draw without it: streams stay as they were
+                    coordinates = elastic_coordinates(self.patch, rng)
+                    raw, lab = warp(raw, coordinates, order=1), warp(lab, coordinates, order=0)
                 raw, lab = _augment([raw, lab], rng)
             raws.append(raw)
             labels.append(lab)

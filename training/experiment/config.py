@@ -16,14 +16,16 @@ Two regimes, each with a baseline trained on real annotations only and arms that
                    so only the DDPM budget's steps are trained
   real+depth       real pairs, the network reading `depth` adjacent sections (2.5D) instead of one: what 3D
                    context gives, no generative model
+  real+elastic     real pairs, `mix` of the patches deformed elastically (EM and labels alike, as +augmented deforms
+                   its label maps): new label shapes without a generative model, the control of few+augmented
   few              real pairs, labels kept on only `few_slices` slices per crop (baseline of the low-label regime)
-  few+...          the same seven arms with the few-label DDPM and the `few` network as the filter
+  few+...          the same eight arms with the few-label DDPM and the `few` network as the filter
   few+rendered     the labelled slices' label maps drawn as new EM by an EM-from-labels DDPM (real labels,
                    generated EM), mixed in; that DDPM's label-free quarter of each batch reads raw EM from whole
                    volumes, held-out crops' EM included (never their labels): the one generator that sees
                    unlabelled held-out EM
   few+augmented    the same label maps deformed (elastic, flips, rotations) before they are drawn: new label
-                   shapes, not only new EM
+                   shapes, not only new EM; compared with few+elastic too, which deforms the real pairs themselves
 
 The DDPMs of the low-label regime learn their EM from every slice and their labels only where annotated.
 """
@@ -36,7 +38,7 @@ from emserve.checks import check_depth
 from emserve.diffusion import DEFAULT_SAMPLER, DEFAULT_SPACING, DEFAULT_STEPS
 from emserve.postprocess import DEFAULT_LABEL_METHOD
 
-METHODS = ("generated", "pretrained", "filtered", "weighted", "denoiser", "longer", "depth")
+METHODS = ("generated", "pretrained", "filtered", "weighted", "denoiser", "longer", "depth", "elastic")
 RENDERING = ("rendered", "augmented")  # few-label arms drawn by the EM-from-labels DDPM
 ARMS = ("real", "generated", *(f"real+{m}" for m in METHODS), "few", *(f"few+{m}" for m in METHODS + RENDERING))
 PRETRAIN_SHARE = 0.5  # pretrained arms: share of the segmentation budget spent on generated pairs
@@ -55,10 +57,14 @@ def baseline_of(arm: str) -> str:
     return BASELINE[regime_of(arm)]
 
 
+CONTROLS = {"denoiser": "longer", "augmented": "elastic"}  # method -> the method that gets the same without it
+
+
 def control_of(arm: str) -> str | None:
-    """The arm that spends the same compute without the generative model, for arms that spend more than their
-    baseline: +denoiser against +longer."""
-    return arm.replace("+denoiser", "+longer") if arm.endswith("+denoiser") else None
+    """The arm that gets what `arm` adds beyond its baseline without the generative model: +denoiser's compute
+    (+longer), +augmented's new label shapes (+elastic)."""
+    regime, _, method = arm.partition("+")
+    return f"{regime}+{CONTROLS[method]}" if method in CONTROLS else None
 
 
 @dataclass

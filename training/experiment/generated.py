@@ -14,10 +14,16 @@ from pathlib import Path
 
 import numpy as np
 import zarr
-from scipy import ndimage
 
 from emserve.classes import UNKNOWN
-from emserve.data.patches import PatchBatch, PatchSampler, label_channels, load_crops
+from emserve.data.patches import (
+    PatchBatch,
+    PatchSampler,
+    elastic_coordinates,
+    label_channels,
+    load_crops,
+    warp,
+)
 from emserve.data.sources import GROUNDTRUTH_GROUP
 from emserve.data.store import EMStore
 from emserve.data.writer import atomic_directory
@@ -120,19 +126,10 @@ def few_label_maps(cfg: ExperimentConfig, crops: dict[str, list[str]]) -> dict[s
             if (tiles.dataset == i).any()}
 
 
-def deform(labels: np.ndarray, rng: np.random.Generator, smoothness: float = 8.0, amplitude: float = 4.0,
-           ) -> np.ndarray:
-    """One label map [K, P, P] (0/1/255) elastically deformed, then flipped and rotated at random.
-
-    The displacement is white noise smoothed over `smoothness` pixels and scaled to `amplitude` pixels (root mean
-    square): membranes bend and objects change shape without tearing. Nearest-neighbour sampling keeps the
-    codes (no blended labels); borders reflect.
-    """
-    size = labels.shape[-1]
-    field = np.stack([ndimage.gaussian_filter(rng.standard_normal((size, size)), smoothness) for _ in range(2)])
-    field *= amplitude / max(float(np.sqrt((field**2).sum(0).mean())), 1e-12)
-    coords = np.mgrid[:size, :size].astype(np.float64) + field
-    out = np.stack([ndimage.map_coordinates(channel, coords, order=0, mode="mirror") for channel in labels])
+def deform(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """One label map [K, P, P] (0/1/255) elastically deformed (`elastic_coordinates`, nearest-neighbour so the
+    codes stay codes), then flipped and rotated at random."""
+    out = warp(labels, elastic_coordinates(labels.shape[-1], rng), order=0)
     out = np.rot90(out, int(rng.integers(4)), axes=(-2, -1))
     return np.ascontiguousarray(out[..., ::-1] if rng.integers(2) else out)
 

@@ -64,7 +64,9 @@ def markdown_report(report: dict) -> str:
              f"regime's pairs DDPM folded into a segmenter at {FOLD_TIME:.0%} of its schedule (denoising "
              f"pretraining, no generated data); longer arms: their baseline's data for the segmentation and DDPM "
              f"budgets together (the compute of the denoiser arms); depth arms: their baseline's data, the network "
-             f"reading {cfg['depth']} adjacent sections (2.5D, no generative model); few = "
+             f"reading {cfg['depth']} adjacent sections (2.5D, no generative model); elastic arms: their "
+             f"baseline's data, {cfg['mix']} of the patches deformed elastically (EM and labels alike, as the "
+             f"augmented arm deforms its label maps; no generative model); few = "
              f"{cfg['few_slices']} labelled slices per crop; real data at voxel size "
              f"{cfg['voxel_size'] or 'finest'} nm."
              + (f" Rendered arms: an EM-from-labels DDPM of {cfg['from_labels_steps']} steps, trained on the few-label "
@@ -81,7 +83,8 @@ def markdown_report(report: dict) -> str:
                      + " | ".join(format_score(v) for v in row["per_seed"]) + " |")
     if report["comparisons"]:
         lines += ["", "## Does the generative model help?", "",
-                  "Each arm that adds generated data, the DDPM's weights, training steps or depth context against its "
+                  "Each arm that adds generated data, the DDPM's weights, training steps, depth context or elastic "
+                  "deformation against its "
                   "baseline (real annotations only, same seeds): the paired difference in mean Dice, resampled with "
                   "the same seeds and blocks for both.", "",
                   "| arm | baseline | difference | 95 % interval | per seed | reading |", "|---|---|---|---|---|---|"]

@@ -207,6 +207,8 @@ class SeedRun:
             return real, steps + cfg.ddpm_steps
         if method == "depth":
             return {**real, "depth": cfg.depth}, steps
+        if method == "elastic":
+            return {**real, "elastic": cfg.mix}, steps
         if method in ("rendered", "augmented"):
             stores = render(cfg, self.ddpm("from-labels"), self.maps, self.dir, self.seed, method == "augmented")
             return {**real, "generated": [str(p) for p in stores], **mixed}, steps
