@@ -14,6 +14,7 @@ from emserve.data.patches import elastic_coordinates, load_crops, warp
 from emserve.data.store import EMStore
 from training.experiment import ARMS, ExperimentConfig, baseline_of
 from training.experiment.generated import deform, few_label_maps, label_source, split_in_proportion
+from training.experiment.report import markdown_report
 
 pytestmark = pytest.mark.slow  # real servers, exports or training runs: `make test` runs it, `make check` not
 
@@ -84,6 +85,20 @@ def test_arms_carry_intervals_and_each_generated_arm_its_paired_difference(exper
     markdown = (experiment[0] / "report.md").read_text()
     assert all(f"| {c['arm']} | {c['baseline']} | {c['mean_dice_diff']:+.3f} |" in markdown
                for c in report["comparisons"])
+
+
+def test_the_report_states_the_settings_of_the_arms_it_ran_and_of_no_others(experiment):
+    _, _, report = experiment
+    budget = lambda text: next(line for line in text.splitlines() if line.startswith("Budget:"))  # noqa: E731
+    every = budget(markdown_report(report))
+    methods = ("pretrained", "weighted", "filtered", "denoiser", "longer", "depth", "elastic", "rendered")
+    assert all(f"{m} arms:" in every for m in methods) and "8 generated pairs per DDPM" in every
+    depth_only = {**report, "arms": {a: report["arms"][a] for a in ("few", "few+depth")},
+                  "comparisons": [c for c in report["comparisons"] if c["arm"] == "few+depth"]}
+    line = budget(markdown_report(depth_only))
+    assert "depth arms: their baseline's data, the network reading 3 adjacent sections" in line
+    assert "few = 2 labelled slices per crop" in line
+    assert not any(word in line for word in (*methods[:-3], "rendered", "elastic", "DDPM", "generated"))
 
 
 def test_pretrained_arms_start_from_generated_pretraining_with_the_same_total_budget(experiment):

@@ -32,7 +32,8 @@ The DDPMs of the low-label regime learn their EM from every slice and their labe
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import json
+from dataclasses import MISSING, dataclass, field, fields
 
 from emserve.checks import check_depth
 from emserve.diffusion import DEFAULT_SAMPLER, DEFAULT_SPACING, DEFAULT_STEPS
@@ -135,3 +136,10 @@ class ExperimentConfig:
         wanted = set(self.arms or possible)
         wanted |= {baseline_of(a) for a in wanted}
         return [a for a in ARMS if a in wanted]
+
+
+def recorded_defaults() -> dict:
+    """Every option's default as a record of the options holds it (JSON types): what an experiment recorded before
+    an option existed ran with."""
+    defaults = {f.name: f.default for f in fields(ExperimentConfig) if f.default is not MISSING}
+    return json.loads(json.dumps(defaults, default=list))

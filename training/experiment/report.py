@@ -7,7 +7,7 @@ import numpy as np
 
 from emserve.evaluation.metrics import format_score
 from emserve.evaluation.statistics import dice_interval, paired_difference, verdict
-from training.experiment.config import BASELINE, PRETRAIN_SHARE, baseline_of, control_of
+from training.experiment.config import BASELINE, PRETRAIN_SHARE, baseline_of, control_of, recorded_defaults
 from training.transfer import FOLD_TIME
 
 
@@ -44,6 +44,48 @@ def _interval(ci: list[float]) -> str:
     return f"[{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci[0] < 0 or ci[1] < 0 else f"[{ci[0]:.3f}, {ci[1]:.3f}]"
 
 
+def budget(cfg: dict, arms: list[str]) -> str:
+    """The budgets and settings of the arms that were run (and of none that were not), in one paragraph."""
+    methods = {arm.partition("+")[2] for arm in arms if "+" in arm}
+    samples = "generated" in arms or methods & {"generated", "pretrained", "filtered", "weighted"}
+    cfg = recorded_defaults() | cfg  # a report written before an option existed ran with its default
+    parts = {
+        "pretrained": f"pretrained arms: {PRETRAIN_SHARE:.0%} of the segmentation steps on generated pairs, the "
+                      f"rest on real ones",
+        "weighted": f"weighted arms: generated patches weigh {cfg['generated_weight']}",
+        "filtered": f"filtered arms: kept if the baseline network agrees with the pair at least as well as with the "
+                    f"lower {cfg['filter_quantile']:.0%} of real training patches (none kept: the arm trains as its "
+                    f"baseline)",
+        "denoiser": f"denoiser arms: the whole budget on real pairs, starting from the regime's pairs DDPM folded "
+                    f"into a segmenter at {FOLD_TIME:.0%} of its schedule (denoising pretraining, no generated data)",
+        "longer": "longer arms: their baseline's data for the segmentation and DDPM budgets together (the compute "
+                  "of the denoiser arms)",
+        "depth": f"depth arms: their baseline's data, the network reading {cfg['depth']} adjacent sections (2.5D, no "
+                 f"generative model)",
+        "elastic": f"elastic arms: their baseline's data, {cfg['mix']} of the patches deformed elastically (EM and "
+                   f"labels alike, as the augmented arm deforms its label maps; no generative model)",
+        "rendered": f"rendered arms: an EM-from-labels DDPM of {cfg['from_labels_steps']} steps, trained on the "
+                    f"few-label data and on unlabelled EM of whole volumes (held-out crops' EM included, never their "
+                    f"labels: the one generator that sees held-out EM), draws the labelled slices' label maps "
+                    f"(augmented: deformed first) as {cfg['samples']} EM images",
+    }
+    text = [f"segmentation {cfg['seg_steps']} steps, batch {cfg['batch_size']}, patch {cfg['patch_size']}, UNet "
+            f"width {cfg['width']} x {tuple(cfg['multipliers'])}"]
+    if samples or methods & {"denoiser", "longer"}:
+        text.append(f"pairs DDPM {cfg['ddpm_steps']} steps")
+    if samples:
+        text.append(f"{cfg['samples']} generated pairs per DDPM ({cfg['sampler']}, {cfg['sample_steps']} "
+                    f"{cfg['spacing']}-spaced steps, label objects under {cfg['despeckle']} pixels dropped, "
+                    f"{cfg['label_method']} decoding)")
+    if methods & {"generated", "filtered", "weighted", "rendered", "augmented"}:
+        text.append(f"generated share of each mixed batch {cfg['mix']}")
+    methods |= {"rendered"} if "augmented" in methods else set()
+    text += [parts[m] for m in parts if m in methods]
+    if "few" in arms:
+        text.append(f"few = {cfg['few_slices']} labelled slices per crop")
+    return f"Budget: {'; '.join(text)}; real data at voxel size {cfg['voxel_size'] or 'finest'} nm."
+
+
 def markdown_report(report: dict) -> str:
     """The report people read: what was run, scores with intervals, the differences in words, then details."""
     cfg, arms, seeds = report["config"], report["arms"], list(report["runs"])
@@ -52,27 +94,7 @@ def markdown_report(report: dict) -> str:
              f"{', '.join(report['held_out'])}. Seeds: {', '.join(seeds)} (each seed trains every DDPM and network "
              f"of the experiment anew).", "",
              f"Command: `{cfg['command'] or 'emserve experiment (library call)'}`", "",
-             f"Budget: segmentation {cfg['seg_steps']} steps (pretrained arms: {PRETRAIN_SHARE:.0%} of them on "
-             f"generated pairs, the rest on real ones), DDPM {cfg['ddpm_steps']} steps, batch {cfg['batch_size']}, "
-             f"patch {cfg['patch_size']}, UNet width {cfg['width']} x {tuple(cfg['multipliers'])}; {cfg['samples']} "
-             f"generated pairs per DDPM ({cfg['sampler']}, {cfg['sample_steps']} {cfg['spacing']}-spaced steps, label "
-             f"objects under {cfg['despeckle']} pixels dropped, {cfg['label_method']} decoding); mix {cfg['mix']}; "
-             f"weighted arms: generated patches "
-             f"weigh {cfg['generated_weight']}; filtered arms: kept if the baseline network agrees with the pair at "
-             f"least as well as with the lower {cfg['filter_quantile']:.0%} of real training patches (none kept: the "
-             f"arm trains as its baseline); denoiser arms: the whole budget on real pairs, starting from the "
-             f"regime's pairs DDPM folded into a segmenter at {FOLD_TIME:.0%} of its schedule (denoising "
-             f"pretraining, no generated data); longer arms: their baseline's data for the segmentation and DDPM "
-             f"budgets together (the compute of the denoiser arms); depth arms: their baseline's data, the network "
-             f"reading {cfg['depth']} adjacent sections (2.5D, no generative model); elastic arms: their "
-             f"baseline's data, {cfg['mix']} of the patches deformed elastically (EM and labels alike, as the "
-             f"augmented arm deforms its label maps; no generative model); few = "
-             f"{cfg['few_slices']} labelled slices per crop; real data at voxel size "
-             f"{cfg['voxel_size'] or 'finest'} nm."
-             + (f" Rendered arms: an EM-from-labels DDPM of {cfg['from_labels_steps']} steps, trained on the few-label "
-                f"data and on unlabelled EM of whole volumes (held-out crops' EM included, never their labels: the "
-                f"one generator that sees held-out EM), draws the labelled slices' label maps (augmented: deformed "
-                f"first) as EM." if cfg.get("from_labels_steps") else ""), "",
+             budget(cfg, list(arms)), "",
              "## Segmentation on the held-out crops", "",
              f"Mean Dice over classes, averaged over seeds; 95 % interval from a bootstrap over seeds and held-out "
              f"columns ({report['count_tile']} x {report['count_tile']} pixels through every section).", "",

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import MISSING, asdict, fields
+from dataclasses import asdict
 from pathlib import Path
 
 from emserve.card import ModelCard
@@ -22,7 +22,7 @@ from emserve.reports import write_json
 from emserve.runtime.load import load_runtime
 from training import checkpoint as ckpt
 from training.ddpm import DDPMConfig, train_ddpm
-from training.experiment.config import BASELINE, PRETRAIN_SHARE, ExperimentConfig, regime_of
+from training.experiment.config import BASELINE, PRETRAIN_SHARE, ExperimentConfig, recorded_defaults, regime_of
 from training.experiment.generated import (
     few_label_maps,
     filter_record,
@@ -64,8 +64,7 @@ def options(cfg: ExperimentConfig) -> dict:
 def changed_options(cfg: ExperimentConfig, recorded: dict, ignore: tuple[str, ...] = ()) -> list[str]:
     """The options of `cfg` that differ from those `recorded` (an option added to emserve after the record was
     written was used at its default), as 'name=old (now new)'."""
-    defaults = {f.name: f.default for f in fields(ExperimentConfig) if f.default is not MISSING}
-    before = json.loads(json.dumps(defaults, default=list)) | recorded
+    before = recorded_defaults() | recorded
     return [f"{k}={before.get(k)!r} (now {v!r})" for k, v in options(cfg).items()
             if k not in ignore and before.get(k) != v]
 
