@@ -201,9 +201,9 @@ def train_seg(
     depth: Annotated[int, typer.Option(help="Sections the network reads, an odd number: 3 = each section with its "
                                             "two neighbours as input channels (2.5D, real stores only); 1 = "
                                             "2D.")] = 1,
-    elastic: Annotated[float, typer.Option(help="Share of the real patches also deformed elastically (EM and "
-                                              "labels alike, after the flips and rotations every patch gets), in "
-                                              "[0, 1].")] = 0.0,
+    elastic: Annotated[float, typer.Option(help="Share of every batch made of elastically deformed copies of "
+                                              "annotated real patches (EM and labels bent alike: new shapes from "
+                                              "the same annotations), in [0, 1]; not with --generated.")] = 0.0,
     net: opt.NetOptions = opt.NetOptions(),
     run: opt.RunOptions = opt.RunOptions(),
 ) -> None:
@@ -252,7 +252,8 @@ def experiment(
     spacing: opt.Spacing = DEFAULT_SPACING,
     despeckle: opt.Despeckle = 0,
     label_method: opt.LabelMethod = DEFAULT_LABEL_METHOD,
-    mix: Annotated[float, typer.Option(help="Mixed arms: share of generated patches per batch.")] = 0.5,
+    mix: Annotated[float, typer.Option(help="Mixed arms: share of generated (elastic arms: deformed) patches per "
+                                            "batch.")] = 0.5,
     generated_weight: Annotated[float, typer.Option(help="Weighted arms: loss weight of a generated patch "
                                                          "(a real one weighs 1).")] = 0.25,
     filter_quantile: Annotated[float, typer.Option(
@@ -272,8 +273,8 @@ def experiment(
              "seed are taken from it, not trained again; only the arms it lacks train.")] = None,
 ) -> None:
     """Does generated data help? Train segmentation on real, generated, mixed, pretrained, filtered, weighted
-    and few-label data, from the DDPM's denoiser (denoising pretraining) and with depth context (2.5D), over several
-    seeds; score all with 95 % intervals and paired differences.
+    and few-label data, from the DDPM's denoiser (denoising pretraining), with depth context (2.5D) and with
+    elastically deformed real pairs, over several seeds; score all with 95 % intervals and paired differences.
 
     Also trains the pairs DDPMs it generates with (and, with --from-labels-steps, an EM-from-labels DDPM for the
     few+rendered and few+augmented arms), and reports realism (FD / KID) and class-presence guidance.

@@ -203,6 +203,7 @@ def test_seeds_scored_in_an_earlier_report_are_taken_from_it_and_only_new_seeds_
     runs = json.loads((elsewhere / "report.json").read_text())["runs"]
     assert sorted(p.name for p in elsewhere.glob("seed-*")) == ["seed-2"]  # seed 1 trained nothing here
     assert runs["1"]["arms"] == {"few": report["runs"]["1"]["arms"]["few"]}
+    assert runs["1"]["realism"] == runs["1"]["filtered"] == runs["1"]["class_balance"] == {}  # of arms not taken
     assert list(runs["2"]["arms"]) == ["few"]
 
     third = tmp_path / "third"  # an arm added to a seed scored elsewhere trains that arm only

@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from emserve.classes import ABSENT, PRESENT, UNKNOWN
 from emserve.data.patches import (
@@ -53,18 +54,22 @@ def test_augmented_raw_and_labels_stay_aligned(store):
 
 def test_elastic_deformation_bends_raw_and_labels_alike_into_new_shapes(store):
     crops = load_crops([store], ["mito", "ld"], crops={"toy": ["crop1"]})
-    batch = PatchSampler(crops, 16, elastic=1.0).sample(np.random.default_rng(1), 64)
+    batch = PatchSampler(crops, 32, elastic=True).sample(np.random.default_rng(1), 64)
     raw, mito = batch.raw[:, 0], batch.labels[:, 0]
     assert set(np.unique(batch.labels)) <= {ABSENT, PRESENT}  # nearest neighbour: codes stay codes
     assert np.all(mito[raw > 0.9] == PRESENT)  # interpolated EM this bright is mitochondrion all around
     assert np.all(raw[mito == PRESENT] > 0.2)  # a labelled pixel's nearest EM pixel weighs at least a quarter
-    # the rectangles' straight edges bend: masks that no flip or rotation of an undeformed cut gives
-    rigid = PatchSampler(crops, 16).sample(np.random.default_rng(1), 64).labels[:, 0]
-    assert not np.array_equal(rigid, mito)
-    assert PatchSampler(crops, 16, elastic=1.0).sample(np.random.default_rng(1), 64).labels.tobytes() == \
-        batch.labels.tobytes()  # the deformation comes from the batch's random stream
-    unbent = PatchSampler(crops, 16, elastic=0.0).sample(np.random.default_rng(1), 64)
-    assert np.array_equal(unbent.labels[:, 0], rigid)  # without it, the stream is what it always was
+
+    def rectangles(masks):  # the toy's mitochondria are rectangles, and flips and rotations keep them so
+        regions = [(m[box], box) for m in masks for box in ndimage.find_objects(ndimage.label(m)[0])]
+        return all(region.all() for region, _ in regions)
+
+    assert rectangles(PatchSampler(crops, 32).sample(np.random.default_rng(1), 64).labels[:, 0] == PRESENT)
+    assert not rectangles(mito == PRESENT)  # bent: regions that fill no longer their bounding box
+    again = PatchSampler(crops, 32, elastic=True).sample(np.random.default_rng(1), 64)
+    assert again.labels.tobytes() == batch.labels.tobytes()  # the bend comes from the batch's random stream
+    with pytest.raises(ValueError, match="elastic: deforming is augmentation; allowed with augment=True only"):
+        PatchSampler(crops, 32, augment=False, elastic=True)
 
 
 def test_class_balanced_sampling_raises_the_rare_class_frequency(store):

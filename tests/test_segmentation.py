@@ -280,14 +280,31 @@ def test_rejected_generated_samples_take_no_batch_slots_and_generated_patches_ca
     np.testing.assert_allclose(drawn, expected, atol=1e-3)
     np.testing.assert_array_equal(weight, [1.0] * 32 + [0.25] * 32)
 
-    # elastic deformation bends real patches only: a generated square stays a square
-    bent = SegBatchSource(SegConfig(stores=[str(toy_store[0])], generated=[str(store)], elastic=1.0,
-                                    out=str(tmp_path / "run"), classes=CLASSES, patch_size=16))
-    squares = bent.sample(np.random.default_rng(0), 64)[0].labels[32:, 0] == 1
-    rows, cols = squares.any(axis=2), squares.any(axis=1)
-    assert (squares.sum(axis=(1, 2)) == 25).all() and (rows.sum(1) == 5).all() and (cols.sum(1) == 5).all()
+
+def test_an_elastic_share_of_every_batch_is_deformed_copies_of_annotated_real_patches(toy_store, tmp_path):
+    config = dict(stores=[str(toy_store[0])], out=str(tmp_path / "run"), classes=CLASSES, patch_size=16,
+                  labelled_slices=2)  # 2 of 8 sections annotated: most real patches carry no label
+    plain = SegBatchSource(SegConfig(**config)).sample(np.random.default_rng(0), 64)[0]
+    batch, weight = SegBatchSource(SegConfig(**config, elastic=0.5)).sample(np.random.default_rng(0), 64)
+    annotated = (batch.labels != UNKNOWN).any(axis=(1, 2, 3))
+    assert annotated[32:].all() and not annotated[:32].all()  # deformed copies of annotated patches only
+    assert (plain.labels != UNKNOWN).any(axis=(1, 2, 3)).mean() < 0.5
+    truth = EMStore(toy_store[0]).read_crop("crop1", CLASSES).labels  # [K, Z, Y, X]
+    windows = np.lib.stride_tricks.sliding_window_view(truth, (16, 16), axis=(2, 3))  # every rigid 16 x 16 cut
+
+    def rigid(patch):  # the patch is a flip or rotation of a cut of the annotated volume
+        turns = [np.rot90(q, k, axes=(1, 2)) for q in (patch, patch[..., ::-1]) for k in range(4)]
+        return any((windows == t[:, None, None, None]).all(axis=(0, 4, 5)).any() for t in turns)
+
+    assert all(rigid(p) for p, a in zip(batch.labels[:32], annotated[:32], strict=True) if a)
+    assert not all(rigid(p) for p in batch.labels[32:])  # bent: shapes no rigid cut gives
+    np.testing.assert_array_equal(weight, np.ones(64))  # real annotations, weighed as such
+    with pytest.raises(ValueError, match=r"elastic: 0\.5 deforms annotated sections of real stores in the place "
+                                         "generated pairs would take; allowed with real stores, without --generated "
+                                         "and at depth 1 only"):
+        SegConfig(**config, elastic=0.5, generated=[str(toy_store[1])])
     with pytest.raises(ValueError, match=r"elastic: must be in \[0, 1\], got 1.5"):
-        SegConfig(stores=[str(toy_store[0])], out=str(tmp_path / "bad"), classes=CLASSES, elastic=1.5)
+        SegConfig(**config, elastic=1.5)
 
 
 @pytest.mark.slow

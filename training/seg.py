@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from emserve.card import ModelCard
 from emserve.checks import check_depth
 from emserve.classes import PRESENT, UNKNOWN
-from emserve.data.patches import PatchBatch, PatchSampler, load_crops
+from emserve.data.patches import PatchBatch, PatchSampler, check_axis, load_crops
 from emserve.data.store import EMStore, LabelledCrop
 from emserve.pictures import grid, pair_tile, save_png
 from emserve.segmentation import masks_from_probabilities, probabilities
@@ -46,8 +46,9 @@ class SegConfig(TrainConfig):
     empty, not both); with both, `generated_fraction` of every batch comes from the generated ones, each weighted
     `generated_weight` in the loss (a real patch weighs 1). `init`: a segmentation checkpoint to start from, or a DDPM
     checkpoint whose denoiser becomes the starting network (`training.transfer`). `depth` > 1: the network reads that
-    many adjacent sections (2.5D) and labels the middle one. `elastic`: the share of real patches also deformed
-    elastically (generated ones come as drawn)."""
+    many adjacent sections (2.5D) and labels the middle one. `elastic`: the share of every batch made of elastically
+    deformed copies of annotated real patches (new shapes from the same annotations, in the place generated
+    pairs would take)."""
 
     generated: list[str] = field(default_factory=list)
     generated_fraction: float = 0.5
@@ -74,13 +75,20 @@ class SegConfig(TrainConfig):
             raise ValueError(f"generated_weight: must be in (0, 1] (a real patch weighs 1), got "
                              f"{self.generated_weight}")
         self.check_fractions("generated_fraction", "elastic")
+        if self.elastic and (self.generated or not self.stores or self.depth > 1):
+            raise ValueError(f"elastic: {self.elastic} deforms annotated sections of real stores in the place "
+                             "generated pairs would take; allowed with real stores, without --generated and at "
+                             "depth 1 only")
 
 
 class SegBatchSource:
     """Batches of raw patches and their labels (0/1/255), mixing real and generated stores as configured."""
 
     def __init__(self, cfg: SegConfig):
-        def sampler(paths: Sequence[str], crops: list[LabelledCrop], samples: bool = False) -> PatchSampler | None:
+        def sampler(paths: Sequence[str], crops: list[LabelledCrop], labelled_planes: str = "",
+                    elastic: bool = False) -> PatchSampler | None:
+            """A sampler of the crops, of only their planes along axis `labelled_planes` that carry labels if
+            given (`labelled_samples`)."""
             if not paths:
                 return None
             if not crops:
@@ -89,24 +97,28 @@ class SegBatchSource:
                 raise ValueError(f"stores: {list(paths)} annotate none of the classes {', '.join(cfg.classes)} "
                                  "anywhere (a generated store whose samples screening all rejected, say: generate "
                                  "with --despeckle N)")
-            if samples:
-                crops = labelled_samples(crops)
+            if labelled_planes:
+                crops = labelled_samples(crops, labelled_planes)
             return PatchSampler(crops, cfg.patch_size, axis=cfg.axis, class_groups=cfg.class_groups,
-                                balance=cfg.balance, depth=cfg.depth, elastic=0.0 if samples else cfg.elastic)
+                                balance=cfg.balance, depth=cfg.depth, elastic=elastic)
 
-        self.real = sampler(cfg.stores, cfg.labelled_crops([EMStore(p) for p in cfg.stores]))
+        real = cfg.labelled_crops([EMStore(p) for p in cfg.stores])
+        self.real = sampler(cfg.stores, real)
+        self.deformed = sampler(cfg.stores, real, cfg.axis, elastic=True) if cfg.elastic else None
         # generated stores: every crop, all labels as generated, at their one (nominal) voxel size
         generated = load_crops([EMStore(p) for p in cfg.generated], cfg.classes)
-        self.generated = sampler(cfg.generated, generated, samples=True)
+        self.generated = sampler(cfg.generated, generated, "z")  # a generated sample is a z-slice
         both = self.real is not None and self.generated is not None
         self.fraction = cfg.generated_fraction if both else float(self.generated is not None)
         self.generated_weight = cfg.generated_weight if both else 1.0  # alone, generated patches weigh like real
+        self.elastic = cfg.elastic
 
     def sample(self, rng: np.random.Generator, batch: int) -> tuple[PatchBatch, np.ndarray]:
-        """A batch and the loss weight of each of its patches [B] (real first, then generated)."""
-        n_generated = round(batch * self.fraction)
-        parts = [s.sample(rng, n) for s, n in ((self.real, batch - n_generated), (self.generated, n_generated))
-                 if n > 0]
+        """A batch and the loss weight of each of its patches [B] (real first, then deformed or generated)."""
+        n_generated, n_deformed = round(batch * self.fraction), round(batch * self.elastic)
+        sources = ((self.real, batch - n_generated - n_deformed), (self.deformed, n_deformed),
+                   (self.generated, n_generated))
+        parts = [s.sample(rng, n) for s, n in sources if n > 0]
         weight = np.r_[np.ones(batch - n_generated), np.full(n_generated, self.generated_weight)].astype(np.float32)
         return PatchBatch(np.concatenate([p.raw for p in parts]), np.concatenate([p.labels for p in parts]),
                           np.concatenate([p.dataset for p in parts])), weight
@@ -122,14 +134,17 @@ class SegBatchSource:
         return source.cut(source.tiles()[:count])
 
 
-def labelled_samples(crops: Sequence[LabelledCrop]) -> list[LabelledCrop]:
-    """The samples (z-slices) of generated crops that carry labels: those screening or filtering rejected are
-    unannotated throughout and, left in, would take batch slots without adding to the loss."""
+def labelled_samples(crops: Sequence[LabelledCrop], axis: str) -> list[LabelledCrop]:
+    """The planes along `axis` of crops that carry labels: of generated crops, the samples screening or filtering
+    did not reject, which, left in, would take batch slots without adding to the loss; of real crops with few
+    labelled sections, those sections."""
+    plane = check_axis(axis)
     kept = []
     for crop in crops:
-        labelled = (crop.labels != UNKNOWN).any(axis=(0, 2, 3))
+        labelled = (crop.labels != UNKNOWN).any(axis=tuple(i for i in range(4) if i != plane + 1))
         if labelled.any():
-            kept.append(replace(crop, raw=crop.raw[labelled], labels=crop.labels[:, labelled]))
+            kept.append(replace(crop, raw=np.compress(labelled, crop.raw, axis=plane),
+                                labels=np.compress(labelled, crop.labels, axis=plane + 1)))
     return kept
 
 

@@ -136,8 +136,8 @@ class PatchSampler:
     probability `balance` a patch is centred on a random voxel of a random group (groups chosen uniformly, so
     a rare group is seen as often as a common one). `dataset_ids` maps dataset names to condition ids. `depth`
     sections around each plane come as its raw channels (`neighbour_sections`: mirrored at the crop's ends).
-    `elastic`: the share of augmented patches also deformed elastically (`elastic_coordinates`; EM and labels
-    alike), new shapes from the same annotations.
+    `elastic`: every patch is also deformed elastically (`elastic_coordinates`; EM and labels alike, before its
+    flip and rotation), new shapes from the same annotations; needs `augment`.
     """
 
     def __init__(
@@ -151,7 +151,7 @@ class PatchSampler:
         balance: float = 0.5,
         dataset_ids: Mapping[str, int] | None = None,
         depth: int = 1,
-        elastic: float = 0.0,
+        elastic: bool = False,
     ):
         if not crops:
             raise ValueError("crops: no labelled crops to sample from")
@@ -159,9 +159,10 @@ class PatchSampler:
         for c in crops:
             if c.classes != classes:
                 raise ValueError(f"crops: {c.dataset}/{c.name} has classes {c.classes}, expected {classes}")
-        for name, share in (("balance", balance), ("elastic", elastic)):
-            if not 0 <= share <= 1:
-                raise ValueError(f"{name}: {share} is not a probability in [0, 1]")
+        if not 0 <= balance <= 1:
+            raise ValueError(f"balance: {balance} is not a probability in [0, 1]")
+        if elastic and not augment:
+            raise ValueError("elastic: deforming is augmentation; allowed with augment=True only")
         self.crops, self.classes, self.patch, self.augment = list(crops), classes, patch_size, augment
         self.axis, self.depth = check_axis(axis), check_depth(depth)
         self.dataset_ids = dict(dataset_ids or {n: i for i, n in enumerate(sorted({c.dataset for c in crops}))})
@@ -225,7 +226,7 @@ class PatchSampler:
             raw = _take_stack(crop.raw, self.axis, index, a, b, self.patch, self.depth)
             lab = _take(crop.labels, self.axis, index, a, b, self.patch)
             if rng is not None:
-                if self.elastic and rng.random() < self.elastic:  # no draw without it: streams stay as they were
+                if self.elastic:
                     coordinates = elastic_coordinates(self.patch, rng)
                     raw, lab = warp(raw, coordinates, order=1), warp(lab, coordinates, order=0)
                 raw, lab = _augment([raw, lab], rng)

@@ -16,8 +16,8 @@ Two regimes, each with a baseline trained on real annotations only and arms that
                    so only the DDPM budget's steps are trained
   real+depth       real pairs, the network reading `depth` adjacent sections (2.5D) instead of one: what 3D
                    context gives, no generative model
-  real+elastic     real pairs, `mix` of the patches deformed elastically (EM and labels alike, as +augmented deforms
-                   its label maps): new label shapes without a generative model, the control of few+augmented
+  real+elastic     real pairs, `mix` of every batch elastically deformed copies of annotated real patches (EM and
+                   labels bent alike): new label shapes without a generative model
   few              real pairs, labels kept on only `few_slices` slices per crop (baseline of the low-label regime)
   few+...          the same eight arms with the few-label DDPM and the `few` network as the filter
   few+rendered     the labelled slices' label maps drawn as new EM by an EM-from-labels DDPM (real labels,
@@ -25,7 +25,8 @@ Two regimes, each with a baseline trained on real annotations only and arms that
                    volumes, held-out crops' EM included (never their labels): the one generator that sees
                    unlabelled held-out EM
   few+augmented    the same label maps deformed (elastic, flips, rotations) before they are drawn: new label
-                   shapes, not only new EM; compared with few+elastic too, which deforms the real pairs themselves
+                   shapes, not only new EM; compared with few+elastic too, which mixes in the same share of
+                   deformed label maps with their real EM bent alike instead of drawn: what the generator adds
 
 The DDPMs of the low-label regime learn their EM from every slice and their labels only where annotated.
 """
@@ -43,6 +44,7 @@ METHODS = ("generated", "pretrained", "filtered", "weighted", "denoiser", "longe
 RENDERING = ("rendered", "augmented")  # few-label arms drawn by the EM-from-labels DDPM
 ARMS = ("real", "generated", *(f"real+{m}" for m in METHODS), "few", *(f"few+{m}" for m in METHODS + RENDERING))
 PRETRAIN_SHARE = 0.5  # pretrained arms: share of the segmentation budget spent on generated pairs
+SAMPLING = ("generated", "pretrained", "filtered", "weighted")  # methods that train on a pairs DDPM's samples
 
 
 BASELINE = {"full": "real", "few": "few"}  # regime -> its arm trained on real annotations only
@@ -51,6 +53,11 @@ BASELINE = {"full": "real", "few": "few"}  # regime -> its arm trained on real a
 def regime_of(arm: str) -> str:
     """An arm's regime, which is also the pairs DDPM its generated data comes from: "few" (low-label) or "full"."""
     return "few" if arm.startswith("few") else "full"
+
+
+def pairs_ddpms(arms: list[str]) -> set[str]:
+    """The regimes whose pairs DDPM the arms need: for its samples, or for its denoiser (+denoiser)."""
+    return {regime_of(a) for a in arms if a == "generated" or a.partition("+")[2] in (*SAMPLING, "denoiser")}
 
 
 def baseline_of(arm: str) -> str:
@@ -98,7 +105,7 @@ class ExperimentConfig:
     depth: int = 3  # depth arms: sections the network reads
     class_groups: list[list[str]] = field(default_factory=list)
     voxel_size: tuple[float, float, float] | None = None  # scale level of the real data (default: finest)
-    results_from: str = ""  # an earlier report.json of this experiment: its seeds' scores are taken, not retrained
+    results_from: str = ""  # an earlier report.json of this experiment: the arms it scored are taken, not retrained
     command: str = ""
 
     def __post_init__(self) -> None:

@@ -7,7 +7,15 @@ import numpy as np
 
 from emserve.evaluation.metrics import format_score
 from emserve.evaluation.statistics import dice_interval, paired_difference, verdict
-from training.experiment.config import BASELINE, PRETRAIN_SHARE, baseline_of, control_of, recorded_defaults
+from training.experiment.config import (
+    BASELINE,
+    PRETRAIN_SHARE,
+    SAMPLING,
+    baseline_of,
+    control_of,
+    pairs_ddpms,
+    recorded_defaults,
+)
 from training.transfer import FOLD_TIME
 
 
@@ -47,7 +55,7 @@ def _interval(ci: list[float]) -> str:
 def budget(cfg: dict, arms: list[str]) -> str:
     """The budgets and settings of the arms that were run (and of none that were not), in one paragraph."""
     methods = {arm.partition("+")[2] for arm in arms if "+" in arm}
-    samples = "generated" in arms or methods & {"generated", "pretrained", "filtered", "weighted"}
+    samples = "generated" in arms or methods & set(SAMPLING)
     cfg = recorded_defaults() | cfg  # a report written before an option existed ran with its default
     parts = {
         "pretrained": f"pretrained arms: {PRETRAIN_SHARE:.0%} of the segmentation steps on generated pairs, the "
@@ -62,8 +70,9 @@ def budget(cfg: dict, arms: list[str]) -> str:
                   "of the denoiser arms)",
         "depth": f"depth arms: their baseline's data, the network reading {cfg['depth']} adjacent sections (2.5D, no "
                  f"generative model)",
-        "elastic": f"elastic arms: their baseline's data, {cfg['mix']} of the patches deformed elastically (EM and "
-                   f"labels alike, as the augmented arm deforms its label maps; no generative model)",
+        "elastic": f"elastic arms: their baseline's data, {cfg['mix']} of every batch elastically deformed copies "
+                   f"of annotated patches (EM and labels bent alike, as the augmented arm bends its label maps; no "
+                   f"generative model)",
         "rendered": f"rendered arms: an EM-from-labels DDPM of {cfg['from_labels_steps']} steps, trained on the "
                     f"few-label data and on unlabelled EM of whole volumes (held-out crops' EM included, never their "
                     f"labels: the one generator that sees held-out EM), draws the labelled slices' label maps "
@@ -71,7 +80,7 @@ def budget(cfg: dict, arms: list[str]) -> str:
     }
     text = [f"segmentation {cfg['seg_steps']} steps, batch {cfg['batch_size']}, patch {cfg['patch_size']}, UNet "
             f"width {cfg['width']} x {tuple(cfg['multipliers'])}"]
-    if samples or methods & {"denoiser", "longer"}:
+    if pairs_ddpms(arms) or "longer" in methods:
         text.append(f"pairs DDPM {cfg['ddpm_steps']} steps")
     if samples:
         text.append(f"{cfg['samples']} generated pairs per DDPM ({cfg['sampler']}, {cfg['sample_steps']} "

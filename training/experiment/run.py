@@ -22,7 +22,14 @@ from emserve.reports import write_json
 from emserve.runtime.load import load_runtime
 from training import checkpoint as ckpt
 from training.ddpm import DDPMConfig, train_ddpm
-from training.experiment.config import BASELINE, PRETRAIN_SHARE, ExperimentConfig, recorded_defaults, regime_of
+from training.experiment.config import (
+    BASELINE,
+    PRETRAIN_SHARE,
+    ExperimentConfig,
+    pairs_ddpms,
+    recorded_defaults,
+    regime_of,
+)
 from training.experiment.generated import (
     few_label_maps,
     filter_record,
@@ -98,7 +105,11 @@ def earlier_runs(cfg: ExperimentConfig, held: list) -> dict[str, dict]:
         changed.append(f"held-out crops {report['held_out']} (now {held_out})")
     if changed:
         raise ValueError(f"results_from: {cfg.results_from} is another experiment: {', '.join(changed)}")
-    return {seed: {**run, "arms": {arm: run["arms"][arm] for arm in cfg.chosen_arms if arm in run["arms"]}}
+    arms, ddpms = cfg.chosen_arms, pairs_ddpms(cfg.chosen_arms)
+    return {seed: {"arms": {arm: run["arms"][arm] for arm in arms if arm in run["arms"]},
+                   "filtered": {r: kept for r, kept in run["filtered"].items() if f"{BASELINE[r]}+filtered" in arms},
+                   "realism": {r: scores for r, scores in run["realism"].items() if r in ddpms},
+                   "class_balance": run["class_balance"] if "full" in ddpms else {}}
             for seed, run in report["runs"].items()}
 
 
@@ -118,7 +129,8 @@ def run_experiment(cfg: ExperimentConfig) -> Path:
     for seed in map(str, cfg.seeds):
         kept = earlier.get(seed, {"arms": {}})
         missing = [arm for arm in cfg.chosen_arms if arm not in kept["arms"]]
-        runs[seed] = merge_runs(kept, SeedRun(cfg, int(seed), crops, maps, missing).run(held)) if missing else kept
+        run = merge_runs(kept, SeedRun(cfg, int(seed), crops, maps, missing).run(held)) if missing else kept
+        runs[seed] = {**run, "arms": {arm: run["arms"][arm] for arm in cfg.chosen_arms}}  # in table order
     report = {"config": asdict(cfg) | {"arms": cfg.chosen_arms}, "held_out": [f"{c.dataset}/{c.name}" for c in held],
               "training_crops": crops, "count_tile": count_tile(cfg), **summarize(runs, cfg.chosen_arms), "runs": runs}
     (out / "report.json").write_text(json.dumps(report, indent=2, default=list))
