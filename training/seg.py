@@ -82,7 +82,8 @@ class SegConfig(TrainConfig):
 
 
 class SegBatchSource:
-    """Batches of raw patches and their labels (0/1/255), mixing real and generated stores as configured."""
+    """Batches of raw patches and their labels (0/1/255), mixing real patches with generated ones or with
+    deformed copies of annotated real ones as configured."""
 
     def __init__(self, cfg: SegConfig):
         def sampler(paths: Sequence[str], crops: list[LabelledCrop], labelled_planes: str = "",
