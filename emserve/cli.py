@@ -592,6 +592,7 @@ def evaluate_realism(
     samples: Annotated[int, typer.Option(help="Generated samples to use (real patches: twice as many).")] = 256,
     seed: Annotated[int, typer.Option(help="Seeds the real patch draw and the quiz order.")] = 0,
     picture: Annotated[Path | None, typer.Option(help="Write a 'which one is fake?' grid here (PNG).")] = None,
+    voxel_size: opt.RealVoxelSize = "",
     json_out: opt.JsonOut = None,
 ) -> None:
     """Frechet distance and KID of generated EM against real EM, beside the real-vs-real floor.
@@ -601,7 +602,8 @@ def evaluate_realism(
     """
     from emserve.evaluation.evaluate import evaluate_realism as run
 
-    report = run(generated, real, samples=samples, seed=seed, picture=picture)
+    report = run(generated, real, samples=samples, seed=seed, picture=picture,
+                 voxel_size=opt.parse_voxel_size(voxel_size))
     console.print(f"FD  {report['fd']:.3f}   (real vs real {report['fd_real_vs_real']:.3f})")
     console.print(f"KID {report['kid']:.4f} +- {report['kid_std']:.4f}   (real vs real "
                   f"{report['kid_real_vs_real']:.4f} +- {report['kid_real_vs_real_std']:.4f})")
@@ -621,8 +623,7 @@ def evaluate_presence(
                                               "annotate).")] = "",
     crops: Annotated[str, typer.Option(help="Real crops, comma-separated: 'crop3' or '<dataset>/crop3' (default: "
                                             "every crop).")] = "",
-    voxel_size: Annotated[str, typer.Option(help="Read the real crops at this voxel size in nm, z,y,x (default: "
-                                                 "the finest); match the model's training data.")] = "",
+    voxel_size: opt.RealVoxelSize = "",
     json_out: opt.JsonOut = None,
 ) -> None:
     """Share of generated samples that hold each class, beside the share of real patches of their size.

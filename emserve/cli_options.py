@@ -29,6 +29,8 @@ BlocksPerLevel = Annotated[int, typer.Option(help="ResNet blocks per UNet level.
 ClassGroups = Annotated[str, typer.Option(help="Groups for class-balanced patches, e.g. "
                                                "'mito_mem+mito_lum,ld_mem+ld_lum'.")]
 VoxelSize = Annotated[str, typer.Option(help="Scale level to train on, 'Z,Y,X' in nm (default: finest).")]
+RealVoxelSize = Annotated[str, typer.Option(help="Read the real EM at this voxel size in nm, z,y,x (default: the "
+                                                 "finest); match the model's training data.")]
 Device = Annotated[str, typer.Option(help="auto | cpu | cuda (auto: CUDA where present).")]
 Sampler = Annotated[str, typer.Option(help=" | ".join(SAMPLERS) + ".")]
 LabelMethod = Annotated[str, typer.Option(help="Generated channels to labels: auto (paired for a model of atomic "

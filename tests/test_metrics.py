@@ -10,6 +10,7 @@ import pytest
 from checkpoints import CLASSES, make_checkpoint
 
 from emserve.classes import ABSENT, PRESENT, UNKNOWN
+from emserve.data.store import EMStore
 from emserve.data.writer import CropToWrite, write_store
 from emserve.evaluation.evaluate import evaluate_presence, evaluate_realism, held_out_crops
 from emserve.evaluation.metrics import (
@@ -86,6 +87,15 @@ def test_realism_cli_reports_what_the_function_does_with_its_options(toy_store, 
     assert report["quiz"]["answers"] == expected["quiz"]["answers"]  # the same seed: the same quiz order
     assert (tmp_path / "quiz.png").is_file()
     assert f"FD  {expected['fd']:.3f}" in done.stdout
+
+    coarse = EMStore(toy_store[0]).em_levels[1].voxel_size  # the real EM read at its second scale level
+    done = subprocess.run([sys.executable, "-m", "emserve.cli", "evaluate", "realism", str(noise), str(toy_store[0]),
+                           "--samples", "24", "--seed", "1", "--voxel-size", ",".join(map(str, coarse)), "--json",
+                           str(tmp_path / "coarse.json")], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    at_level = evaluate_realism(str(noise), [str(toy_store[0])], samples=24, seed=1, voxel_size=coarse)
+    assert json.loads((tmp_path / "coarse.json").read_text())["fd"] == pytest.approx(at_level["fd"], rel=1e-6)
+    assert at_level["fd_real_vs_real"] != pytest.approx(expected["fd_real_vs_real"], rel=1e-3)  # other patches
 
 
 def test_held_out_crops_are_named_per_store_and_unknown_names_refused(toy_store):
