@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from emserve.diffusion import DEFAULT_LABEL_GUIDANCE
 from emserve.evaluation.metrics import format_score
 from emserve.evaluation.statistics import dice_interval, paired_difference, verdict
 from training.experiment.config import (
@@ -76,7 +77,8 @@ def budget(cfg: dict, arms: list[str]) -> str:
         "rendered": f"rendered arms: an EM-from-labels DDPM of {cfg['from_labels_steps']} steps, trained on the "
                     f"few-label data and on unlabelled EM of whole volumes (held-out crops' EM included, never their "
                     f"labels: the one generator that sees held-out EM), draws the labelled slices' label maps "
-                    f"(augmented: deformed first) as {cfg['samples']} EM images",
+                    f"(augmented: deformed first) as {cfg['samples']} EM images ({cfg['sampler']}, "
+                    f"{cfg['sample_steps']} {cfg['spacing']}-spaced steps, label guidance {DEFAULT_LABEL_GUIDANCE})",
     }
     text = [f"segmentation {cfg['seg_steps']} steps, batch {cfg['batch_size']}, patch {cfg['patch_size']}, UNet "
             f"width {cfg['width']} x {tuple(cfg['multipliers'])}"]
